@@ -1,0 +1,71 @@
+"""Per-request sampling parameters, validated once when a request is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request the user can fix: the message says what is wrong (gRPC INVALID_ARGUMENT)."""
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    Defaults follow vLLM: ``temperature=0`` means greedy; ``top_k`` of 0 or -1, ``top_p`` of 1 and
+    ``min_p`` of 0 switch those filters off; penalties of 1 (repetition) and 0 (presence, frequency)
+    are neutral.
+    """
+
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    # HF-style: logits of tokens seen in the prompt or output are divided (if > 0) or multiplied by it.
+    repetition_penalty: float = 1.0
+    # OpenAI-style, over output tokens only: logit -= presence * (count > 0) + frequency * count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # None: the engine draws one from its own seeded generator, so runs stay reproducible.
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    # Number of most likely tokens whose logprobs are returned besides the chosen one (None: no logprobs).
+    logprobs: int | None = None
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, max_logprobs: int = 20, max_n: int = 16) -> None:
+        """Raise InvalidRequestError naming the first field out of range."""
+        checks = [
+            (math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0, got {self.temperature}"),
+            (self.top_k == -1 or self.top_k >= 1 or self.top_k == 0,
+             f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}"),
+            (math.isfinite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (math.isfinite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (math.isfinite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
+            (self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
+             f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}"),
+            (1 <= self.n <= max_n, f"n must be in [1, {max_n}], got {self.n}"),
+            (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)
