@@ -1,0 +1,33 @@
+"""The interface every attention implementation (torch reference, Triton, flash-attn) provides."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from pagoda_engine.layers.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    """Writes this step's K/V into the paged cache, then attends each query over its whole context.
+
+    Shapes: ``q`` [num_tokens, num_heads, head_dim]; ``k``, ``v`` [num_tokens, num_kv_heads, head_dim];
+    ``k_cache``, ``v_cache`` [num_blocks, block_size, num_kv_heads, head_dim] (flash-attn's paged layout),
+    or ``None`` before the cache exists (the memory-profiling pass: every sequence is then a fresh
+    prefill and attends to its own new tokens only). Returns [num_tokens, num_heads, head_dim].
+    ``num_heads`` is a multiple of ``num_kv_heads`` (grouped-query attention).
+    """
+
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...

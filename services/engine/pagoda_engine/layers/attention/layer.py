@@ -1,0 +1,60 @@
+"""The attention module models use: owns one layer's view of the KV cache, delegates to a backend."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from pagoda_engine.layers.attention.backend import AttentionBackend
+from pagoda_engine.layers.attention.metadata import AttentionMetadata
+from pagoda_engine.layers.attention.torch_backend import TorchAttentionBackend
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto`` picks flash-attn when installed on CUDA, else Triton on CUDA, else the torch reference."""
+    if name == "auto":
+        if device.type != "cuda":
+            name = "torch"
+        elif importlib.util.find_spec("flash_attn") is not None:
+            name = "flash_attn"
+        else:
+            name = "triton"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from pagoda_engine.layers.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    if name == "flash_attn":
+        from pagoda_engine.layers.attention.flash_attn_backend import FlashAttnBackend
+
+        return FlashAttnBackend()
+    raise ValueError(f"unknown attention backend {name!r} (expected auto, torch, triton or flash_attn)")
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention of one layer over its slice of the paged KV cache.
+
+    The ModelRunner sets ``k_cache``/``v_cache`` (views into one big allocation) and ``backend`` after
+    the model is built; until then the cache is ``None`` and attention covers this step's tokens only.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend = TorchAttentionBackend()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, num_heads * head_dim], k/v: [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim]."""
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_dim)
