@@ -1,0 +1,152 @@
+"""BlockManager: the paged KV cache's bookkeeping and the prefix cache.
+
+Invariants (checked by ``check_invariants`` in tests):
+- every block is either referenced (``ref_count > 0``, in some sequence's block table) or in the
+  free queue, never both;
+- the free queue is ordered least-recently-freed first: allocation takes from the front, so cached
+  content that was used recently survives longest (LRU eviction);
+- ``cached_blocks`` maps a block hash to a block whose content is exactly that chain of tokens; a free
+  block keeps its hash (and stays findable) until it is handed out again.
+
+A block's hash chains over every token before it: ``hash((parent_hash, tokens_of_this_block))``, so
+equal hashes mean equal prefixes (up to 64-bit collisions of Python's tuple hash).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pagoda_engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached_blocks: dict[int, int] = {}
+        # Prefix-cache statistics, in prompt tokens looked up and found.
+        self.query_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix of ``seq``, leaving at least one token to compute.
+
+        The last token is always recomputed: its logits are needed to sample the next token.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        self._extend_hashes(seq, max_blocks)
+        found = []
+        for block_hash in seq.block_hashes[:max_blocks]:
+            block_id = self.cached_blocks.get(block_hash)
+            if block_id is None:
+                break
+            found.append(block_id)
+        self.query_tokens += seq.num_tokens
+        self.hit_tokens += len(found) * self.block_size
+        return found
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] | None = None) -> bool:
+        """Give ``seq`` blocks for ``num_new_tokens`` more tokens (after adopting ``cached_prefix``).
+
+        Returns False, changing nothing, when the free blocks do not suffice.
+        """
+        cached_prefix = cached_prefix or []
+        total = seq.num_computed_tokens + len(cached_prefix) * self.block_size + num_new_tokens
+        num_new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(cached_prefix)
+        # Adopting a free cached block takes it out of the free queue too.
+        num_free_adopted = sum(1 for b in cached_prefix if self.blocks[b].ref_count == 0)
+        if num_new_blocks + num_free_adopted > self.num_free_blocks:
+            return False
+        for block_id in cached_prefix:
+            self._take(block_id)
+        seq.block_table.extend(cached_prefix)
+        seq.block_table.extend(self._take_fresh() for _ in range(max(num_new_blocks, 0)))
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Release ``seq``'s blocks; the tail goes to the front of the queue, to be evicted first."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+        seq.block_table = []
+        seq.num_published_blocks = 0
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Publish ``seq``'s newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        self._extend_hashes(seq, num_full)
+        for i in range(seq.num_published_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            block_hash = seq.block_hashes[i]
+            # Two sequences may compute the same block in the same step: the first one stays the
+            # cached copy, the other block remains private and returns to the pool uncached.
+            if block.hash is None and block_hash not in self.cached_blocks:
+                block.hash = block_hash
+                self.cached_blocks[block_hash] = block.block_id
+        seq.num_published_blocks = max(seq.num_published_blocks, num_full)
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.blocks:
+            block.hash = None
+        self.cached_blocks.clear()
+
+    def check_invariants(self) -> None:
+        for block in self.blocks:
+            in_queue = block.block_id in self.free_queue
+            assert (block.ref_count == 0) == in_queue, f"block {block.block_id} ref/free mismatch"
+            assert block.ref_count >= 0
+        for block_hash, block_id in self.cached_blocks.items():
+            assert self.blocks[block_id].hash == block_hash
+
+    def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
+        size = self.block_size
+        for i in range(len(seq.block_hashes), num_blocks):
+            parent = seq.block_hashes[i - 1] if i else None
+            seq.block_hashes.append(hash((parent, tuple(seq.token_ids[i * size : (i + 1) * size]))))
+
+    def _take_fresh(self) -> int:
+        """The least recently freed block, its cached content evicted."""
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            del self.cached_blocks[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block_id
+
+    def _take(self, block_id: int) -> int:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_queue[block_id]
+        block.ref_count += 1
+        return block_id

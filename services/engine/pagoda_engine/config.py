@@ -1,0 +1,53 @@
+"""EngineConfig: every knob of the engine in one place; service flags and env vars map onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of one engine. Fields left ``None`` or ``"auto"`` are resolved from the model and device."""
+
+    model: str
+    # "auto" (safetensors checkpoint) or "dummy" (random weights of the config, for benchmarks).
+    load_format: str = "auto"
+    # "auto" keeps the checkpoint's dtype; or "float32", "bfloat16", "float16".
+    dtype: str = "auto"
+    # "auto" is CUDA when present, else CPU.
+    device: str = "auto"
+    seed: int = 0
+    # Tokens per KV-cache block: the unit of paging and of prefix-cache reuse.
+    block_size: int = 16
+    # Longest prompt + output; None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Sequences and tokens one step may process (decodes count one token each).
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    # KV cache size: an explicit block count wins; else a fraction of the GPU memory left after a
+    # warm-up pass; on CPU, ``cpu_kv_cache_gib``.
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    # No CUDA graphs: every decode step runs eagerly.
+    enforce_eager: bool = False
+    # Largest decode batch captured in a CUDA graph; bigger batches run eagerly.
+    max_cuda_graph_batch_size: int = 256
+    tensor_parallel_size: int = 1
+    # "auto", "torch" (reference), "triton" or "flash_attn".
+    attention_backend: str = "auto"
+    # Caps a request may ask for.
+    max_logprobs: int = 20
+    max_n: int = 16
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")

@@ -1,0 +1,187 @@
+"""LLMEngine: the step-wise interface (add request, step, abort) the offline API and the service drive.
+
+Not thread-safe: one thread owns an engine and calls it between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pagoda_engine.block_manager import BlockManager
+from pagoda_engine.config import EngineConfig
+from pagoda_engine.model_config import ModelConfig
+from pagoda_engine.model_runner import ModelRunner
+from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
+from pagoda_engine.scheduler import Scheduler
+from pagoda_engine.sequence import FinishReason, Sequence
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SequenceOutput:
+    """What one step added to one sample of a request."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    # Per new token, when asked: (logprob of the chosen token, [(token id, logprob) of the top N]).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    # time.monotonic() stamps of the sequence: arrival, first output token, finish (None until then).
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+
+
+@dataclass
+class EngineLoad:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
+    if name == "auto":
+        return model_config.torch_dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config)
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config, self.model_config, self.device, self.dtype)
+        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        num_blocks = self.runner.allocate_kv_cache(max_model_len)
+        # A sequence must always fit in the cache on its own, or it could never be scheduled.
+        self.max_model_len = min(max_model_len, num_blocks * config.block_size)
+        self.runner.capture_cuda_graphs(self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        max_batched = config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            max_batched = max(max_batched, self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, self.max_model_len,
+                                   config.enable_chunked_prefill)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.requests: dict[str, list[Sequence]] = {}
+        self._seeds = random.Random(config.seed)
+
+    # ---- requests ----
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None
+    ) -> None:
+        """Queue a request; raises InvalidRequestError with a message a user can act on."""
+        self.validate(request_id, prompt_token_ids, params)
+        stop_ids = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        seqs = []
+        for index in range(params.n):
+            seed = base_seed if index == 0 else hash((base_seed, index)) & (2**63 - 1)
+            seq = Sequence(request_id, prompt_token_ids, params, seed, stop_ids, index, arrival_time)
+            if index > 0 and self.config.enable_prefix_caching:
+                seq.wait_for = seqs[0]
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+
+    def validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        params.validate(self.config.max_logprobs, self.config.max_n)
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"max model length {self.max_model_len}"
+            )
+
+    def abort_request(self, request_id: str) -> list[SequenceOutput]:
+        """Stop a request at once and free its blocks; returns its final outputs (empty if unknown)."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return []
+        live = [seq for seq in seqs if not seq.is_finished]
+        self.scheduler.abort(live)
+        return [self._output(seq, [], None) for seq in live]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ----
+
+    def step(self) -> list[SequenceOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        result = self.runner.execute(batch)
+        sampled = {seq.seq_id: token for seq, token in zip(result.seqs, result.token_ids, strict=True)}
+        self.scheduler.update(batch, sampled)
+        outputs = []
+        for seq, token, logprobs in zip(result.seqs, result.token_ids, result.logprobs, strict=True):
+            outputs.append(self._output(seq, [token], None if logprobs is None else [logprobs]))
+            if seq.is_finished:
+                self._forget_if_done(seq.request_id)
+        return outputs
+
+    def get_load(self) -> EngineLoad:
+        bm = self.block_manager
+        return EngineLoad(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            prefix_query_tokens=bm.query_tokens,
+            prefix_hit_tokens=bm.hit_tokens,
+        )
+
+    def _output(self, seq: Sequence, token_ids: list[int], logprobs) -> SequenceOutput:
+        return SequenceOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            arrival_time=seq.arrival_time,
+            first_token_time=seq.first_token_time,
+            finish_time=seq.finish_time,
+        )
+
+    def _forget_if_done(self, request_id: str) -> None:
+        seqs = self.requests.get(request_id)
+        if seqs is not None and all(seq.is_finished for seq in seqs):
+            del self.requests[request_id]

@@ -1,0 +1,215 @@
+"""ModelRunner: turns a ScheduledBatch into flat tensors, runs the model, samples on the device.
+
+Per step it builds the inputs on the host with numpy, copies them to the device once, runs the model
+(a captured CUDA graph for pure-decode steps), computes logits only for the sequences that sample this
+step, samples on the device and copies the new token ids back once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagoda_engine.config import EngineConfig
+from pagoda_engine.cuda_graph import DecodeGraphs
+from pagoda_engine.layers.attention import Attention, AttentionMetadata, select_backend
+from pagoda_engine.layers.sampler import Sampler, SamplerRequest, SamplingMetadata
+from pagoda_engine.model_config import ModelConfig
+from pagoda_engine.models.loader import load_model
+from pagoda_engine.sampling_params import SamplingParams
+from pagoda_engine.scheduler import ScheduledBatch
+from pagoda_engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one step produced for the sequences that sampled, in batch order."""
+
+    seqs: list[Sequence]
+    token_ids: list[int]
+    # Per sampled sequence, when it asked for logprobs: (chosen logprob, [(token id, logprob), ...]).
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    sample_seqs: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype):
+        self.config = config
+        self.model_config = model_config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.model = load_model(model_config, config.model, config.load_format, dtype, device, config.seed)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        backend = select_backend(config.attention_backend, device)
+        for layer in self.attention_layers:
+            layer.backend = backend
+        self.backend_name = backend.name
+        self.sampler = Sampler()
+        self.num_kv_blocks = 0
+        self.kv_cache: torch.Tensor | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    # ---- start-up: KV cache sizing and CUDA graphs ----
+
+    def kv_bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim
+        return per_token * self.block_size * torch.tensor([], dtype=self.dtype).element_size()
+
+    def allocate_kv_cache(self, max_model_len: int) -> int:
+        """Size the cache (explicit count, else memory left after a profiling pass), bind it, warm up."""
+        num_blocks = self.config.num_kv_blocks or self._blocks_that_fit(max_model_len)
+        if num_blocks < 1:
+            raise RuntimeError("no memory left for the KV cache: lower max_num_batched_tokens or the model size")
+        layer = self.attention_layers[0]
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.num_kv_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        return num_blocks
+
+    def capture_cuda_graphs(self, max_model_len: int) -> None:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        max_blocks = -(-max_model_len // self.block_size)
+        max_batch = min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs)
+        self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, max_model_len, self.device)
+        self.graphs.capture()
+
+    def _blocks_that_fit(self, max_model_len: int) -> int:
+        if self.device.type != "cuda":
+            return int(self.config.cpu_kv_cache_gib * 2**30) // self.kv_bytes_per_block()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_run(max_model_len)
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        # Memory in use now by others (other processes, the CUDA context) plus our activation peak.
+        used_outside_peak = (total - free) - stats["allocated_bytes.all.current"]
+        budget = total * self.config.gpu_memory_utilization - used_outside_peak - stats["allocated_bytes.all.peak"]
+        return int(budget) // self.kv_bytes_per_block()
+
+    @torch.inference_mode()
+    def _profile_run(self, max_model_len: int) -> None:
+        """The largest step we will run, without a cache, so its activation peak is measured."""
+        num_tokens = self.config.max_num_batched_tokens
+        lens = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
+        starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc=torch.from_numpy(starts).to(self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((len(lens), 1), dtype=torch.int32, device=self.device),
+            num_decodes=0, max_query_len=max(lens), max_seq_len=max(lens),
+            query_start_loc_host=starts.tolist(), seq_lens_host=lens,
+        )
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        hidden = self.model(input_ids, positions, meta)
+        # The sampler's buffers at the largest batch, with every filter on, count too.
+        num_rows = min(self.config.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:num_rows])
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1)
+        requests = [SamplerRequest(params, 0, [0], [], []) for _ in range(num_rows)]
+        self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
+        torch.cuda.synchronize()
+        del hidden, logits
+
+    # ---- the per-step path ----
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        inputs = self.prepare_inputs(batch)
+        hidden = self._run_model(inputs, batch)
+        if not inputs.sample_seqs:
+            return StepResult([], [], [])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        requests = [
+            SamplerRequest(seq.params, seq.seed, seq.prompt_token_ids, seq.output_token_ids, list(seq.stop_ids))
+            for seq in inputs.sample_seqs
+        ]
+        meta = SamplingMetadata.build(requests, logits.shape[-1], self.device)
+        out = self.sampler(logits, meta)
+        token_ids = out.sampled_token_ids.tolist()
+        return StepResult(inputs.sample_seqs, token_ids, self._logprobs(out, inputs.sample_seqs))
+
+    def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
+        block_size = self.block_size
+        starts = np.array([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
+        counts = np.array(batch.num_tokens, dtype=np.int64)
+        ends = starts + counts
+        query_start_loc = np.zeros(len(batch) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        # Positions of every token: for sequence i, starts[i] .. ends[i] - 1.
+        seq_of_token = np.repeat(np.arange(len(batch)), counts)
+        positions = np.arange(query_start_loc[-1]) - np.repeat(query_start_loc[:-1], counts) + starts[seq_of_token]
+        input_ids = np.fromiter(
+            (t for seq, s, e in zip(batch.seqs, starts, ends, strict=True) for t in seq.token_ids[s:e]),
+            dtype=np.int64, count=int(query_start_loc[-1]),
+        )
+        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
+        block_tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
+        for i, seq in enumerate(batch.seqs):
+            block_tables[i, : len(seq.block_table)] = seq.block_table
+        slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        samples = ends == np.array([seq.num_tokens for seq in batch.seqs])
+        logits_indices = query_start_loc[1:][samples] - 1
+
+        # One host-to-device copy of everything, then views.
+        flat = np.concatenate([input_ids, positions, slot_mapping, query_start_loc, ends, logits_indices,
+                               block_tables.ravel()])
+        dev = torch.from_numpy(flat).to(self.device, non_blocking=True)
+        t, b = len(input_ids), len(batch)
+        offsets = np.cumsum([0, t, t, t, b + 1, b, len(logits_indices)])
+        view = lambda k: dev[offsets[k] : offsets[k + 1]]  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=view(2),
+            query_start_loc=view(3).int(),
+            seq_lens=view(4).int(),
+            block_tables=dev[offsets[6]:].view(b, max_blocks).int(),
+            num_decodes=batch.num_decodes,
+            max_query_len=int(counts.max()),
+            max_seq_len=int(ends.max()),
+            query_start_loc_host=query_start_loc.tolist(),
+            seq_lens_host=ends.tolist(),
+        )
+        sample_seqs = [seq for seq, s in zip(batch.seqs, samples, strict=True) if s]
+        return ModelInputs(view(0), view(1), meta, view(5), sample_seqs)
+
+    def _run_model(self, inputs: ModelInputs, batch: ScheduledBatch) -> torch.Tensor:
+        if self.graphs is not None and batch.num_decodes == len(batch) and self.graphs.fits(len(batch)):
+            return self.graphs.replay(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.model(inputs.input_ids, inputs.positions, inputs.meta)
+
+    @staticmethod
+    def _logprobs(out, seqs: list[Sequence]) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        if out.logprobs is None:
+            return [None] * len(seqs)
+        chosen = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist()
+        top_logprobs = out.top_logprobs.tolist()
+        result = []
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None:
+                result.append(None)
+            else:
+                result.append((chosen[i], list(zip(top_ids[i][:n], top_logprobs[i][:n], strict=True))))
+        return result

@@ -1,0 +1,168 @@
+"""Scheduler: which sequences run this step, and how many of their tokens.
+
+Continuous batching in the style of vLLM v1: each step has a token budget; running sequences are
+served first (a decode costs one token, an unfinished prefill its next chunk), then waiting ones are
+admitted while the budget, ``max_num_seqs`` and the free KV blocks allow. When a running sequence
+cannot get a block, the newest running sequence is preempted: its blocks are freed and it returns to
+the front of the waiting queue, to be recomputed as a prefill (the prefix cache usually makes that cheap).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagoda_engine.block_manager import BlockManager
+from pagoda_engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work. Decodes (one token) come first, then prefill chunks, as attention expects."""
+
+    seqs: list[Sequence]
+    num_tokens: list[int]  # tokens each sequence computes this step
+    num_decodes: int
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+    ):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._allocate_or_preempt(seq, num_new, preempted):
+                scheduled.append((seq, num_new))
+                budget -= num_new
+                i += 1
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        # Decodes first: a stable sort keeps arrival order within each group.
+        scheduled.sort(key=lambda item: item[1] != 1)
+        return ScheduledBatch(
+            seqs=[seq for seq, _ in scheduled],
+            num_tokens=[n for _, n in scheduled],
+            num_decodes=sum(1 for _, n in scheduled if n == 1),
+            preempted=preempted,
+        )
+
+    def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
+        """Advance each scheduled sequence; ``sampled`` maps seq_id to its new token.
+
+        Only sequences whose prompt is fully computed sample; the others just move on a chunk.
+        Returns the sequences that finished this step (their blocks are already freed).
+        """
+        finished = []
+        for seq, num_new in zip(batch.seqs, batch.num_tokens, strict=True):
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += num_new
+            self.block_manager.cache_computed_blocks(seq)
+            token = sampled.get(seq.seq_id)
+            if token is None:
+                continue
+            seq.append_token(token)
+            reason = seq.check_stop(self.max_model_len)
+            if reason is not None:
+                self._finish(seq, reason)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Remove sequences wherever they are and free their blocks at once."""
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+            else:
+                self.waiting.remove(seq)
+            self._finish(seq, FinishReason.ABORT)
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
+        """Blocks for ``seq``, preempting the newest running sequences until they fit.
+
+        Returns False when ``seq`` itself had to be preempted.
+        """
+        while not self.block_manager.allocate(seq, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit_waiting(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.wait_for is not None and not self._prompt_cached_by(seq.wait_for):
+                break
+            cached = self.block_manager.find_cached_prefix(seq)
+            num_cached = len(cached) * self.block_manager.block_size
+            num_new = seq.num_tokens - num_cached
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.block_manager.allocate(seq, num_new, cached):
+                break
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_cached
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _prompt_cached_by(self, first: Sequence) -> bool:
+        return first.is_finished or first.num_computed_tokens >= first.num_prompt_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = time.monotonic()

@@ -1,0 +1,108 @@
+"""A Sequence: one sample of one request, as the scheduler, block manager and runner see it."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+from pagoda_engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS or a stop token id
+    LENGTH = "length"  # max_tokens or the max model length
+    ABORT = "abort"  # cancelled by the client or the server
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """Token ids (prompt then output) and how far the KV cache has been computed.
+
+    ``num_computed_tokens`` drives everything (as in vLLM v1): a step computes the next
+    ``num_tokens - num_computed_tokens`` tokens or a chunk of them, so a fresh prompt, a chunked
+    prefill, a decode and a request resumed after preemption are one code path.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        stop_ids: frozenset[int],
+        index: int = 0,
+        arrival_time: float | None = None,
+    ):
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.seed = seed
+        # EOS ids (unless ignore_eos) and the request's stop token ids.
+        self.stop_ids = stop_ids
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
+        self.block_table: list[int] = []
+        # Chained hashes of the leading full blocks of token_ids, extended as blocks fill.
+        self.block_hashes: list[int] = []
+        # Leading blocks already offered to the prefix cache (so each step publishes only new ones).
+        self.num_published_blocks = 0
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        # n > 1: later samples wait until the first has cached the prompt, then share its blocks.
+        self.wait_for: Sequence | None = None
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> FinishReason | None:
+        """Why the sequence ends after its newest token, if it does."""
+        last = self.token_ids[-1]
+        if last in self.stop_ids and self.num_output_tokens >= self.params.min_tokens:
+            return FinishReason.STOP
+        if self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, {self.status.value})"
+        )
