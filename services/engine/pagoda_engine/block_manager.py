@@ -74,7 +74,8 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] | None = None) -> bool:
         """Give ``seq`` blocks for ``num_new_tokens`` more tokens (after adopting ``cached_prefix``).
 
-        Returns False, changing nothing, when the free blocks do not suffice.
+        ``seq.num_computed_tokens`` does not yet count the cached prefix: the scheduler advances it
+        once the allocation succeeded. Returns False, changing nothing, when free blocks do not suffice.
         """
         cached_prefix = cached_prefix or []
         total = seq.num_computed_tokens + len(cached_prefix) * self.block_size + num_new_tokens
