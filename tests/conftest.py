@@ -34,3 +34,43 @@ def smollm2_dir() -> Path:
     if override:
         return Path(override)
     return fetch_model(DEFAULT_MODEL)
+
+
+TINY_CONFIGS = {
+    "llama": dict(arch="LlamaForCausalLM", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "llama_tied_mha": dict(arch="LlamaForCausalLM", num_attention_heads=4, num_key_value_heads=4,
+                           tie_word_embeddings=True),
+    "qwen2": dict(arch="Qwen2ForCausalLM", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(arch="Qwen3ForCausalLM", num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                  tie_word_embeddings=False),
+}
+
+
+def make_tiny_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
+    """Save a small random Hugging Face checkpoint (safetensors) and return its directory.
+
+    Weights are drawn wider than HF's default init so that greedy decoding has clear winners: parity
+    tests then compare real choices, not float-rounding coin tosses between near-equal logits.
+    """
+    import torch
+    import transformers
+
+    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
+                  "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
+    settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    max_position_embeddings=512, initializer_range=0.15, bos_token_id=1, eos_token_id=2)
+    settings.update(overrides)
+    config = config_cls(**settings)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).float().eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny checkpoint per entry of TINY_CONFIGS."""
+    return {
+        name: make_tiny_model(tmp_path_factory.mktemp(name), **settings) for name, settings in TINY_CONFIGS.items()
+    }

@@ -1,0 +1,195 @@
+"""The engine end to end on the CPU: HF parity, prefix caching, chunking, preemption, sampling, aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pagoda_engine import LLM, InvalidRequestError, SamplingParams
+from pagoda_engine.sequence import FinishReason
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+def prompts_of(lengths: list[int], vocab: int = 256, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)
+        outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+def make_llm(model_dir, **config) -> LLM:
+    config.setdefault("num_kv_blocks", 256)
+    config.setdefault("block_size", 4)
+    return LLM(model_dir, dtype="float32", device="cpu", **config)
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_invariants()
+    assert not llm.engine.requests
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied_mha", "qwen2", "qwen3"])
+def test_greedy_matches_transformers(tiny_model_dirs, name):
+    model_dir = tiny_model_dirs[name]
+    prompts = prompts_of([5, 17, 33, 64])
+    llm = make_llm(model_dir)
+    ours = [out.outputs[0].token_ids for out in llm.generate(prompts, GREEDY)]
+    assert ours == hf_greedy(model_dir, prompts, 32)
+    assert_all_blocks_free(llm)
+
+
+def test_prefix_cache_hits_and_changes_nothing(tiny_model_dirs):
+    model_dir = tiny_model_dirs["qwen3"]
+    shared = prompts_of([40])[0]
+    prompts = [shared + [5, 6, 7], shared + [8, 9]]
+    cached = make_llm(model_dir)
+    first = cached.generate(prompts[0], GREEDY)[0]
+    second = cached.generate(prompts[1], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 40  # ten full blocks of 4
+    plain = make_llm(model_dir, enable_prefix_caching=False)
+    expected = [out.outputs[0].token_ids for out in plain.generate(prompts, GREEDY)]
+    assert [first.outputs[0].token_ids, second.outputs[0].token_ids] == expected
+    assert_all_blocks_free(cached)
+
+
+def test_fully_cached_prompt_recomputes_last_token(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    prompt = prompts_of([16])[0]  # exactly four blocks
+    first = llm.generate(prompt, GREEDY)[0]
+    again = llm.generate(prompt, GREEDY)[0]
+    assert again.num_cached_tokens == 12
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_chunked_prefill_and_preemption_match_the_plain_run(tiny_model_dirs):
+    model_dir = tiny_model_dirs["qwen2"]
+    prompts = prompts_of([30, 45, 12, 60, 25, 50])
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in make_llm(model_dir).generate(prompts, params)]
+    # 40 blocks of 4 tokens cannot hold six sequences of up to 100 tokens: preemption is forced,
+    # and a 16-token budget splits every prompt into chunks.
+    tight = make_llm(model_dir, num_kv_blocks=40, max_num_batched_tokens=16)
+    got = tight.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == expected
+    assert_all_blocks_free(tight)
+
+
+def test_preemption_with_prefix_hits_and_no_cache(tiny_model_dirs):
+    model_dir = tiny_model_dirs["llama"]
+    shared = prompts_of([24])[0]
+    prompts = [shared + p for p in prompts_of([6, 10, 14, 3], seed=1)]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in make_llm(model_dir).generate(prompts, params)]
+    for caching in (True, False):
+        tight = make_llm(model_dir, num_kv_blocks=30, max_num_batched_tokens=20, enable_prefix_caching=caching)
+        assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == expected
+        assert_all_blocks_free(tight)
+
+
+def test_seeded_sampling_ignores_batch_composition(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["qwen3"])
+    prompt = prompts_of([20])[0]
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate(prompt, params)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, seed=s, max_tokens=10, ignore_eos=True) for s in range(3)]
+    batch = llm.generate(prompts_of([7, 9, 30], seed=5) + [prompt], others + [params])
+    assert batch[-1].outputs[0].token_ids == alone
+    different = llm.generate(prompt, SamplingParams(temperature=0.9, seed=99, max_tokens=24, ignore_eos=True))
+    assert different[0].outputs[0].token_ids != alone
+
+
+def test_n_samples_share_the_prompt_and_differ(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    prompt = prompts_of([33])[0]
+    params = SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=16, ignore_eos=True)
+    out = llm.generate(prompt, params)[0]
+    samples = [c.token_ids for c in out.outputs]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(s) == 16 for s in samples) and len({tuple(s) for s in samples}) == 3
+    assert out.num_cached_tokens == 32  # later samples reuse the first one's full prompt blocks
+    assert llm.generate(prompt, params)[0].outputs[0].token_ids == samples[0]
+    assert_all_blocks_free(llm)
+
+
+def test_stop_ids_min_and_max_tokens(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["qwen2"])
+    prompt = prompts_of([10])[0]
+    free_run = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
+    stop = free_run[5]
+    first_stop = free_run.index(stop)
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=[stop]))[0].outputs[0]
+    assert out.finish_reason is FinishReason.STOP and out.token_ids == free_run[: first_stop + 1]
+    # min_tokens masks the stop token until enough tokens exist.
+    later = SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=[stop], min_tokens=first_stop + 2)
+    out = llm.generate(prompt, later)[0].outputs[0]
+    assert stop not in out.token_ids[: first_stop + 2] and len(out.token_ids) >= first_stop + 2
+    short = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0].outputs[0]
+    assert short.finish_reason is FinishReason.LENGTH and short.token_ids == free_run[:3]
+
+
+def test_logprobs_are_returned_per_token(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
+    out = llm.generate(prompts_of([9])[0], params)[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for token, (chosen, top) in zip(out.token_ids, out.logprobs, strict=True):
+        assert len(top) == 3 and top[0][0] == token and chosen == pytest.approx(top[0][1])
+        assert chosen <= 0 and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+
+
+def test_abort_frees_every_block(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    engine = llm.engine
+    for i, prompt in enumerate(prompts_of([30, 50, 70])):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=100, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    finals = [out for i in range(3) for out in engine.abort_request(f"r{i}")]
+    assert {out.finish_reason for out in finals} == {FinishReason.ABORT}
+    assert not engine.has_unfinished_requests()
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], SamplingParams(), "empty"),
+        ([1, 9999], SamplingParams(), "outside the vocabulary"),
+        ([1] * 10, SamplingParams(max_tokens=10_000), "exceeds the max model length"),
+        ([1], SamplingParams(temperature=-1), "temperature"),
+        ([1], SamplingParams(top_p=0), "top_p"),
+        ([1], SamplingParams(n=0), "n must be"),
+        ([1], SamplingParams(logprobs=100), "logprobs"),
+    ],
+)
+def test_invalid_requests_are_rejected_with_a_reason(tiny_model_dirs, prompt, params, message):
+    llm = make_llm(tiny_model_dirs["llama"])
+    with pytest.raises(InvalidRequestError, match=message):
+        llm.engine.add_request("bad", prompt, params)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_duplicate_request_id_is_rejected(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    llm.engine.add_request("same", [1, 2, 3], SamplingParams())
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        llm.engine.add_request("same", [1, 2, 3], SamplingParams())
