@@ -1,0 +1,84 @@
+"""The engine on a CUDA GPU: Triton attention + CUDA graphs against transformers and against eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda_engine import LLM, SamplingParams
+from tests.conftest import make_tiny_model
+from tests.test_engine import hf_greedy, prompts_of
+
+pytestmark = pytest.mark.gpu
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_model_dirs(tmp_path_factory):
+    """Tiny models with the head dims the GPU kernels are built for (64 and 128)."""
+    return {
+        "llama": make_tiny_model(tmp_path_factory.mktemp("llama64"), "LlamaForCausalLM", hidden_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2),
+        "qwen3": make_tiny_model(tmp_path_factory.mktemp("qwen3_128"), "Qwen3ForCausalLM", hidden_size=128,
+                                 num_attention_heads=4, num_key_value_heads=1, head_dim=128),
+    }
+
+
+def gpu_llm(model_dir, **config) -> LLM:
+    config.setdefault("num_kv_blocks", 512)
+    config.setdefault("block_size", 16)
+    return LLM(model_dir, device="cuda", **config)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_fp32_gpu_matches_transformers(gpu_model_dirs, name):
+    model_dir = gpu_model_dirs[name]
+    prompts = prompts_of([5, 17, 40, 64])
+    llm = gpu_llm(model_dir, dtype="float32")
+    assert llm.engine.runner.backend_name != "torch"
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    assert ours == hf_greedy(model_dir, prompts, 32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_match_eager(gpu_model_dirs, dtype):
+    model_dir = gpu_model_dirs["qwen3"]
+    prompts = prompts_of([3, 20, 37, 50, 9, 11, 70])
+    eager = gpu_llm(model_dir, dtype=dtype, enforce_eager=True)
+    graphs = gpu_llm(model_dir, dtype=dtype)
+    assert graphs.engine.runner.graphs is not None
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)]
+    assert [o.outputs[0].token_ids for o in graphs.generate(prompts, GREEDY)] == expected
+
+
+def test_bf16_tracks_fp32_over_a_long_generation(gpu_model_dirs):
+    """bf16 may drift from fp32 eventually, but the top-1 choices and logprobs must stay close."""
+    model_dir = gpu_model_dirs["llama"]
+    prompts = prompts_of([12, 30])
+    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True, logprobs=1)
+    ref = gpu_llm(model_dir, dtype="float32").generate(prompts, params)
+    low = gpu_llm(model_dir, dtype="bfloat16").generate(prompts, params)
+    for r, b in zip(ref, low, strict=True):
+        r_ids, b_ids = r.outputs[0].token_ids, b.outputs[0].token_ids
+        same_prefix = next((i for i, (x, y) in enumerate(zip(r_ids, b_ids, strict=True)) if x != y), len(r_ids))
+        assert same_prefix >= 16
+        diffs = [abs(rl[0] - bl[0]) for rl, bl in zip(r.outputs[0].logprobs, b.outputs[0].logprobs, strict=True)]
+        assert max(diffs[:same_prefix]) < 0.1
+
+
+def test_preemption_and_chunking_on_gpu(gpu_model_dirs):
+    model_dir = gpu_model_dirs["qwen3"]
+    prompts = prompts_of([30, 45, 12, 60, 25, 50])
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in gpu_llm(model_dir, dtype="float32").generate(prompts, params)]
+    tight = gpu_llm(model_dir, dtype="float32", num_kv_blocks=12, max_num_batched_tokens=32)
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == expected
+
+
+def test_kv_cache_is_sized_from_free_memory(gpu_model_dirs):
+    llm = gpu_llm(gpu_model_dirs["llama"], dtype="bfloat16", num_kv_blocks=None, gpu_memory_utilization=0.3)
+    runner = llm.engine.runner
+    cache_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert 0.1 * total < cache_bytes < 0.3 * total
