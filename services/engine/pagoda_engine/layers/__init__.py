@@ -1,0 +1,1 @@
+"""Model building blocks: attention backends, sampler and friends."""
