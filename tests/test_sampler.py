@@ -23,7 +23,7 @@ V = 64
 
 
 def req(seed: int = 0, prompt=(1, 2, 3), output=(), stop=(), **params) -> SamplerRequest:
-    return SamplerRequest(SamplingParams(**params), seed, list(prompt), list(output), list(stop))
+    return SamplerRequest(SamplingParams(**params), seed, list(prompt) + list(output), len(prompt), list(stop))
 
 
 def run(logits: torch.Tensor, requests: list[SamplerRequest]):

@@ -127,7 +127,7 @@ class ModelRunner:
         num_rows = min(self.config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:num_rows])
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1)
-        requests = [SamplerRequest(params, 0, [0], [], []) for _ in range(num_rows)]
+        requests = [SamplerRequest(params, 0, [0], 1, []) for _ in range(num_rows)]
         self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
         torch.cuda.synchronize()
         del hidden, logits
@@ -142,7 +142,7 @@ class ModelRunner:
             return StepResult([], [], [])
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         requests = [
-            SamplerRequest(seq.params, seq.seed, seq.prompt_token_ids, seq.output_token_ids, list(seq.stop_ids))
+            SamplerRequest(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens, seq.stop_ids)
             for seq in inputs.sample_seqs
         ]
         meta = SamplingMetadata.build(requests, logits.shape[-1], self.device)

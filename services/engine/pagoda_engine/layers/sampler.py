@@ -42,9 +42,23 @@ class SamplerRequest(NamedTuple):
 
     params: SamplingParams
     seed: int  # always set: the engine resolves SamplingParams.seed=None beforehand
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    stop_ids: list[int]  # EOS ids + stop_token_ids, suppressed while len(output) < min_tokens
+    # The sequence's tokens, prompt then output, shared rather than sliced: only rows with a
+    # penalty look at them, so the per-step cost does not grow with sequence length.
+    token_ids: list[int]
+    num_prompt_tokens: int
+    stop_ids: frozenset[int] | list[int]  # EOS ids + stop_token_ids, suppressed until min_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -86,13 +100,13 @@ class SamplingMetadata:
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         pen_rows = [i for i, p in enumerate(params)
                     if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
-        suppress_rows = [i for i, r in enumerate(requests) if len(r.output_token_ids) < r.params.min_tokens]
+        suppress_rows = [i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_tokens]
         logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
 
         host = _HostArrays()
         host.add_float("temperature", [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)])
         host.add_int("seeds", [r.seed for r in requests])
-        host.add_int("positions", [len(r.output_token_ids) for r in requests])
+        host.add_int("positions", [r.num_output_tokens for r in requests])
         if any(greedy) and sampled:
             host.add_int("greedy", greedy)
         if any_top_k:
