@@ -1,0 +1,64 @@
+"""Rotary position embeddings, neox style (rotate halves), as Hugging Face Llama and Qwen apply them.
+
+cos/sin are precomputed in float32 for every position up to ``max_position`` and looked up by
+position, so the forward is a gather plus elementwise ops (no host sync, CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Per-pair rotation speeds [head_dim // 2], computed on the CPU exactly as transformers does."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "llama3":
+        return _llama3(inv_freq, scaling)
+    raise ValueError(f"rope type {scaling['rope_type']!r} is not supported")
+
+
+def _llama3(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1: slow frequencies divided by ``factor``, fast ones kept, a smooth blend between."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any] | None = None):
+        super().__init__()
+        self.head_dim = head_dim
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, inverse_frequencies(head_dim, theta, scaling).to(positions.device))
+        # Not saved with the model: derived from the config, and checkpoints carry none.
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate flat ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] by their positions."""
+        # HF rounds cos/sin to the activation dtype before applying them; so do we.
+        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x.unflatten(-1, (-1, self.head_dim))
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(1)

@@ -1,0 +1,162 @@
+"""ModelConfig: the architecture facts the engine needs, read from a Hugging Face ``config.json``.
+
+Read with plain ``json`` (transformers is not an engine dependency). Both config layouts are
+accepted: transformers 4 (``rope_theta`` and ``rope_scaling`` at the top, ``torch_dtype``) and
+transformers 5 (``rope_parameters`` holding theta and scaling, ``dtype``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Keys each RoPE scaling type needs besides ``rope_type``; the rotary layer implements exactly these.
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    # None for plain RoPE; else {"rope_type": "linear" | "llama3", plus that type's keys}.
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    # Bias on q/k/v/o projections (Llama's ``attention_bias``); Qwen2 adds q/k/v bias regardless.
+    attention_bias: bool
+    # The checkpoint's dtype; float32 when config.json names none (as transformers assumes).
+    torch_dtype: torch.dtype
+    bos_token_id: int | None
+    # config.json's eos ids followed by generation_config.json's, without repeats.
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        """Read ``config.json`` (and ``generation_config.json`` when present) from a model directory."""
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in model directory {path}")
+        generation_file = path / "generation_config.json"
+        generation = json.loads(generation_file.read_text()) if generation_file.is_file() else None
+        return cls.from_dict(json.loads(config_file.read_text()), generation)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
+        """Build from the parsed ``config.json`` (and optionally ``generation_config.json``)."""
+        _check_supported(config)
+        generation_config = generation_config or {}
+        heads = _required(config, "num_attention_heads")
+        hidden = _required(config, "hidden_size")
+        theta, scaling = _rope(config)
+        return cls(
+            architecture=_architecture(config),
+            hidden_size=hidden,
+            intermediate_size=_required(config, "intermediate_size"),
+            num_hidden_layers=_required(config, "num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or hidden // heads,
+            vocab_size=_required(config, "vocab_size"),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=_max_positions(config),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            attention_bias=config.get("attention_bias", False),
+            torch_dtype=_dtype(config.get("dtype") or config.get("torch_dtype") or "float32"),
+            bos_token_id=_first_id(config.get("bos_token_id"), generation_config.get("bos_token_id")),
+            eos_token_ids=_unique_ids(config.get("eos_token_id"), generation_config.get("eos_token_id")),
+        )
+
+
+def _required(config: dict[str, Any], key: str) -> Any:
+    if config.get(key) is None:
+        raise ValueError(f"config.json lacks {key!r}")
+    return config[key]
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    architectures = config.get("architectures") or []
+    if len(architectures) != 1:
+        raise ValueError(f"config.json must name exactly one architecture, got {architectures!r}")
+    return architectures[0]
+
+
+def _check_supported(config: dict[str, Any]) -> None:
+    """Refuse what our layers would silently get wrong."""
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
+    if config.get("mlp_bias"):
+        raise ValueError("mlp_bias is not supported")
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    params = config.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = config.get("rope_scaling") or params
+    # Old configs say "type", newer ones "rope_type".
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_SCALING_KEYS)})")
+    if rope_type == "default":
+        return theta, None
+    missing = [key for key in ROPE_SCALING_KEYS[rope_type] if key not in scaling]
+    if missing:
+        raise ValueError(f"rope scaling {rope_type!r} lacks {', '.join(missing)}")
+    return theta, {"rope_type": rope_type, **{key: scaling[key] for key in ROPE_SCALING_KEYS[rope_type]}}
+
+
+def _max_positions(config: dict[str, Any]) -> int:
+    max_positions = _required(config, "max_position_embeddings")
+    # We have no sliding-window attention; beyond the window full attention would give different
+    # outputs, so the usable context stops there (Mistral v0.1 style configs).
+    window = config.get("sliding_window")
+    window_on = config.get("use_sliding_window", "use_sliding_window" not in config)
+    if window and window_on and window < max_positions:
+        logger.warning("sliding window %d not supported: capping the context at %d tokens", window, window)
+        return window
+    return max_positions
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"checkpoint dtype {name!r} is not supported (supported: {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _first_id(*candidates: int | list[int] | None) -> int | None:
+    ids = [i for c in candidates for i in _as_list(c)]
+    return ids[0] if ids else None
+
+
+def _unique_ids(*candidates: int | list[int] | None) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(i for c in candidates for i in _as_list(c)))

@@ -1,0 +1,173 @@
+"""Build a model on its device and fill it: from a safetensors checkpoint, or with dummy weights.
+
+Checkpoint names are Hugging Face's; ours differ only where we fuse projections, and
+``PACKED_MODULES`` is the one place that says how.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pagoda_engine.layers.linear import copy_weight
+from pagoda_engine.layers.norm import RMSNorm
+from pagoda_engine.model_config import ModelConfig
+from pagoda_engine.models.registry import get_model_class
+
+# Checkpoint module name -> (our fused module, which piece of it).
+PACKED_MODULES: dict[str, tuple[str, str | int]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+DUMMY_STD = 0.02
+
+
+def load_model(
+    model_config: ModelConfig,
+    model_dir: str | Path | None,
+    load_format: str = "auto",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """The model for ``model_config`` on ``device`` in ``dtype`` (default: the checkpoint's), ready to run.
+
+    ``load_format``: ``auto``/``safetensors`` read ``model_dir``; ``dummy`` fills random weights from
+    ``seed`` (``model_dir`` unused).
+    """
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format must be auto, safetensors or dummy, got {load_format!r}")
+    device = torch.device(device)
+    model_cls = get_model_class(model_config.architecture)
+    # Built in place: parameters are allocated on the device in the target dtype, never copied from the CPU.
+    with torch.device(device), _default_dtype(dtype or model_config.torch_dtype):
+        model = model_cls(model_config)
+    model.requires_grad_(False)
+    if load_format == "dummy":
+        fill_dummy_weights(model, seed)
+    else:
+        if model_dir is None:
+            raise ValueError("load_format 'auto' needs a model directory")
+        load_weights(model, Path(model_dir), model_config.tie_word_embeddings)
+    return model.eval()
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The shards listed by ``model.safetensors.index.json``, else every ``*.safetensors`` file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors checkpoint in {model_dir}")
+    return files
+
+
+def map_checkpoint_name(name: str) -> tuple[str, str | int | None]:
+    """Checkpoint tensor name -> (our parameter name, shard id within it or None)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in PACKED_MODULES:
+            parts[i], shard_id = PACKED_MODULES[part]
+            return ".".join(parts), shard_id
+    return name, None
+
+
+def checkpoint_name(param_name: str, shard_id: str | int | None) -> str:
+    """The inverse of ``map_checkpoint_name``, for error messages."""
+    if shard_id is None:
+        return param_name
+    parts = param_name.split(".")
+    for theirs, (ours, shard) in PACKED_MODULES.items():
+        if shard == shard_id and ours in parts:
+            parts[parts.index(ours)] = theirs
+    return ".".join(parts)
+
+
+def _skipped(name: str, tied: bool) -> bool:
+    # Rotary buffers are recomputed from the config; a tied LM head is the embedding.
+    return "rotary_emb" in name.split(".") or (tied and name == "lm_head.weight")
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, model_dir: Path, tied: bool) -> None:
+    """Copy every checkpoint tensor into its parameter (each layer's weight_loader takes this rank's piece).
+
+    Raises ValueError naming the tensor when one is unexpected, misshapen or missing.
+    """
+    params = dict(model.named_parameters())
+    loaded: dict[str, set] = defaultdict(set)
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if _skipped(name, tied):
+                    continue
+                param_name, shard_id = map_checkpoint_name(name)
+                if param_name not in params:
+                    raise ValueError(f"unexpected tensor {name!r} in {path}: the model has no such parameter")
+                _load_one(params[param_name], f.get_tensor(name), shard_id, name, path)
+                loaded[param_name].add(shard_id)
+    missing = [
+        checkpoint_name(name, shard_id)
+        for name in params
+        for shard_id in _shard_ids(model, name)
+        if shard_id not in loaded[name]
+    ]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ValueError(f"checkpoint in {model_dir} lacks tensor(s): {shown}")
+
+
+def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard_id: str | int | None, name: str, path: Path) -> None:
+    weight_loader = getattr(param, "weight_loader", None)
+    try:
+        if weight_loader is None:
+            copy_weight(param.data, tensor)
+        elif shard_id is None:
+            weight_loader(param, tensor)
+        else:
+            weight_loader(param, tensor, shard_id)
+    except ValueError as err:
+        raise ValueError(f"cannot load tensor {name!r} from {path}: {err}") from err
+
+
+def _shard_ids(model: nn.Module, param_name: str) -> tuple:
+    """The checkpoint pieces that fill a parameter: several for fused projections, else one (None)."""
+    return getattr(_owner(model, param_name), "shard_ids", (None,))
+
+
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
+    return model.get_submodule(param_name.rpartition(".")[0])
+
+
+@torch.no_grad()
+def fill_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Deterministic small random weights (norm scales at 1), generated on the parameters' device."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if isinstance(_owner(model, name), RMSNorm):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, DUMMY_STD, generator=generator)

@@ -1,0 +1,23 @@
+"""Architecture name (``architectures[0]`` in config.json) -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pagoda_engine.models.llama import LlamaForCausalLM
+from pagoda_engine.models.qwen2 import Qwen2ForCausalLM
+from pagoda_engine.models.qwen3 import Qwen3ForCausalLM
+
+MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    # Mistral's checkpoints have Llama's layout and names.
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in MODELS:
+        raise ValueError(f"architecture {architecture!r} is not supported (supported: {', '.join(MODELS)})")
+    return MODELS[architecture]

@@ -1,0 +1,309 @@
+"""Model parity with Hugging Face transformers (CPU, float32), the loader and ModelConfig.
+
+Each case saves a tiny random transformers checkpoint, loads it with our loader and compares logits
+position by position: a flat multi-prompt prefill without a cache, and a paged-cache run with a
+prefix, a chunk and mixed decode steps. transformers is a test-only dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagoda_engine.layers.attention import Attention, AttentionMetadata
+from pagoda_engine.model_config import ModelConfig
+from pagoda_engine.models.loader import load_model
+
+transformers = pytest.importorskip("transformers")
+
+BLOCK_SIZE = 4
+ATOL = 1e-4
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)
+
+# name -> (architecture, config overrides, save_pretrained kwargs). Dicts are copied: transformers'
+# config classes add keys to the rope dict they are given.
+CASES = {
+    "llama_gqa_llama3_rope": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                       tie_word_embeddings=False, rope_scaling=dict(LLAMA3_ROPE)), {}),
+    "llama_mha_tied_bias": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                                                     tie_word_embeddings=True, attention_bias=True), {}),
+    "qwen2_sharded_linear_rope": ("Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                           tie_word_embeddings=True,
+                                                           rope_scaling=dict(rope_type="linear", factor=2.0)),
+                                  dict(max_shard_size="60KB")),
+    "qwen3_gqa4": ("Qwen3ForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                            tie_word_embeddings=False), {}),
+}
+
+
+def make_checkpoint(path: Path, arch: str, overrides: dict, save_kwargs: dict, seed: int = 0):
+    """Save a tiny random HF model to ``path``; returns the HF model for reference logits.
+
+    Every weight is redrawn, norms and biases included (HF initialises those to 1 and 0, which
+    would let a norm or bias that never got loaded pass unnoticed).
+    """
+    settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**settings, **overrides})
+    config.architectures = [arch]
+    model = getattr(transformers, arch)(config).float().eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name:
+                param.copy_(1 + 0.2 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.1 * noise)
+            else:
+                param.copy_(0.08 * noise)
+    model.save_pretrained(path, **save_kwargs)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    out = {}
+    for name, (arch, overrides, save_kwargs) in CASES.items():
+        path = tmp_path_factory.mktemp(name)
+        out[name] = (path, make_checkpoint(path, arch, overrides, save_kwargs))
+    return out
+
+
+def load_ours(path: Path, dtype: torch.dtype = torch.float32):
+    return load_model(ModelConfig.from_dir(path), path, "auto", dtype, "cpu", seed=0)
+
+
+def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([tokens])).logits[0]
+
+
+@dataclass
+class Chunk:
+    """Positions ``start..end-1`` of ``tokens`` computed this step; ``blocks`` is the block table."""
+
+    tokens: list[int]
+    start: int
+    end: int
+    blocks: list[int]
+
+
+def flat_batch(chunks: list[Chunk], num_decodes: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """The (input_ids, positions, metadata) the ModelRunner would build for these chunks."""
+    ids, positions, slots = [], [], []
+    for c in chunks:
+        for p in range(c.start, c.end):
+            ids.append(c.tokens[p])
+            positions.append(p)
+            slots.append(c.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE)
+    starts = [0]
+    for c in chunks:
+        starts.append(starts[-1] + c.end - c.start)
+    seq_lens = [c.end for c in chunks]
+    width = max(len(c.blocks) for c in chunks)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor([c.blocks + [0] * (width - len(c.blocks)) for c in chunks], dtype=torch.int32),
+        num_decodes=num_decodes,
+        max_query_len=max(c.end - c.start for c in chunks),
+        max_seq_len=max(seq_lens),
+        query_start_loc_host=starts,
+        seq_lens_host=seq_lens,
+    )
+    return torch.tensor(ids), torch.tensor(positions), meta
+
+
+def run_step(model, chunks: list[Chunk], num_decodes: int = 0) -> torch.Tensor:
+    input_ids, positions, meta = flat_batch(chunks, num_decodes)
+    with torch.inference_mode():
+        return model.compute_logits(model(input_ids, positions, meta))
+
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_flat_prefill_matches_hf(checkpoints, name):
+    path, hf_model = checkpoints[name]
+    model = load_ours(path)
+    prompts = [random_tokens(n, seed=n) for n in (7, 1, 13, 4)]
+    chunks = [Chunk(p, 0, len(p), list(range(-(-len(p) // BLOCK_SIZE)))) for p in prompts]
+    logits = run_step(model, chunks)
+    expected = torch.cat([hf_logits(hf_model, p) for p in prompts])
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_paged_cache_prefix_chunk_and_mixed_decodes_match_hf(checkpoints, name):
+    path, hf_model = checkpoints[name]
+    model = load_ours(path)
+    num_blocks = 16
+    for attn in (m for m in model.modules() if isinstance(m, Attention)):
+        shape = (num_blocks, BLOCK_SIZE, attn.num_kv_heads, attn.head_dim)
+        attn.k_cache, attn.v_cache = torch.zeros(shape), torch.zeros(shape)
+    a, b = random_tokens(14, seed=1), random_tokens(8, seed=2)
+    # Non-contiguous, shuffled blocks; the two sequences' blocks interleave in the cache.
+    blocks = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(3)).tolist()
+    a_blocks, b_blocks = blocks[0:8:2], blocks[1:4:2]
+    expected = {"a": hf_logits(hf_model, a), "b": hf_logits(hf_model, b)}
+    steps = [
+        # (chunks as (sequence, start, end), num_decodes)
+        ([("a", 0, 6), ("b", 0, 5)], 0),  # A's prefix and all of B's prompt
+        ([("b", 5, 6), ("a", 6, 11)], 1),  # B decodes while A's next chunk prefills
+        ([("b", 6, 7), ("a", 11, 12)], 2),
+        ([("a", 12, 13), ("b", 7, 8)], 2),
+        ([("a", 13, 14)], 1),
+    ]
+    seqs = {"a": (a, a_blocks), "b": (b, b_blocks)}
+    for chunk_specs, num_decodes in steps:
+        chunks = [Chunk(seqs[s][0], start, end, seqs[s][1]) for s, start, end in chunk_specs]
+        logits = run_step(model, chunks, num_decodes)
+        want = torch.cat([expected[s][start:end] for s, start, end in chunk_specs])
+        torch.testing.assert_close(logits, want, atol=ATOL, rtol=ATOL)
+
+
+def test_sharded_checkpoint_was_sharded(checkpoints):
+    path, _ = checkpoints["qwen2_sharded_linear_rope"]
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+
+
+TINY_QWEN3 = {
+    "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 300,
+    "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "bos_token_id": 7, "eos_token_id": 9,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dummy_weights_are_deterministic_and_give_finite_logits(dtype):
+    config = ModelConfig.from_dict(TINY_QWEN3)
+    model = load_model(config, None, "dummy", dtype, "cpu", seed=0)
+    again = load_model(config, None, "dummy", dtype, "cpu", seed=0)
+    for (name, param), other in zip(model.named_parameters(), again.parameters(), strict=True):
+        assert param.dtype == dtype
+        assert torch.equal(param, other), name
+        if "norm" in name:
+            assert torch.all(param == 1), name
+    logits = run_step(model, [Chunk(random_tokens(9, seed=0), 0, 9, [0, 1, 2])])
+    assert logits.shape == (9, 300) and logits.dtype == dtype
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+def _rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
+    """Copy a single-file checkpoint with its tensors passed through ``edit(dict)``."""
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+def test_missing_tensor_is_named(checkpoints, tmp_path):
+    src, _ = checkpoints["qwen3_gqa4"]
+    path = _rewrite_checkpoint(src, tmp_path / "ckpt", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ValueError, match=r"lacks tensor\(s\): model\.layers\.1\.self_attn\.k_proj\.weight"):
+        load_ours(path)
+
+
+def test_unexpected_tensor_is_named(checkpoints, tmp_path):
+    src, _ = checkpoints["qwen3_gqa4"]
+    path = _rewrite_checkpoint(src, tmp_path / "ckpt",
+                               lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.extra\.weight'"):
+        load_ours(path)
+
+
+def test_misshapen_tensor_is_named(checkpoints, tmp_path):
+    src, _ = checkpoints["qwen3_gqa4"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    path = _rewrite_checkpoint(src, tmp_path / "ckpt", lambda t: t.update({name: t[name][:-1]}))
+    with pytest.raises(ValueError, match=rf"cannot load tensor '{name}'"):
+        load_ours(path)
+
+
+def test_unknown_architecture_lists_supported():
+    config = ModelConfig.from_dict({**TINY_QWEN3, "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        load_model(config, None, "dummy")
+
+
+def test_model_config_reads_both_layouts(checkpoints):
+    # transformers 4 layout (like Qwen3-0.6B's config.json), eos ids merged with generation_config.json's.
+    old = ModelConfig.from_dict(TINY_QWEN3, {"bos_token_id": 7, "eos_token_id": [10, 9]})
+    assert (old.rope_theta, old.rope_scaling, old.torch_dtype) == (1e6, None, torch.bfloat16)
+    assert (old.head_dim, old.bos_token_id, old.eos_token_ids) == (32, 7, (9, 10))
+    # transformers 5 layout, as save_pretrained wrote it: rope_parameters, dtype.
+    new = ModelConfig.from_dir(checkpoints["llama_gqa_llama3_rope"][0])
+    assert new.rope_scaling == LLAMA3_ROPE
+    assert (new.rope_theta, new.torch_dtype, new.head_dim, new.eos_token_ids) == (10000.0, torch.float32, 16, (2,))
+    assert not new.tie_word_embeddings and new.num_key_value_heads == 2
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+    ({"rope_scaling": {"type": "linear"}}, "lacks factor"),
+    ({"hidden_size": None}, "lacks 'hidden_size'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"torch_dtype": "int8"}, "dtype 'int8'"),
+])
+def test_model_config_rejects_what_we_cannot_run(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict({**TINY_QWEN3, **change})
+
+
+def _tp_worker(rank: int, world_size: int, port: int, paths: list[str], prompts: list[list[int]], out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        logits = [run_step(load_ours(Path(path)), [Chunk(p, 0, len(p), [0] * 8) for p in prompts]) for path in paths]
+        if rank == 0:
+            torch.save(logits, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensor_parallel_matches_single_rank(tmp_path):
+    """Two gloo ranks over two models: Llama with its one KV head replicated on both ranks, an o_proj bias
+    and a vocabulary that does not split evenly; Qwen3 with its KV heads split and q/k norms."""
+    paths = [tmp_path / "llama", tmp_path / "qwen3"]
+    make_checkpoint(paths[0], "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=1,
+                                                       vocab_size=251, attention_bias=True,
+                                                       tie_word_embeddings=True), {})
+    make_checkpoint(paths[1], "Qwen3ForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                                       tie_word_embeddings=False), {})
+    prompts = [random_tokens(n, seed=n) for n in (5, 3)]
+    expected = [run_step(load_ours(path), [Chunk(p, 0, len(p), [0] * 8) for p in prompts]) for path in paths]
+    out = tmp_path / "tp_logits.pt"
+    ctx = multiprocessing.get_context("spawn")
+    args = (2, _free_port(), [str(p) for p in paths], prompts, str(out))
+    procs = [ctx.Process(target=_tp_worker, args=(rank, *args)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for got, want in zip(torch.load(out), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
