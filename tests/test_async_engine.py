@@ -1,0 +1,84 @@
+"""AsyncEngine: the engine thread serves concurrent asyncio streams; cancels free blocks at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pagoda_engine import SamplingParams
+from pagoda_engine.async_engine import AsyncEngine
+from pagoda_engine.sequence import FinishReason
+from tests.test_engine import make_llm, prompts_of
+
+
+async def collect(engine: AsyncEngine, request_id: str, prompt, params) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {}
+    async for batch in engine.generate(request_id, prompt, params):
+        for out in batch:
+            tokens.setdefault(out.index, []).extend(out.token_ids)
+    return tokens
+
+
+async def wait_for_idle(engine: AsyncEngine) -> None:
+    for _ in range(200):
+        load = engine.load
+        if load.running == 0 and load.waiting == 0 and load.kv_blocks_free == load.kv_blocks_total:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine did not go idle: {engine.load}")
+
+
+@pytest.fixture
+def llm(tiny_model_dirs):
+    return make_llm(tiny_model_dirs["llama"])
+
+
+def test_concurrent_streams_equal_the_offline_api(llm):
+    prompts = prompts_of([5, 20, 35, 8, 50, 13, 27, 40])
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    async def main():
+        engine = AsyncEngine(llm.engine)
+        engine.start()
+        results = await asyncio.gather(*(collect(engine, f"r{i}", p, params) for i, p in enumerate(prompts)))
+        await wait_for_idle(engine)
+        await engine.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == expected
+
+
+def test_closing_a_stream_aborts_and_frees_blocks(llm):
+    async def main():
+        engine = AsyncEngine(llm.engine)
+        engine.start()
+        stream = engine.generate("long", prompts_of([30])[0], SamplingParams(max_tokens=400, ignore_eos=True))
+        first = await anext(stream)
+        assert first[0].token_ids
+        await stream.aclose()
+        await wait_for_idle(engine)
+        # The id is free again once the stream is gone.
+        assert await collect(engine, "long", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+        await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_abort_by_id_ends_the_stream_with_abort(llm):
+    async def main():
+        engine = AsyncEngine(llm.engine)
+        engine.start()
+        reasons = []
+        async for batch in engine.generate("x", [4, 5, 6], SamplingParams(max_tokens=400, ignore_eos=True)):
+            reasons += [out.finish_reason for out in batch]
+            if len(reasons) == 2:
+                assert engine.abort("x")
+        assert reasons[-1] is FinishReason.ABORT
+        assert not engine.abort("x")
+        await wait_for_idle(engine)
+        await engine.stop()
+
+    asyncio.run(main())
