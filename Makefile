@@ -1,0 +1,30 @@
+# One entry point for the common chores. Everything runs from the project's own virtualenv (.venv).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install proto test lint model
+
+# torch goes first and pinned: pip then takes the CPU build that lies on disk on the build machines,
+# and the engine extra's looser torch requirement is already satisfied instead of pulling a CUDA build.
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[all,dev]"
+
+# Regenerate the committed Python stubs from protos/ (tests/test_protos.py checks they are current).
+proto:
+	$(PY) -m grpc_tools.protoc -I protos --python_out=clients/python --pyi_out=clients/python \
+		--grpc_python_out=clients/python protos/pagoda/v1/*.proto
+
+test:
+	$(PY) -m pytest
+
+lint:
+	$(VENV)/bin/ruff check
+
+# Fetch the default model (SmolLM2-135M-Instruct) into ~/.cache/pagoda/models.
+model:
+	$(VENV)/bin/pagoda-fetch-model
