@@ -10,7 +10,6 @@ PY := $(VENV)/bin/python
 # and the engine extra's looser torch requirement is already satisfied instead of pulling a CUDA build.
 install:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[all,dev]"
 
