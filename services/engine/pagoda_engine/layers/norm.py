@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+try:  # CUDA builds of torch bring Triton; without it every device runs the torch code.
+    from pagoda_engine.kernels import fused_ops
+except ImportError:
+    fused_ops = None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -15,7 +20,15 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``.
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``: one Triton kernel on CUDA."""
+        if fused_ops is not None and x.is_cuda:
+            return fused_ops.rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_torch(x, residual)
+
+    def forward_torch(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The CPU path and the kernel's oracle.
 
         The sum stays in the input dtype, as in Hugging Face's ``residual + hidden_states``, so the
         residual stream rounds exactly as theirs does.

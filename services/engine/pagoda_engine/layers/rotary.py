@@ -12,6 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+try:  # CUDA builds of torch bring Triton; without it every device runs the torch code.
+    from pagoda_engine.kernels import fused_ops
+except ImportError:
+    fused_ops = None
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Per-pair rotation speeds [head_dim // 2], computed on the CPU exactly as transformers does."""
@@ -52,7 +57,19 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate flat ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] by their positions."""
+        """Rotate flat ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] by their positions.
+
+        On CUDA one Triton kernel rotates both in place and returns them; callers use the return value.
+        """
+        if fused_ops is not None and q.is_cuda:
+            fused_ops.rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
+        return self.forward_torch(positions, q, k)
+
+    def forward_torch(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU path and the kernel's oracle: returns new tensors."""
         # HF rounds cos/sin to the activation dtype before applying them; so do we.
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)

@@ -1,0 +1,182 @@
+"""Triton kernels for the memory-bound steps between the matmuls: RMSNorm with the residual add, rotary
+embedding, and SiLU-and-mul.
+
+Each kernel reads its inputs once and writes its outputs once. They repeat the torch code in layers/
+step for step: float32 arithmetic, rounded to the activation dtype exactly where torch's eager ops
+round. So bf16/fp16 results round like the torch path's, and fp32 results can differ from it only
+through the order of RMSNorm's sum of squares, and the exp in SiLU under the interpreter. The fp32 GPU
+engine is compared token for token with transformers, which is why this matters.
+
+The layers call these when their input is on CUDA; their torch code stays the CPU path and the oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Eager torch rounds after every multiply and add, one op per kernel; a fused multiply-add would skip a
+# rounding. libdevice's non-flush-to-zero expf is the routine torch's CUDA silu calls.
+_TORCH_FLOAT_SEMANTICS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    n_rows, n_inner, n_cols,
+    x_stride_outer, x_stride_inner, residual_stride_outer, residual_stride_inner,
+    inv_n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    # Rows are addressed as (outer, inner) because Qwen3's per-head q/k norm hands us a [T, heads, head_dim]
+    # view into the qkv output, which has no single row stride.
+    outer = (rows // n_inner).to(tl.int64)
+    inner = rows % n_inner
+    # Padding lanes load 0 so that they add nothing to the sum of squares.
+    x = tl.load(x_ptr + (outer * x_stride_outer + inner * x_stride_inner)[:, None] + cols[None, :], mask=mask,
+                other=0.0)
+    out_offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    if HAS_RESIDUAL:
+        residual_offsets = (outer * residual_stride_outer + inner * residual_stride_inner)[:, None] + cols[None, :]
+        residual = tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0)
+        # The sum is rounded to the activation dtype before it is normalised, as Hugging Face's is.
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+        tl.store(residual_out_ptr + out_offsets, x, mask=mask)
+    xf = x.to(tl.float32)
+    # torch's mean multiplies the sum by 1/n rather than dividing by n.
+    mean_square = tl.sum(xf * xf, axis=1) * inv_n_cols
+    normed = (xf * tl.math.rsqrt(mean_square + eps)[:, None]).to(x.dtype)
+    weight = tl.load(weight_ptr + cols, mask=cols < n_cols)
+    out = normed.to(tl.float32) * weight.to(tl.float32)
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``RMSNorm.forward`` in one pass over the last dimension (up to 8192 wide).
+
+    ``x`` (and ``residual``) may be [..., n] or a [T, heads, n] view whose last dimension is
+    contiguous. Returns new contiguous tensors: ``norm(x)``, or ``(norm(x + residual), x + residual)``.
+    """
+    x_rows = _rows(x)
+    n_outer, n_inner, n_cols = x_rows.shape
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
+    residual_rows = _rows(residual) if residual is not None else x_rows
+    block_cols = triton.next_power_of_2(n_cols)
+    # Per-head norms have rows of 64-128: a program takes several so that each still moves a few KB.
+    block_rows = max(1, 2048 // block_cols)
+    _rms_norm_kernel[(triton.cdiv(n_outer * n_inner, block_rows),)](
+        x_rows, residual_rows, weight, out, residual_out,
+        n_outer * n_inner, n_inner, n_cols,
+        x_rows.stride(0), x_rows.stride(1), residual_rows.stride(0), residual_rows.stride(1),
+        1.0 / n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        num_warps=min(max(block_rows * block_cols // 512, 1), 16), **_TORCH_FLOAT_SEMANTICS,
+    )
+    return out if residual is None else (out, residual_out)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [outer, inner, n]; a [T, n] or [T, heads, n] view becomes this without a copy."""
+    rows = t if t.dim() == 3 else t.reshape(-1, 1, t.shape[-1])
+    if rows.stride(2) != 1:
+        raise ValueError(f"the last dimension must be contiguous, got strides {tuple(t.stride())}")
+    return rows
+
+
+@triton.jit
+def _rotary_kernel(
+    positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr,
+    q_stride, k_stride, cache_stride, n_q_heads, n_k_heads,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
+):
+    # One program per token: its cos/sin row is read once and used for every q and k head.
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < HALF
+    dtype = q_ptr.dtype.element_ty
+    # Hugging Face rounds cos/sin to the activation dtype before applying them.
+    cos = tl.load(cos_ptr + position * cache_stride + d, mask=d_mask).to(dtype).to(tl.float32)
+    sin = tl.load(sin_ptr + position * cache_stride + d, mask=d_mask).to(dtype).to(tl.float32)
+    _rotate_heads(q_ptr + token * q_stride, n_q_heads, cos, sin, d, d_mask, HALF, BLOCK_Q_HEADS)
+    _rotate_heads(k_ptr + token * k_stride, n_k_heads, cos, sin, d, d_mask, HALF, BLOCK_K_HEADS)
+
+
+@triton.jit
+def _rotate_heads(head_ptr, n_heads, cos, sin, d, d_mask, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+    heads = tl.arange(0, BLOCK_HEADS)
+    mask = (heads < n_heads)[:, None] & d_mask[None, :]
+    first = head_ptr + heads[:, None] * (2 * HALF) + d[None, :]
+    x1 = tl.load(first, mask=mask)
+    x2 = tl.load(first + HALF, mask=mask)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    # Each product is rounded to the activation dtype before the sum, as the separate torch ops do.
+    out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
+    out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    tl.store(first, out1.to(dtype), mask=mask)
+    tl.store(first + HALF, out2.to(dtype), mask=mask)
+
+
+def rotary_embedding_(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
+) -> None:
+    """Rotate ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] in place, neox style.
+
+    ``cos_cache``/``sin_cache`` are float32 [max_position, head_dim // 2], looked up by ``positions`` [T].
+    q and k may be row views (e.g. slices of the fused qkv output) whose last dimension is contiguous.
+    """
+    half = cos_cache.shape[1]
+    head_dim = 2 * half
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1 or t.shape[-1] % head_dim:
+            raise ValueError(f"{name} must be [T, heads * {head_dim}] with a contiguous last dim")
+    n_q_heads, n_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
+    block_half = triton.next_power_of_2(half)
+    block_q_heads = triton.next_power_of_2(n_q_heads)
+    _rotary_kernel[(positions.shape[0],)](
+        positions, q, k, cos_cache, sin_cache,
+        q.stride(0), k.stride(0), cos_cache.stride(0), n_q_heads, n_k_heads,
+        HALF=half, BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q_heads,
+        BLOCK_K_HEADS=triton.next_power_of_2(n_k_heads),
+        num_warps=min(max(block_q_heads * block_half // 256, 1), 8), **_TORCH_FLOAT_SEMANTICS,
+    )
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE_EXP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask)
+    up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask)
+    g = gate.to(tl.float32)
+    # tl.exp is a fast approximation; libdevice's expf matches torch but cannot run in the interpreter.
+    exp_neg = libdevice.exp(-g) if LIBDEVICE_EXP else tl.exp(-g)
+    # torch's silu: x / (1 + exp(-x)) with IEEE division, rounded before the product with up.
+    silu = tl.math.div_rn(g, 1.0 + exp_neg).to(gate.dtype)
+    out = silu.to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, out.to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [..., gate | up]``: [..., 2 * I] -> new [..., I]."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        raise ValueError(f"the last dimension must be contiguous, got strides {tuple(x.stride())}")
+    n_cols = rows.shape[1] // 2
+    out = torch.empty((*x.shape[:-1], n_cols), dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
+        rows, out, n_cols, rows.stride(0),
+        LIBDEVICE_EXP=x.is_cuda, BLOCK=block, num_warps=4, **_TORCH_FLOAT_SEMANTICS,
+    )
+    return out
