@@ -23,7 +23,10 @@ if [[ $what == all || $what == tests ]]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$results/gpu_tests.log" || status=1
 fi
 if [[ $what == all || $what == bench ]]; then
-  python3 bench/kernels.py --out "$results/kernels.json" 2>&1 | tee "$results/kernels.log" || status=1
+  for micro in kernels fused_ops sampling; do
+    [[ -f bench/$micro.py ]] || continue
+    python3 bench/$micro.py --out "$results/$micro.json" 2>&1 | tee "$results/$micro.log" || status=1
+  done
   python3 bench/offline.py --out "$results/offline.json" 2>&1 | tee "$results/offline.log" || status=1
 fi
 exit $status
