@@ -1,0 +1,80 @@
+"""TokenizerConfig: every knob of the tokenizer service. Each field is also a command-line flag
+(``max_stop_strings`` -> ``--max-stop-strings``) and an environment variable (``PAGODA_MAX_STOP_STRINGS``);
+a flag beats the variable, which beats the default."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "PAGODA_"
+
+
+@dataclass
+class TokenizerConfig:
+    # Model directory holding tokenizer.json and tokenizer_config.json (the engines' model).
+    model: str
+    # Engine addresses (host:port), comma-separated on the command line.
+    engines: list[str] = field(default_factory=lambda: ["localhost:50051"])
+    host: str = "0.0.0.0"
+    # 0 picks a free port (the chosen one is logged).
+    port: int = 50052
+    # Caps on a request's stop strings: how many, and how long each may be (in characters).
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    # How often each engine's GetLoad is polled for least-loaded routing.
+    load_poll_interval_s: float = 0.2
+    # Longest wait between attempts to reach an engine that is down (gRPC's reconnect backoff cap).
+    reconnect_max_s: float = 1.0
+    # Prefix affinity: prompts are hashed in whole KV blocks, up to this many leading blocks.
+    affinity_prefix_blocks: int = 16
+    # The engine that served the same prefix is preferred unless it runs this many more sequences than
+    # the least loaded engine.
+    affinity_max_extra_load: int = 32
+    # Prefix hashes remembered (least recently used forgotten first).
+    affinity_table_size: int = 65536
+    # Seconds in-flight streams get to finish on shutdown.
+    shutdown_grace_s: float = 5.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.engines:
+            raise ValueError("at least one engine address is needed")
+        if self.max_stop_strings < 0 or self.max_stop_string_chars < 1:
+            raise ValueError("max_stop_strings must be >= 0 and max_stop_string_chars >= 1")
+        if self.load_poll_interval_s <= 0 or self.reconnect_max_s <= 0:
+            raise ValueError("load_poll_interval_s and reconnect_max_s must be > 0")
+        if self.affinity_prefix_blocks < 0 or self.affinity_table_size < 1:
+            raise ValueError("affinity_prefix_blocks must be >= 0 and affinity_table_size >= 1")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> TokenizerConfig:
+        """Build the config from flags, then PAGODA_* environment variables, then the defaults."""
+        env = os.environ if env is None else env
+        hints = typing.get_type_hints(cls)
+        parser = argparse.ArgumentParser(prog="python -m pagoda_tokenizer", description="Pagoda's tokenizer service")
+        for f in dataclasses.fields(cls):
+            env_name = ENV_PREFIX + f.name.upper()
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=_parser_for(hints[f.name]),
+                default=_parser_for(hints[f.name])(env[env_name]) if env_name in env else None,
+                required=required and env_name not in env,
+                help=f"(env {env_name})",
+            )
+        values = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not None}
+        return cls(**values)
+
+
+def _parser_for(hint: object) -> typing.Callable[[str], object]:
+    """How to read a field of this type from one string."""
+    if typing.get_origin(hint) is list:
+        return lambda text: [part.strip() for part in text.split(",") if part.strip()]
+    return typing.cast(typing.Callable[[str], object], hint)
+

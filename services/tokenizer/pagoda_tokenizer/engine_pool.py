@@ -1,0 +1,166 @@
+"""The engines this service routes to: one EngineClient per address, and the EnginePool that picks one.
+
+Each client keeps one gRPC channel open, watches the engine's grpc.health.v1 status (a Watch stream that
+fails at once when the engine goes away, and is re-opened until it comes back), and polls GetLoad. A new
+instance_id in the load means the engine restarted, so its prefix cache, and our memory of it, is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagoda.v1 import engine_pb2, engine_pb2_grpc
+from pagoda_tokenizer.config import TokenizerConfig
+from pagoda_tokenizer.prefix_affinity import PrefixAffinity
+
+logger = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+RPC_TIMEOUT_S = 5.0
+
+
+class EngineClient:
+    def __init__(self, address: str, config: TokenizerConfig, on_health_change: Callable[[], None],
+                 on_restart: Callable[[EngineClient], None]):
+        self.address = address
+        reconnect_ms = int(config.reconnect_max_s * 1000)
+        # gRPC backs off up to two minutes between reconnects by default; a restarted engine would sit idle.
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[("grpc.max_reconnect_backoff_ms", reconnect_ms), ("grpc.initial_reconnect_backoff_ms", 100),
+                     ("grpc.min_reconnect_backoff_ms", 100)],
+        )
+        self.stub = engine_pb2_grpc.EngineStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._poll_interval_s = config.load_poll_interval_s
+        self._retry_s = config.reconnect_max_s
+        self._on_health_change = on_health_change
+        self._on_restart = on_restart
+        self.healthy = False
+        self.model_info: engine_pb2.ModelInfo | None = None
+        self.load: engine_pb2.Load | None = None
+        # Sequences this service is running on the engine now: exact, where the polled load lags.
+        self.in_flight = 0
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def score(self) -> int:
+        """Sequences running or waiting on the engine (the polled count, or ours if that is higher)."""
+        polled = self.load.num_running + self.load.num_waiting if self.load is not None else 0
+        return max(polled, self.in_flight)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._watch_health()), asyncio.create_task(self._poll_load())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._channel.close()
+
+    @contextlib.contextmanager
+    def track(self, num_sequences: int) -> Iterator[None]:
+        """Count a request's sequences as in flight on this engine while the block runs."""
+        self.in_flight += num_sequences
+        try:
+            yield
+        finally:
+            self.in_flight -= num_sequences
+
+    async def abort(self, request_id: str) -> bool:
+        response = await self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=RPC_TIMEOUT_S)
+        return response.found
+
+    async def _watch_health(self) -> None:
+        while True:
+            try:
+                # wait_for_ready: while the engine is down, the call waits for it to come back.
+                watch = self._health.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True)
+                async for response in watch:
+                    if response.status == SERVING:
+                        await self._refresh()
+                    self._set_healthy(response.status == SERVING)
+            except grpc.aio.AioRpcError as exc:
+                logger.debug("health watch of %s ended: %s", self.address, exc.code())
+            self._set_healthy(False)
+            await asyncio.sleep(self._retry_s)
+
+    async def _poll_load(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval_s)
+            if self.healthy:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    self._update_load(await self.stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=RPC_TIMEOUT_S))
+
+    async def _refresh(self) -> None:
+        self.model_info = await self.stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
+        self._update_load(await self.stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=RPC_TIMEOUT_S))
+
+    def _update_load(self, load: engine_pb2.Load) -> None:
+        restarted = self.load is not None and load.instance_id != self.load.instance_id
+        self.load = load
+        if restarted:
+            logger.info("engine %s restarted (instance %s)", self.address, load.instance_id)
+            self._on_restart(self)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            logger.info("engine %s is %s", self.address, "serving" if healthy else "not serving")
+            self._on_health_change()
+
+
+class EnginePool:
+    def __init__(self, config: TokenizerConfig, on_health_change: Callable[[bool], None] = lambda serving: None):
+        self.engines = [
+            EngineClient(address, config, self._health_changed, self._restarted) for address in config.engines
+        ]
+        self._affinity = PrefixAffinity(config.affinity_prefix_blocks, config.affinity_table_size)
+        self._max_extra_load = config.affinity_max_extra_load
+        self._on_health_change = on_health_change
+
+    def start(self) -> None:
+        for engine in self.engines:
+            engine.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(engine.close() for engine in self.engines))
+
+    @property
+    def healthy_engines(self) -> list[EngineClient]:
+        return [engine for engine in self.engines if engine.healthy]
+
+    @property
+    def model_info(self) -> engine_pb2.ModelInfo | None:
+        """The served model as an engine reported it, a healthy engine's first (all serve the same model)."""
+        ranked = sorted(self.engines, key=lambda engine: not engine.healthy)
+        return next((engine.model_info for engine in ranked if engine.model_info is not None), None)
+
+    def pick(self, prompt_ids: Sequence[int], exclude: set[str]) -> EngineClient | None:
+        """The least-loaded healthy engine not in `exclude`, or the one that served the same prompt prefix
+        unless it runs more than affinity_max_extra_load sequences beyond that. None when none is left."""
+        candidates = [engine for engine in self.healthy_engines if engine.address not in exclude]
+        if not candidates:
+            return None
+        # Random tie-breaks spread equal engines instead of always filling the first.
+        chosen = min(candidates, key=lambda engine: (engine.score, random.random()))
+        # A healthy engine has reported its model info (the health watch fetches it first).
+        keys = self._affinity.keys(prompt_ids, chosen.model_info.block_size)
+        preferred = next((e for e in candidates if e.address == self._affinity.lookup(keys)), None)
+        if preferred is not None and preferred.score <= chosen.score + self._max_extra_load:
+            chosen = preferred
+        self._affinity.record(keys, chosen.address)
+        return chosen
+
+    def _health_changed(self) -> None:
+        self._on_health_change(bool(self.healthy_engines))
+
+    def _restarted(self, engine: EngineClient) -> None:
+        self._affinity.forget(engine.address)

@@ -1,0 +1,104 @@
+"""Generation: one Generate or Chat request, sent to an engine and streamed back as text.
+
+The request goes to the engine the pool picks. If that engine refuses it before producing anything
+(unreachable, or its queue is full), the next engine is tried: nothing was sent to the client yet, so
+nothing is lost or repeated. Once tokens have flowed, an engine failure ends the stream with the engine's
+status (UNAVAILABLE when it died). Leaving the stream early (client cancel, deadline) cancels the engine
+call, which aborts the request on the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from pagoda.v1 import engine_pb2, tokenizer_pb2
+from pagoda_tokenizer.engine_pool import EngineClient, EnginePool
+from pagoda_tokenizer.errors import RequestError
+from pagoda_tokenizer.sample_stream import SampleStream, TextOptions
+from pagoda_tokenizer.tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+# Refusals another engine may not share.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class _Refused(Exception):
+    def __init__(self, error: RequestError):
+        self.error = error
+
+
+class Generation:
+    def __init__(self, pool: EnginePool, tokenizer: TextTokenizer, request_id: str, prompt_ids: Sequence[int],
+                 params: engine_pb2.SamplingParams, options: TextOptions):
+        self.request_id = request_id
+        self._pool = pool
+        self._tokenizer = tokenizer
+        self._prompt_ids = list(prompt_ids)
+        self._params = params
+        self._options = options
+        self._num_samples = max(params.n, 1)
+        self._engine: EngineClient | None = None
+
+    async def stream(self) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
+        tried: set[str] = set()
+        refusal: RequestError | None = None
+        while (engine := self._pool.pick(self._prompt_ids, exclude=tried)) is not None:
+            tried.add(engine.address)
+            try:
+                async for out in self._stream_from(engine):
+                    yield out
+                return
+            except _Refused as refused:
+                logger.info("engine %s refused %s: %s", engine.address, self.request_id, refused.error.message)
+                refusal = refused.error
+        raise refusal or RequestError(grpc.StatusCode.UNAVAILABLE, "no engine is serving")
+
+    async def abort(self) -> bool:
+        """Abort on the engine; the stream then ends with FINISH_REASON_ABORT on unfinished samples."""
+        if self._engine is None:
+            return False
+        try:
+            return await self._engine.abort(self.request_id)
+        except grpc.aio.AioRpcError:
+            return False  # the engine is gone, and the stream ends with UNAVAILABLE anyway
+
+    async def _stream_from(self, engine: EngineClient) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
+        samples = [
+            SampleStream(self._tokenizer, self.request_id, i, self._prompt_ids, self._options)
+            for i in range(self._num_samples)
+        ]
+        request = engine_pb2.GenerateRequest(
+            request_id=self.request_id, prompt_token_ids=self._prompt_ids, sampling_params=self._params
+        )
+        self._engine = engine
+        received = False
+        aborted = False
+        with engine.track(self._num_samples):
+            call = engine.stub.Generate(request)
+            try:
+                async for message in call:
+                    received = True
+                    out = samples[message.index].on_engine_message(message)
+                    if out is not None:
+                        yield out
+                    if not aborted and all(s.output_done for s in samples) and not all(s.finished for s in samples):
+                        # Stop strings ended every remaining sample: stop the engine spending steps on them.
+                        aborted = await self.abort()
+            except grpc.aio.AioRpcError as exc:
+                raise self._engine_error(engine, exc, received) from exc
+            finally:
+                call.cancel()
+        if not all(s.finished for s in samples):
+            raise RequestError(grpc.StatusCode.INTERNAL, f"engine {engine.address} ended the stream early")
+
+    def _engine_error(self, engine: EngineClient, exc: grpc.aio.AioRpcError, received: bool) -> Exception:
+        if not received and exc.code() in RETRYABLE:
+            return _Refused(RequestError(exc.code(), f"engine {engine.address}: {exc.details()}"))
+        if received and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return RequestError(exc.code(), f"engine {engine.address} failed mid-stream: {exc.details()}")
+        return RequestError(exc.code(), exc.details() or f"engine {engine.address} failed")
+

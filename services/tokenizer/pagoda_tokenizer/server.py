@@ -1,0 +1,248 @@
+"""The gRPC front door: pagoda.v1.Tokenizer, grpc.health.v1 and reflection on one asyncio server.
+
+Health is SERVING only while at least one engine serves, so a load balancer or compose health check
+sees the pair, not just this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagoda.v1 import engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from pagoda_tokenizer.chat_template import ChatTemplate, ChatTemplateError
+from pagoda_tokenizer.config import TokenizerConfig
+from pagoda_tokenizer.engine_pool import EnginePool
+from pagoda_tokenizer.errors import RequestError
+from pagoda_tokenizer.generation import Generation
+from pagoda_tokenizer.sample_stream import TextOptions
+from pagoda_tokenizer.tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, config: TokenizerConfig, tokenizer: TextTokenizer, pool: EnginePool):
+        self._config = config
+        self._tokenizer = tokenizer
+        self._pool = pool
+        self._chat_template = (
+            ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens) if tokenizer.chat_template else None
+        )
+        self._running: dict[str, Generation] = {}
+
+    async def Generate(self, request: tokenizer_pb2.TextGenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
+        async for out in self._generate(request, context, lambda: self._encode_text(request)):
+            yield out
+
+    async def Chat(self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
+        def encode() -> list[int]:
+            add_generation_prompt = _flag(request, "add_generation_prompt")
+            prompt = self._render_chat(request.messages, add_generation_prompt, request.chat_template_kwargs)
+            return self._tokenizer.encode(prompt, add_special_tokens=False)  # the template wrote them
+
+        async for out in self._generate(request, context, encode):
+            yield out
+
+    async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+                       ) -> tokenizer_pb2.TokenizeResponse:
+        try:
+            return self._tokenize(request)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def Detokenize(self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+                         ) -> tokenizer_pb2.DetokenizeResponse:
+        unknown = [i for i in request.token_ids if i >= self._tokenizer.vocab_size]
+        if unknown:
+            await context.abort(INVALID, f"token ids {unknown[:5]} are not in the vocabulary "
+                                         f"(size {self._tokenizer.vocab_size})")
+        text = self._tokenizer.decode(list(request.token_ids), _flag(request, "skip_special_tokens"))
+        return tokenizer_pb2.DetokenizeResponse(text=text)
+
+    async def GetModelInfo(self, request: engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+                           ) -> tokenizer_pb2.TokenizerModelInfo:
+        model = self._pool.model_info
+        eos_ids = list(model.eos_token_ids) if model is not None else []
+        return tokenizer_pb2.TokenizerModelInfo(
+            model=model,
+            has_chat_template=self._chat_template is not None,
+            bos_token=self._tokenizer.bos_token or "",
+            eos_tokens=[self._tokenizer.token_text(i) for i in eos_ids],
+            tokenizer_vocab_size=self._tokenizer.vocab_size,
+            max_stop_strings=self._config.max_stop_strings,
+            num_engines=len(self._pool.engines),
+            num_healthy_engines=len(self._pool.healthy_engines),
+        )
+
+    async def Abort(self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> engine_pb2.AbortResponse:
+        generation = self._running.get(request.request_id)
+        return engine_pb2.AbortResponse(found=generation is not None and await generation.abort())
+
+    async def _generate(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
+                        context: grpc.aio.ServicerContext, encode: Callable[[], list[int]]
+                        ) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
+        try:
+            generation = self._new_generation(request, encode())
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        self._running[generation.request_id] = generation
+        try:
+            # aclosing: when the client leaves, close the stream now (cancelling the engine call, which aborts
+            # the request there) rather than whenever the generator is garbage-collected.
+            async with contextlib.aclosing(generation.stream()) as stream:
+                async for out in stream:
+                    yield out
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        finally:
+            del self._running[generation.request_id]
+
+    def _new_generation(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
+                        prompt_ids: list[int]) -> Generation:
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._running:
+            raise RequestError(INVALID, f"request_id {request_id!r} is already running")
+        self._check_stop_strings(list(request.stop))
+        self._check_length(prompt_ids, request.sampling_params)
+        options = TextOptions(tuple(request.stop), request.include_stop_str_in_output,
+                              _flag(request, "skip_special_tokens"))
+        return Generation(self._pool, self._tokenizer, request_id, prompt_ids, request.sampling_params, options)
+
+    def _encode_text(self, request: tokenizer_pb2.TextGenerateRequest) -> list[int]:
+        if not request.prompt:
+            raise RequestError(INVALID, "prompt must not be empty")
+        return self._tokenizer.encode(request.prompt, _flag(request, "add_special_tokens"))
+
+    def _tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResponse:
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            prompt = request.text
+            token_ids = self._tokenizer.encode(prompt, _flag(request, "add_special_tokens"))
+        elif kind == "chat":
+            add_generation_prompt = _flag(request, "add_generation_prompt")
+            prompt = self._render_chat(request.chat.messages, add_generation_prompt, request.chat_template_kwargs)
+            token_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            raise RequestError(INVALID, "set either text or chat")
+        model = self._pool.model_info
+        return tokenizer_pb2.TokenizeResponse(
+            token_ids=token_ids, tokens=self._tokenizer.tokens(token_ids), prompt=prompt,
+            max_model_len=model.max_model_len if model is not None else 0,
+        )
+
+    def _render_chat(self, messages: list[tokenizer_pb2.ChatMessage], add_generation_prompt: bool,
+                     kwargs: struct_pb2.Struct) -> str:
+        if self._chat_template is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "the model has no chat template: use Generate")
+        if not messages:
+            raise RequestError(INVALID, "messages must not be empty")
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return self._chat_template.render(conversation, add_generation_prompt, **_struct_to_dict(kwargs))
+        except ChatTemplateError as exc:
+            raise RequestError(INVALID, str(exc)) from exc
+
+    def _check_stop_strings(self, stop: list[str]) -> None:
+        limit, longest = self._config.max_stop_strings, self._config.max_stop_string_chars
+        if len(stop) > limit:
+            raise RequestError(INVALID, f"{len(stop)} stop strings given; at most {limit} are accepted")
+        if any(not s for s in stop):
+            raise RequestError(INVALID, "stop strings must not be empty")
+        if any(len(s) > longest for s in stop):
+            raise RequestError(INVALID, f"stop strings may be at most {longest} characters long")
+
+    def _check_length(self, prompt_ids: list[int], params: engine_pb2.SamplingParams) -> None:
+        if not prompt_ids:
+            raise RequestError(INVALID, "the prompt is empty after tokenization")
+        model = self._pool.model_info if self._pool.healthy_engines else None
+        if model is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "no engine is serving")
+        room = model.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise RequestError(INVALID, f"the prompt is {len(prompt_ids)} tokens; the model's max length is "
+                                        f"{model.max_model_len}, including at least one output token")
+        if params.HasField("max_tokens") and params.max_tokens > room:
+            raise RequestError(INVALID, f"max_tokens {params.max_tokens} does not fit: the prompt is "
+                                        f"{len(prompt_ids)} tokens and the max length is {model.max_model_len}")
+
+
+def _flag(request: object, name: str) -> bool:
+    """An optional bool field of the tokenizer API: every one of them is true when unset."""
+    return getattr(request, name) if request.HasField(name) else True
+
+
+def _struct_to_dict(struct: struct_pb2.Struct) -> dict:
+    """chat_template_kwargs as plain Python values; JSON numbers arrive as floats, so whole ones become ints
+    (templates compare and index with them)."""
+    def plain(value: object) -> object:
+        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+            return int(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(json_format.MessageToDict(struct))
+
+
+async def serve(config: TokenizerConfig) -> None:
+    """Run the service until SIGINT or SIGTERM, then drain for shutdown_grace_s."""
+    tokenizer = TextTokenizer.from_dir(config.model)
+    health_servicer = health.aio.HealthServicer()
+    health_updates = _HealthPublisher(health_servicer)
+    pool = EnginePool(config, on_health_change=health_updates.publish)
+    server = grpc.aio.server()
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerService(config, tokenizer, pool), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await health_updates.set(serving=False)
+    await server.start()
+    pool.start()
+    logger.info("pagoda tokenizer listening on %s:%d, engines %s", config.host, port, ",".join(config.engines))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.shutdown_grace_s)
+    await pool.close()
+
+
+class _HealthPublisher:
+    """Sets this service's health ("" and pagoda.v1.Tokenizer) from the engine pool's synchronous callback."""
+
+    def __init__(self, servicer: health.aio.HealthServicer):
+        self._servicer = servicer
+        self._tasks: set[asyncio.Task] = set()  # strong references until each update is applied
+
+    def publish(self, serving: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self.set(serving))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def set(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._servicer.set(service, status)
