@@ -1,0 +1,265 @@
+"""Attention kernel micro-benchmarks: paged decode bandwidth (the number that matters) and prefill.
+
+Decode attention reads every sequence's whole K/V context once per step, so its figure of merit is
+achieved bandwidth: bytes of K/V read / kernel time, compared with the device-to-device copy bandwidth
+(3.01 TB/s measured on the target H100; torch's own copy_ is measured here too). Shapes are
+Qwen3-0.6B's: 16 query heads, 8 KV heads, head_dim 128, bf16, 16-token blocks, scattered over the cache
+as a running server leaves them.
+
+Timing: each measurement captures many calls in one CUDA graph and times replays with CUDA events, so
+host launch overhead is excluded (the engine replays graphs too). Calls rotate over enough copies of
+the data to overflow the 50 MB L2, so small shapes are not flattered by cache hits. Torch SDPA on dense
+(unpaged) K/V of the same shapes is timed the same way for reference.
+
+    python bench/kernels.py --out bench/results/kernels.json            # the table
+    python bench/kernels.py --sweep                                     # also tile configs and split counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pagoda_engine.kernels.decode_attention import choose_num_splits, decode_attention, num_sms
+from pagoda_engine.kernels.prefill_attention import prefill_attention
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 16, 8, 128, 16, torch.bfloat16
+ROTATE_BYTES = 256 * 2**20  # 5x the H100's L2
+# The device-to-device copy bandwidth measured on the target H100 (ARCHITECTURE.md); percentages are of this.
+# The copy measured here with torch's copy_ is printed too, for comparison.
+REFERENCE_GBS = 3010.0
+DECODE_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3), (16, 4, 3)]
+PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)]
+
+
+def time_graph(calls: list[Callable[[], object]], repeats: int = 5) -> float:
+    """Seconds per call: ``calls`` (one per data copy) are captured in one graph, replayed ``repeats`` times."""
+    for call in calls[:2]:
+        call()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (repeats * len(calls))
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 1 GiB: (read + write bytes) / time."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = time_graph([lambda: dst.copy_(src)] * 10)
+    return 2 * src.numel() / seconds / 1e9
+
+
+def num_copies(nbytes: int, cap: int = 128) -> int:
+    return max(1, min(cap, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+class PagedDecode:
+    """``copies`` independent batches of ``batch`` sequences of ``context`` tokens in one paged pool."""
+
+    def __init__(self, batch: int, context: int):
+        self.batch, self.context = batch, context
+        self.kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
+        self.copies = num_copies(self.kv_bytes)
+        blocks_per_seq = context // BLOCK_SIZE
+        num_blocks = self.copies * batch * blocks_per_seq
+        shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        self.k_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+        self.v_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+        perm = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
+        self.tables = perm.view(self.copies, batch, blocks_per_seq)
+        self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        self.q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        self.out = torch.empty_like(self.q)
+
+    def seconds(self, num_splits: int | None = None, config: tuple[int, int, int] | None = None) -> float:
+        def call(i: int) -> Callable[[], object]:
+            return lambda: decode_attention(self.q, self.k_cache, self.v_cache, self.tables[i], self.seq_lens,
+                                            HEAD_DIM**-0.5, self.context, self.out, num_splits, config)
+        return time_graph([call(i % self.copies) for i in range(max(self.copies, 20))])
+
+
+def dense_sdpa_seconds(batch: int, context: int) -> float | str:
+    """Torch SDPA decode on dense [B, kv_heads, context, dim] K/V (GQA without copying K/V)."""
+    shape = (batch, NUM_KV_HEADS, context, HEAD_DIM)
+    copies = num_copies(2 * math.prod(shape) * 2)
+    ks = [torch.randn(shape, dtype=DTYPE, device="cuda") for _ in range(copies)]
+    vs = [torch.randn(shape, dtype=DTYPE, device="cuda") for _ in range(copies)]
+    q = torch.randn(batch, NUM_HEADS, 1, HEAD_DIM, dtype=DTYPE, device="cuda")
+
+    def call(i: int) -> Callable[[], object]:
+        return lambda: F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
+    try:
+        return time_graph([call(i % copies) for i in range(max(copies, 20))])
+    except Exception as error:  # a backend that refuses GQA or capture: report, don't abort the table
+        return f"{type(error).__name__}: {error}"[:120]
+
+
+def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> list[dict]:
+    rows = []
+    print(f"\ndecode attention: {NUM_HEADS} q heads, {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, {DTYPE}, "
+          f"block {BLOCK_SIZE}; %copy is of {REFERENCE_GBS:.0f} GB/s (torch copy_ here: {copy_gbs:.0f} GB/s)")
+    header = (("B", 5), ("ctx", 6), ("splits", 6), ("triton us", 10), ("GB/s", 7), ("%copy", 6), ("sdpa us", 9))
+    print(" ".join(f"{name:>{width}}" for name, width in header + (("sdpa GB/s", 9),)))
+    for batch in batches:
+        for context in contexts:
+            bench = PagedDecode(batch, context)
+            seconds = bench.seconds()
+            sdpa = dense_sdpa_seconds(batch, context)
+            row = {
+                "batch": batch, "context": context, "kv_bytes": bench.kv_bytes,
+                "num_splits": choose_num_splits(batch, NUM_KV_HEADS, context, num_sms(torch.device("cuda"))),
+                "triton_us": round(seconds * 1e6, 2), "triton_gbs": round(bench.kv_bytes / seconds / 1e9, 1),
+                "pct_of_copy": round(100 * bench.kv_bytes / seconds / 1e9 / REFERENCE_GBS, 1),
+            }
+            if isinstance(sdpa, float):
+                row.update(sdpa_us=round(sdpa * 1e6, 2), sdpa_gbs=round(bench.kv_bytes / sdpa / 1e9, 1))
+                sdpa_text = f"{row['sdpa_us']:>9.1f} {row['sdpa_gbs']:>9.0f}"
+            else:
+                row.update(sdpa_error=sdpa)
+                sdpa_text = f"  {sdpa[:40]}"
+            print(f"{batch:>5} {context:>6} {row['num_splits']:>6} {row['triton_us']:>10.1f} {row['triton_gbs']:>7.0f} "
+                  f"{row['pct_of_copy']:>6.1f} {sdpa_text}", flush=True)
+            rows.append(row)
+            del bench
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decode_sweep() -> list[dict]:
+    """Tile configs at the default split count, then split counts around the default."""
+    rows = []
+    print("\ndecode sweep: (BLOCK_N, warps, stages) and split counts, GB/s")
+    for batch, context in [(1, 8192), (32, 4096), (32, 8192), (256, 1024), (256, 4096)]:
+        bench = PagedDecode(batch, context)
+        default = choose_num_splits(batch, NUM_KV_HEADS, context, num_sms(torch.device("cuda")))
+        for config in DECODE_CONFIGS:
+            gbs = bench.kv_bytes / bench.seconds(config=config) / 1e9
+            rows.append({"batch": batch, "context": context, "config": config, "num_splits": default,
+                         "gbs": round(gbs, 1)})
+            print(f"  B={batch:<4} ctx={context:<5} config={config} splits={default:<3} {gbs:7.0f} GB/s", flush=True)
+        for splits in sorted({max(1, default // 2), default * 2, default * 4} - {default}):
+            gbs = bench.kv_bytes / bench.seconds(num_splits=splits) / 1e9
+            rows.append({"batch": batch, "context": context, "config": None, "num_splits": splits,
+                         "gbs": round(gbs, 1)})
+            print(f"  B={batch:<4} ctx={context:<5} config=default      splits={splits:<3} {gbs:7.0f} GB/s", flush=True)
+        del bench
+        torch.cuda.empty_cache()
+    return rows
+
+
+def prefill_case(seqs: list[tuple[int, int]]) -> dict:
+    """(context_len, query_len) per sequence, contiguous blocks; returns inputs for both implementations."""
+    query_lens = [n for _, n in seqs]
+    seq_lens = [c + n for c, n in seqs]
+    blocks = [-(-s // BLOCK_SIZE) for s in seq_lens]
+    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32)
+    first = 0
+    for i, n in enumerate(blocks):
+        tables[i, :n] = torch.arange(first, first + n)
+        first += n
+    shape = (first, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    tokens = sum(query_lens)
+    cu = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device="cuda")
+    flops = sum(4 * NUM_HEADS * HEAD_DIM * (n * c + n * (n + 1) / 2) for c, n in seqs)
+    return dict(
+        q=torch.randn(tokens, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda"),
+        k=torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda"),
+        v=torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda"),
+        k_cache=torch.randn(shape, dtype=DTYPE, device="cuda"), v_cache=torch.randn(shape, dtype=DTYPE, device="cuda"),
+        tables=tables.cuda(), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), cu=cu,
+        max_q=max(query_lens), max_k=max(seq_lens), fresh=all(c == 0 for c, _ in seqs), flops=flops,
+    )
+
+
+def prefill_call(c: dict, out: torch.Tensor, num_seqs: int, config: tuple | None) -> Callable[[], object]:
+    return lambda: prefill_attention(c["q"], c["k_cache"], c["v_cache"], out, c["tables"], c["seq_lens"], c["cu"],
+                                     0, num_seqs, c["max_q"], HEAD_DIM**-0.5, config)
+
+
+def prefill_table(sweep: bool) -> list[dict]:
+    rows = []
+    cases = {
+        "16 x 512 fresh": [(0, 512)] * 16,
+        "4 x 2048 fresh": [(0, 2048)] * 4,
+        "8 x 512 after 3584 cached": [(3584, 512)] * 8,
+        "64 x 128 ragged prefix": [(i * 37, 128) for i in range(64)],
+    }
+    print("\nprefill attention (causal; TFLOP/s counts only unmasked work)")
+    for name, seqs in cases.items():
+        c = prefill_case(seqs)
+        out = torch.empty_like(c["q"])
+        for config in PREFILL_CONFIGS if sweep else [None]:
+            seconds = time_graph([prefill_call(c, out, len(seqs), config)] * 10)
+            rows.append({"case": name, "impl": "triton", "config": config, "us": round(seconds * 1e6, 1),
+                         "tflops": round(c["flops"] / seconds / 1e12, 1)})
+            print(f"  {name:<28} triton {str(config or 'default'):<18} {seconds * 1e6:9.1f} us "
+                  f"{c['flops'] / seconds / 1e12:6.1f} TFLOP/s", flush=True)
+        if c["fresh"]:
+            rows.append(varlen_row(name, c))
+    return rows
+
+
+def varlen_row(name: str, c: dict) -> dict:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        seconds = time_graph([lambda: varlen_attn(c["q"], c["k"], c["v"], c["cu"], c["cu"], c["max_q"], c["max_q"],
+                                                  window_size=(-1, 0))] * 10)
+    except Exception as error:
+        print(f"  {name:<28} varlen_attn failed: {error}")
+        return {"case": name, "impl": "varlen_attn", "error": str(error)[:200]}
+    print(f"  {name:<28} varlen_attn (FA2, unpaged)  {seconds * 1e6:9.1f} us "
+          f"{c['flops'] / seconds / 1e12:6.1f} TFLOP/s", flush=True)
+    return {"case": name, "impl": "varlen_attn", "us": round(seconds * 1e6, 1),
+            "tflops": round(c["flops"] / seconds / 1e12, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/kernels.json")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--context", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--sweep", action="store_true", help="also sweep decode/prefill tile configs and splits")
+    parser.add_argument("--no-prefill", action="store_true")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs()
+    result = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
+        "shape": {"num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
+                  "block_size": BLOCK_SIZE, "dtype": str(DTYPE)},
+        "reference_copy_gbs": REFERENCE_GBS,
+        "torch_copy_gbs": round(copy_gbs, 1),
+        "decode": decode_table(args.batch, args.context, copy_gbs),
+    }
+    if args.sweep:
+        result["decode_sweep"] = decode_sweep()
+    if not args.no_prefill:
+        result["prefill"] = prefill_table(args.sweep)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
