@@ -19,6 +19,9 @@ penalty tensors when every penalty is neutral. The forward has no per-row Python
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -235,13 +238,30 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """A seeded draw from softmax(logits / temperature) after the min_p, top_k and top_p filters."""
+    # On CUDA a Triton kernel makes the noise on the fly in one pass over the logits (the same draw).
+    fused = _fused_gumbel_argmax() if logits.is_cuda else None
+    filtered = meta.any_min_p or meta.any_top_k or meta.any_top_p
+    if fused is not None and not filtered:
+        return fused(logits, meta.seeds, meta.positions, meta.temperature)  # divides as it reads
     logits = logits / meta.temperature.unsqueeze(1)
     if meta.any_min_p:
         logits = apply_min_p(logits, meta.min_p)
     if meta.any_top_k or meta.any_top_p:
         logits = apply_top_k_top_p(logits, meta.top_k, meta.max_top_k, meta.top_p)
+    if fused is not None:
+        return fused(logits, meta.seeds, meta.positions)
     # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits); filtered tokens are -inf.
     return random_noise(meta.seeds, meta.positions, logits.shape[1]).add_(logits).argmax(dim=-1)
+
+
+@functools.cache
+def _fused_gumbel_argmax() -> Callable[..., torch.Tensor] | None:
+    """pagoda_engine.kernels.sampling.gumbel_argmax, or None without Triton (CPU-only installs, CI)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from pagoda_engine.kernels.sampling import gumbel_argmax  # imports the sampler: not at the top
+
+    return gumbel_argmax
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
