@@ -123,12 +123,13 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         hidden = self.model(input_ids, positions, meta)
-        # The sampler's buffers at the largest batch, with every filter on, count too.
+        # The sampler's buffers at the largest batch, with every filter on, count too; the plain
+        # temperature draw runs once as well so its kernel is compiled before serving.
         num_rows = min(self.config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:num_rows])
-        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1)
-        requests = [SamplerRequest(params, 0, [0], 1, []) for _ in range(num_rows)]
-        self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
+        for params in (SamplingParams(top_k=50, top_p=0.9, repetition_penalty=1.1), SamplingParams()):
+            requests = [SamplerRequest(params, 0, [0], 1, []) for _ in range(num_rows)]
+            self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
         torch.cuda.synchronize()
         del hidden, logits
 
