@@ -98,7 +98,7 @@ def sentencepiece_byte_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return [tokenizer.token_to_id(f"<0x{b:02X}>") for b in text.encode()]
 
 
-def write_tokenizer_dir(path: Path, tokenizer_json: str, chat_template: str | None = CHATML_TEMPLATE,
+def write_tokenizer_dir(path: Path, tokenizer_json: str, chat_template: str | list | None = CHATML_TEMPLATE,
                         **config: object) -> Path:
     """tokenizer.json and tokenizer_config.json (ChatML special tokens and template by default)."""
     path.mkdir(parents=True, exist_ok=True)

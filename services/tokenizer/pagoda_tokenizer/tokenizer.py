@@ -1,12 +1,14 @@
 """TextTokenizer: a model directory's tokenizer.json and tokenizer_config.json, read the way Hugging Face
-transformers reads them (special tokens, BOS/EOS added on encode, the chat template's source)."""
+transformers (v5) reads them: tokenizer.json's post-processor decides which special tokens (BOS, EOS) encoding
+adds, and transformers ignores tokenizer_config's add_bos_token/add_eos_token when tokenizer.json exists, so we
+do too; tokenizer_config names the special tokens and holds the chat template."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer
 
 # The special tokens transformers passes to chat templates by name (its SPECIAL_TOKENS_ATTRIBUTES).
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -21,8 +23,6 @@ class TextTokenizer:
         }
         self.chat_template = chat_template
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        if "add_bos_token" in config or "add_eos_token" in config:
-            self._add_bos_eos(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> TextTokenizer:
@@ -52,20 +52,6 @@ class TextTokenizer:
     def token_text(self, token_id: int) -> str:
         """One token decoded on its own, special tokens included (U+FFFD for part of a character)."""
         return self.backend.decode([token_id], skip_special_tokens=False)
-
-    def _add_bos_eos(self, add_bos: bool, add_eos: bool) -> None:
-        # An explicit add_bos_token/add_eos_token overrides tokenizer.json's post-processor, as transformers'
-        # update_post_processor does (Llama-style tokenizers rely on it).
-        bos = self._known_token("bos_token") if add_bos else None
-        eos = self._known_token("eos_token") if add_eos else None
-        single = " ".join(part for part in (bos and f"{bos}:0", "$A:0", eos and f"{eos}:0") if part)
-        pair = " ".join(part for part in (single, bos and f"{bos}:1", "$B:1", eos and f"{eos}:1") if part)
-        specials = [(token, self.backend.token_to_id(token)) for token in (bos, eos) if token]
-        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-
-    def _known_token(self, name: str) -> str | None:
-        token = self.special_tokens.get(name)
-        return token if token is not None and self.backend.token_to_id(token) is not None else None
 
 
 def _read_json(path: Path) -> dict:
