@@ -42,6 +42,20 @@ class EngineConfig:
     max_logprobs: int = 20
     max_n: int = 16
 
+    # ---- service: the gRPC server around the engine (python -m pagoda_engine) ----
+    # Loopback by default: the engine is internal, reached through the tokenizer service.
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Prometheus metrics over HTTP on this port; 0: off.
+    metrics_port: int = 0
+    # Sequences allowed to wait for their first prefill; beyond it Generate answers RESOURCE_EXHAUSTED.
+    max_waiting_requests: int = 1024
+    # On SIGTERM/SIGINT, how long in-flight requests may run before they are aborted.
+    drain_grace_seconds: float = 30.0
+    # Largest gRPC message sent or received (a prompt of 1M token ids is about 5 MiB).
+    max_message_bytes: int = 64 * 1024 * 1024
+    log_level: str = "INFO"
+
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -51,3 +65,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if not (0 < self.port < 65536 and 0 <= self.metrics_port < 65536):
+            raise ValueError(f"port must be in [1, 65535] and metrics_port in [0, 65535], got {self.port}, "
+                             f"{self.metrics_port}")
+        if self.max_waiting_requests < 1 or self.drain_grace_seconds < 0 or self.max_message_bytes < 1:
+            raise ValueError("max_waiting_requests and max_message_bytes must be >= 1, drain_grace_seconds >= 0")

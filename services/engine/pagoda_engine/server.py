@@ -1,0 +1,391 @@
+"""The engine's gRPC service: ``pagoda.v1.Engine`` over an AsyncEngine, with health, reflection, metrics and drain.
+
+Lifecycle of ``serve(config)``:
+
+1. The gRPC server starts at once with health NOT_SERVING, so an orchestrator can watch the model load.
+2. The model loads in a worker thread (the event loop keeps answering health checks), one short
+   warm-up request runs, and health turns SERVING.
+3. On SIGTERM or SIGINT: health NOT_SERVING, new Generate calls get UNAVAILABLE, in-flight requests get
+   ``drain_grace_seconds`` to finish (a second signal cuts that short), the rest are aborted (their
+   streams end with FINISH_REASON_ABORT), and ``serve`` returns 0.
+
+The event loop never waits on the model: the AsyncEngine steps in its own thread and hands each step's
+outputs over in one batch. Whatever a stream has not yet sent by the time it reads again is merged into
+one message per sample, so a slow client gets fewer, larger messages instead of a growing backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from pagoda.v1 import engine_pb2, engine_pb2_grpc
+from pagoda_engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from pagoda_engine.config import EngineConfig
+from pagoda_engine.engine import EngineLoad, LLMEngine, SequenceOutput
+from pagoda_engine.metrics import EngineMetrics, StreamTimer
+from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
+from pagoda_engine.sequence import FinishReason
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
+
+_FINISH_REASONS = {
+    FinishReason.STOP: engine_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: engine_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: engine_pb2.FINISH_REASON_ABORT,
+}
+
+_STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineDeadError: grpc.StatusCode.UNAVAILABLE,
+}
+_REQUEST_ERRORS = tuple(_STATUS_CODES)
+_FINISH_LABELS = {code: reason.value for reason, code in _FINISH_REASONS.items()}
+
+# How long aborted requests get to send their last message once the grace period is over.
+_ABORT_FLUSH_SECONDS = 5.0
+
+
+def to_sampling_params(proto: engine_pb2.SamplingParams, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """The engine's SamplingParams for a request's wire ones, with the defaults engine.proto documents."""
+    if prompt_len >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {prompt_len} tokens, leaving no room to generate within the max model length "
+            f"{max_model_len}"
+        )
+
+    def optional(name: str, unset):
+        return getattr(proto, name) if proto.HasField(name) else unset
+
+    return SamplingParams(
+        temperature=optional("temperature", 1.0),
+        top_k=proto.top_k or -1,  # 0 and -1 both mean off; -1 is the engine's default
+        top_p=optional("top_p", 1.0),
+        min_p=proto.min_p,
+        repetition_penalty=optional("repetition_penalty", 1.0),
+        presence_penalty=proto.presence_penalty,
+        frequency_penalty=proto.frequency_penalty,
+        seed=optional("seed", None),
+        max_tokens=optional("max_tokens", max_model_len - prompt_len),
+        min_tokens=proto.min_tokens,
+        stop_token_ids=list(proto.stop_token_ids),
+        ignore_eos=proto.ignore_eos,
+        logprobs=optional("logprobs", None),
+        n=proto.n or 1,
+    )
+
+
+def to_responses(request_id: str, batch: list[SequenceOutput]) -> list[engine_pb2.GenerateResponse]:
+    """One message per sample present in ``batch``, merging the outputs of several steps."""
+    messages: dict[int, engine_pb2.GenerateResponse] = {}
+    for out in batch:
+        message = messages.get(out.index)
+        if message is None:
+            message = messages[out.index] = engine_pb2.GenerateResponse(request_id=request_id, index=out.index)
+        message.token_ids.extend(out.token_ids)
+        if out.logprobs is not None:
+            message.logprobs.extend(_token_logprobs(t, lp) for t, lp in zip(out.token_ids, out.logprobs, strict=True))
+        if out.finish_reason is not None:
+            _set_finish(message, out)
+    return list(messages.values())
+
+
+def _token_logprobs(token_id: int, logprobs: tuple[float, list[tuple[int, float]]]) -> engine_pb2.TokenLogprobs:
+    sampled, top = logprobs
+    return engine_pb2.TokenLogprobs(
+        sampled=engine_pb2.Logprob(token_id=token_id, logprob=sampled),
+        top=[engine_pb2.Logprob(token_id=t, logprob=lp) for t, lp in top],
+    )
+
+
+def _set_finish(message: engine_pb2.GenerateResponse, out: SequenceOutput) -> None:
+    message.finish_reason = _FINISH_REASONS[out.finish_reason]
+    # The engine ends a sample on a stop or EOS id right after sampling it, so it is the last token.
+    if out.finish_reason is FinishReason.STOP and message.token_ids:
+        message.stop_token_id = message.token_ids[-1]
+    message.usage.prompt_tokens = out.num_prompt_tokens
+    message.usage.completion_tokens = out.num_output_tokens
+    message.usage.cached_prompt_tokens = out.num_cached_tokens
+
+
+class EngineService(engine_pb2_grpc.EngineServicer):
+    """The Engine RPCs. Registered before the model loads; answers UNAVAILABLE until ``attach``."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.engine: AsyncEngine | None = None
+        self.model_info: engine_pb2.ModelInfo | None = None
+        self.metrics = EngineMetrics(self._load)
+        self.draining = False
+        # Set when a request found the engine thread dead: the process should exit and be restarted.
+        self.engine_failed = asyncio.Event()
+        self._instance_id = uuid.uuid4().hex
+        self._serving_since = time.monotonic()
+        # Ids of the Generate calls in flight, and an event set whenever there are none (for drain).
+        self._active: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._active)
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.model_info = _model_info(self.config, engine.engine)
+        self._serving_since = time.monotonic()
+
+    # ---- RPCs ----
+
+    async def Generate(self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        engine = await self._engine_or_abort(context, admitting=True)
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._active:
+            await self._refuse(context, InvalidRequestError(f"request id {request_id!r} is already in use"))
+        self._active.add(request_id)
+        self._idle.clear()
+        try:
+            await self._stream(engine, request_id, request, context)
+        except _REQUEST_ERRORS as error:
+            if isinstance(error, EngineDeadError):
+                self.engine_failed.set()
+            await self._refuse(context, error)
+        except asyncio.CancelledError:  # the client cancelled, disconnected or ran out of time
+            self.metrics.cancelled.inc()
+            raise
+        finally:
+            self._active.discard(request_id)
+            if not self._active:
+                self._idle.set()
+
+    async def Abort(self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext):
+        engine = await self._engine_or_abort(context)
+        return engine_pb2.AbortResponse(found=engine.abort(request.request_id))
+
+    async def GetModelInfo(self, request: engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
+        await self._engine_or_abort(context)
+        return self.model_info
+
+    async def GetLoad(self, request: engine_pb2.GetLoadRequest, context: grpc.aio.ServicerContext):
+        await self._engine_or_abort(context)
+        load = self._load()
+        return engine_pb2.Load(
+            num_running=load.running,
+            num_waiting=load.waiting,
+            max_waiting=self.config.max_waiting_requests,
+            kv_blocks_total=load.kv_blocks_total,
+            kv_blocks_used=load.kv_blocks_total - load.kv_blocks_free,
+            kv_blocks_free=load.kv_blocks_free,
+            prefix_cache_queried_tokens=load.prefix_query_tokens,
+            prefix_cache_hit_tokens=load.prefix_hit_tokens,
+            instance_id=self._instance_id,
+            uptime_seconds=time.monotonic() - self._serving_since,
+        )
+
+    # ---- drain ----
+
+    async def drain(self, grace_seconds: float, hurry: asyncio.Event) -> None:
+        """Stop admitting; let in-flight requests run for ``grace_seconds`` (or until ``hurry``); abort the rest."""
+        self.draining = True
+        await _wait_any(self._idle, hurry, timeout=grace_seconds)
+        if self._active:
+            logger.warning("drain: aborting %d requests still running", len(self._active))
+            for request_id in list(self._active):
+                self.engine.abort(request_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), _ABORT_FLUSH_SECONDS)
+
+    # ---- helpers ----
+
+    async def _stream(self, engine: AsyncEngine, request_id: str, request: engine_pb2.GenerateRequest,
+                      context: grpc.aio.ServicerContext) -> None:
+        prompt = list(request.prompt_token_ids)
+        params = to_sampling_params(request.sampling_params, len(prompt), engine.engine.max_model_len)
+        timer = StreamTimer(self.metrics, len(prompt))
+        # aclosing: when the call ends early (cancel, disconnect, deadline) the generator closes at once,
+        # which aborts the request and frees its KV blocks.
+        async with contextlib.aclosing(engine.generate(request_id, prompt, params)) as outputs:
+            async for batch in outputs:
+                for message in to_responses(request_id, batch):
+                    timer.record(message.index, len(message.token_ids), _FINISH_LABELS.get(message.finish_reason))
+                    await context.write(message)
+
+    async def _engine_or_abort(self, context: grpc.aio.ServicerContext, admitting: bool = False) -> AsyncEngine:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading its model")
+        if admitting and self.draining:
+            self.metrics.failed.labels(grpc.StatusCode.UNAVAILABLE.name).inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
+        return self.engine
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        code = next(code for kind, code in _STATUS_CODES.items() if isinstance(error, kind))
+        self.metrics.failed.labels(code.name).inc()
+        await context.abort(code, str(error))
+
+    def _load(self) -> EngineLoad:
+        if self.engine is None:
+            return EngineLoad(running=0, waiting=0, kv_blocks_total=0, kv_blocks_free=0, prefix_query_tokens=0,
+                              prefix_hit_tokens=0)
+        return self.engine.load
+
+
+def _model_info(config: EngineConfig, engine: LLMEngine) -> engine_pb2.ModelInfo:
+    model = engine.model_config
+    num_blocks = engine.block_manager.num_blocks
+    return engine_pb2.ModelInfo(
+        model_name=Path(config.model).name,
+        model_path="dummy" if config.load_format == "dummy" else str(Path(config.model).resolve()),
+        architecture=model.architecture,
+        max_model_len=engine.max_model_len,
+        vocab_size=model.vocab_size,
+        eos_token_ids=model.eos_token_ids,
+        bos_token_id=model.bos_token_id,
+        block_size=config.block_size,
+        num_kv_blocks=num_blocks,
+        kv_capacity_tokens=num_blocks * config.block_size,
+        dtype=str(engine.dtype).removeprefix("torch."),
+        device=_device_name(engine.device),
+        tensor_parallel_size=config.tensor_parallel_size,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_logprobs=config.max_logprobs,
+        max_n=config.max_n,
+        prefix_caching_enabled=config.enable_prefix_caching,
+        version=_version(),
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pagoda")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree through PYTHONPATH
+        return "unknown"
+
+
+# ---- the server process ----
+
+
+async def serve(config: EngineConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; returns the process exit code."""
+    stop, hurry = _signal_events()
+    service = EngineService(config)
+    health = health_aio.HealthServicer()
+    server = _build_server(config, service, health)
+    try:
+        server.add_insecure_port(_address(config))
+    except RuntimeError as error:  # the port is taken (another engine?) or the host is not ours
+        logger.error("%s", error)
+        return 1
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    logger.info("listening on %s; loading %s", _address(config), config.model)
+    try:
+        engine = await _start_engine(config)
+    except Exception:
+        logger.exception("could not start the engine")
+        await server.stop(grace=None)
+        return 1
+    service.attach(engine)
+    stop_metrics = service.metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
+    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+    _log_serving(config, service.model_info)
+
+    await _wait_any(stop, service.engine_failed)
+    logger.info("draining: up to %.0f s for %d in-flight requests", config.drain_grace_seconds, service.num_in_flight)
+    await health.enter_graceful_shutdown()
+    await service.drain(config.drain_grace_seconds, hurry)
+    await server.stop(grace=1.0)
+    await engine.stop()
+    if stop_metrics is not None:
+        stop_metrics()
+    logger.info("stopped")
+    return 1 if service.engine_failed.is_set() else 0
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _signal_events() -> tuple[asyncio.Event, asyncio.Event]:
+    """``stop`` is set by the first SIGTERM/SIGINT, ``hurry`` by the next (skip the rest of the grace period)."""
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    return stop, hurry
+
+
+def _build_server(config: EngineConfig, service: EngineService, health: health_aio.HealthServicer) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Without this a second engine on the same port would bind too and share its traffic silently.
+        ("grpc.so_reuseport", 0),
+    ])
+    engine_pb2_grpc.add_EngineServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    return server
+
+
+async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
+    # "" is the whole server, what a plain health probe asks about.
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)
+
+
+async def _start_engine(config: EngineConfig) -> AsyncEngine:
+    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config), config.max_waiting_requests)
+    engine.start()
+    # The first request pays for lazy initialisation (kernel compilation, allocator growth): not a user's.
+    async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", [0], SamplingParams(max_tokens=2, ignore_eos=True)):
+        pass
+    return engine
+
+
+def _address(config: EngineConfig) -> str:
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return f"{host}:{config.port}"
+
+
+def _log_serving(config: EngineConfig, info: engine_pb2.ModelInfo) -> None:
+    metrics = f"http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else "off"
+    logger.info(
+        "serving %s on %s: model %s (%s, %s on %s), max model len %d, KV capacity %d tokens (%d blocks of %d); "
+        "metrics %s",
+        SERVICE_NAME, _address(config), info.model_name, info.architecture, info.dtype, info.device,
+        info.max_model_len, info.kv_capacity_tokens, info.num_kv_blocks, info.block_size, metrics,
+    )
