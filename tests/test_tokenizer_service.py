@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -28,7 +29,7 @@ from pagoda.v1 import engine_pb2 as epb
 from pagoda.v1 import engine_pb2_grpc, tokenizer_pb2_grpc
 from pagoda.v1 import tokenizer_pb2 as tpb
 from tests.conftest import make_tiny_model
-from tests.tokenizer_helpers import byte_level_tokenizer_json, write_tokenizer_dir
+from tests.tokenizer_helpers import CHATML_TEMPLATE, byte_level_tokenizer_json, write_tokenizer_dir
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,6 +37,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 100)]
 TINY_VOCAB = 400
+# Template code reading chat_template_kwargs: a bool, and a number that must arrive as an int.
+KWARGS_TAIL = "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}" \
+              "{% if budget is defined %}{{ budget + 1 }}{% endif %}"
 
 
 def free_port() -> int:
@@ -150,7 +154,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-front")
     make_tiny_model(path, "LlamaForCausalLM", vocab_size=TINY_VOCAB, bos_token_id=0, eos_token_id=2,
                     num_attention_heads=4, num_key_value_heads=2)
-    return write_tokenizer_dir(path, byte_level_tokenizer_json(TINY_VOCAB))
+    return write_tokenizer_dir(path, byte_level_tokenizer_json(TINY_VOCAB), CHATML_TEMPLATE + KWARGS_TAIL)
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +214,11 @@ def test_n_samples_with_logprobs(front):
             expected = detokenize(tpb.DetokenizeRequest(token_ids=sample["token_ids"][:-1],
                                                         skip_special_tokens=False)).text
         assert sample["text"] == expected
-    first = next(front.stub.Generate(request))
-    [entry] = first.logprobs
+    call = front.stub.Generate(request)
+    first = next(call)
+    call.cancel()
+    entry = first.logprobs[0]
+    assert len(first.logprobs) == len(first.token_ids)
     assert entry.sampled.token_id == first.token_ids[0] and len(entry.top) == 2
     assert entry.sampled.token == detokenize(tpb.DetokenizeRequest(token_ids=[entry.sampled.token_id],
                                                                    skip_special_tokens=False)).text
@@ -221,7 +228,8 @@ def test_stop_string_cuts_the_output_and_aborts_on_the_engine(front, engines):
     request = tpb.TextGenerateRequest(prompt="The stop test", sampling_params=greedy(60, ignore_eos=True))
     full = collect(front.stub.Generate(request))[0]
     text = full["text"]
-    stop = next(text[i : i + 3] for i in range(5, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    # From the first half, so that later tokens remain to be cut.
+    stop = next(text[i : i + 3] for i in range(5, len(text) // 2) if "\ufffd" not in text[i : i + 3])
     cut = text.index(stop)
     for include, expected in ((False, text[:cut]), (True, text[: cut + len(stop)])):
         request.stop[:] = ["never appears \u2603", stop]
@@ -232,7 +240,11 @@ def test_stop_string_cuts_the_output_and_aborts_on_the_engine(front, engines):
         assert got["token_ids"] == full["token_ids"][: len(got["token_ids"])]
         assert len(got["token_ids"]) < len(full["token_ids"])
         assert got["last"].usage.completion_tokens == len(got["token_ids"])
-    # The engine stopped spending steps on the request.
+    # Two (greedy, so equal) samples: both cut; once both are, the request is aborted on the engine.
+    request.sampling_params.n = 2
+    both = collect(front.stub.Generate(request))
+    assert [both[i]["text"] for i in (0, 1)] == [text[: cut + len(stop)]] * 2
+    assert all(both[i]["last"].stop_string == stop for i in (0, 1))
     wait_for(lambda: all(e.load().num_running == 0 for e in engines), 5, "engines idle")
 
 
@@ -246,6 +258,12 @@ def test_chat_uses_the_template(front):
     plain = collect(front.stub.Generate(tpb.TextGenerateRequest(
         prompt=tokenized.prompt, add_special_tokens=False, sampling_params=greedy(8))))[0]
     assert chat["token_ids"] == plain["token_ids"] and chat["text"] == plain["text"]
+
+    kwargs = Struct()
+    kwargs.update({"enable_thinking": False, "budget": 41})
+    tokenized = front.stub.Tokenize(tpb.TokenizeRequest(chat=tpb.ChatMessages(messages=messages),
+                                                        chat_template_kwargs=kwargs, add_generation_prompt=False))
+    assert tokenized.prompt.endswith("Hi<|im_end|>\n<think></think>42")
 
 
 def test_requests_spread_over_both_engines(front, engines):
@@ -368,9 +386,9 @@ def test_engine_death_and_restart(front, engines):
     victim.start()
     victim.wait_serving()
     wait_for(lambda: front.info().num_healthy_engines == 2, 10, "the restarted engine to be used again")
-    requests = [tpb.TextGenerateRequest(prompt=f"{i} back again", sampling_params=greedy(20, ignore_eos=True))
-                for i in range(6)]
-    with ThreadPoolExecutor(6) as pool:
+    requests = [tpb.TextGenerateRequest(prompt=f"{i} back again", sampling_params=greedy(40, ignore_eos=True))
+                for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda r: collect(front.stub.Generate(r)), requests))
     assert victim.load().prefix_cache_queried_tokens > 0, "the restarted engine got no request"
     assert survivor.load().num_running == 0

@@ -94,7 +94,8 @@ class _TemplateDict:
 class _TemplateNamespace(jinja2.utils.Namespace):
     """jinja2's namespace that refuses underscore-prefixed names, so templates cannot plant dunders on it."""
 
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - jinja2's signature trick, see Namespace
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        # No named `self`, as in jinja2's Namespace: templates may pass `self=...` as an attribute.
         self, args = args[0], args[1:]
         attrs = dict(*args, **kwargs)
         for name in attrs:

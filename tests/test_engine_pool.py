@@ -1,0 +1,251 @@
+"""Routing and request handling against scripted in-process engines: least-loaded choice, prefix affinity
+and its load cap, forgetting a restarted engine, retrying an engine that refuses before any output, passing
+mid-stream errors through, and aborting a request once stop strings ended all its samples."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2_grpc
+from tokenizers import Tokenizer
+
+from pagoda.v1 import engine_pb2 as pb
+from pagoda.v1 import engine_pb2_grpc
+from pagoda_tokenizer.config import TokenizerConfig
+from pagoda_tokenizer.engine_pool import EnginePool
+from pagoda_tokenizer.errors import RequestError
+from pagoda_tokenizer.generation import Generation
+from pagoda_tokenizer.prefix_affinity import PrefixAffinity
+from pagoda_tokenizer.sample_stream import TextOptions
+from pagoda_tokenizer.tokenizer import TextTokenizer
+from tests.tokenizer_helpers import byte_level_tokenizer_json
+
+pytestmark = pytest.mark.timeout(30)
+
+TOKENIZER = TextTokenizer(Tokenizer.from_str(byte_level_tokenizer_json()), {})
+BLOCK = 4
+
+
+def pool_of(n: int, **config) -> EnginePool:
+    pool = EnginePool(TokenizerConfig(model="m", engines=[f"e{i}:1" for i in range(n)], **config))
+    for engine in pool.engines:
+        engine.healthy = True
+        engine.model_info = pb.ModelInfo(block_size=BLOCK)
+        engine.load = pb.Load(instance_id="first")
+    return pool
+
+
+def test_prefix_keys_cover_whole_blocks_only():
+    affinity = PrefixAffinity(max_blocks=3, capacity=100)
+    assert affinity.keys([1, 2, 3], BLOCK) == []
+    keys = affinity.keys(list(range(20)), BLOCK)
+    assert len(keys) == 3 and keys == affinity.keys(list(range(12)) + [99], BLOCK)
+    first, second = affinity.keys([0, 1, 2, 3, 4, 5, 6, 99], BLOCK)
+    assert first == keys[0] and second != keys[1]  # the second block differs
+    assert affinity.keys([9, 1, 2, 3], BLOCK) != keys[:1]
+
+
+def test_least_loaded_then_affinity_within_the_load_cap():
+    async def main():
+        pool = pool_of(3, affinity_max_extra_load=4)
+        loads = dict(zip(pool.engines, (5, 1, 3), strict=True))
+        for engine, running in loads.items():
+            engine.load.num_running = running
+        prompt = list(range(16))
+        first = pool.pick(prompt, exclude=set())
+        assert first is pool.engines[1]  # least loaded
+        first.in_flight = 4  # our own requests count at once, before the next load poll
+        assert pool.pick(prompt, exclude=set()) is first  # 4 <= 3 + 4: affinity wins
+        first.in_flight = 8
+        assert pool.pick(prompt, exclude=set()) is pool.engines[2]  # too much busier: least loaded
+        assert pool.pick(list(range(16, 32)), exclude=set()) is pool.engines[2]  # a new prefix: least loaded
+        assert pool.pick(prompt, exclude={"e2:1", "e1:1"}) is pool.engines[0]
+        pool.engines[0].healthy = False
+        assert pool.pick(prompt, exclude={"e2:1", "e1:1"}) is None
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_restarted_engine_loses_its_affinity():
+    async def main():
+        pool = pool_of(2)
+        pool.engines[1].load.num_running = 1
+        prompt = list(range(16))
+        assert pool.pick(prompt, exclude=set()) is pool.engines[0]
+        pool.engines[0].load.num_running = 2
+        assert pool.pick(prompt, exclude=set()) is pool.engines[0]  # sticky
+        pool.engines[0]._update_load(pb.Load(num_running=2, instance_id="second"))
+        assert pool.pick(prompt, exclude=set()) is pool.engines[1]  # forgotten: least loaded
+        await pool.close()
+
+    asyncio.run(main())
+
+
+# Scripted engines on loopback ports, in this process.
+
+class ScriptedEngine(engine_pb2_grpc.EngineServicer):
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[pb.GenerateRequest] = []
+        self.aborted: list[str] = []
+        self.abort_seen = asyncio.Event()
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        async for message in self.script(self, request, context):
+            yield message
+
+    async def Abort(self, request, context):
+        self.aborted.append(request.request_id)
+        self.abort_seen.set()
+        return pb.AbortResponse(found=True)
+
+    async def GetModelInfo(self, request, context):
+        return pb.ModelInfo(max_model_len=1000, block_size=BLOCK)
+
+    async def GetLoad(self, request, context):
+        return pb.Load(instance_id="scripted")
+
+
+async def start_engines(*scripts) -> tuple[list[ScriptedEngine], list[grpc.aio.Server], EnginePool]:
+    engines, servers, addresses = [], [], []
+    for script in scripts:
+        engine, server = ScriptedEngine(script), grpc.aio.server()
+        engine_pb2_grpc.add_EngineServicer_to_server(engine, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        engines.append(engine)
+        servers.append(server)
+    pool = EnginePool(TokenizerConfig(model="m", engines=addresses))
+    pool.start()
+    for _ in range(200):
+        if len(pool.healthy_engines) == len(scripts):
+            break
+        await asyncio.sleep(0.01)
+    return engines, servers, pool
+
+
+async def run(pool: EnginePool, prompt_ids: list[int], n: int = 1, stop: tuple[str, ...] = ()) -> list:
+    generation = Generation(pool, TOKENIZER, "req", prompt_ids, pb.SamplingParams(n=n), TextOptions(stop=stop))
+    return [out async for out in generation.stream()]
+
+
+def tokens_of(text: str) -> list[int]:
+    return TOKENIZER.encode(text, add_special_tokens=False)
+
+
+def refuse(code: grpc.StatusCode):
+    async def script(engine, request, context):
+        await context.abort(code, "no thanks")
+        yield  # an async generator, like every script
+
+    return script
+
+
+def stream_text(text: str, n: int = 1, until_abort: bool = False):
+    """Send each sample's tokens one per message; then either finish, or wait for an abort and finish so."""
+    async def script(engine, request, context):
+        for token_id in tokens_of(text):
+            for index in range(n):
+                yield pb.GenerateResponse(request_id=request.request_id, index=index, token_ids=[token_id])
+        if until_abort:
+            await engine.abort_seen.wait()
+        reason = pb.FINISH_REASON_ABORT if until_abort else pb.FINISH_REASON_LENGTH
+        for index in range(n):
+            yield pb.GenerateResponse(request_id=request.request_id, index=index, finish_reason=reason,
+                                      usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids)))
+
+    return script
+
+
+def test_refusals_before_output_move_on_to_the_next_engine():
+    async def main():
+        scripts = [refuse(grpc.StatusCode.RESOURCE_EXHAUSTED), refuse(grpc.StatusCode.UNAVAILABLE),
+                   stream_text("fine")]
+        engines, servers, pool = await start_engines(*scripts)
+        for engine in pool.engines[:2]:
+            engine.load = pb.Load(num_running=0)  # tried first: less loaded than the third
+        pool.engines[2].load = pb.Load(num_running=5)
+        outs = await run(pool, tokens_of("hello"))
+        assert "".join(o.text for o in outs) == "fine"
+        assert [len(e.requests) for e in engines] == [1, 1, 1]
+        await pool.close()
+        for server in servers:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_when_every_engine_refuses_the_last_refusal_is_the_answer():
+    async def main():
+        _, servers, pool = await start_engines(refuse(grpc.StatusCode.RESOURCE_EXHAUSTED))
+        with pytest.raises(RequestError) as error:
+            await run(pool, tokens_of("hello"))
+        assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await pool.close()
+        await servers[0].stop(None)
+
+    asyncio.run(main())
+
+
+def test_errors_after_output_are_not_retried():
+    async def fail_midway(engine, request, context):
+        yield pb.GenerateResponse(request_id=request.request_id, token_ids=tokens_of("partial"))
+        await context.abort(grpc.StatusCode.INTERNAL, "engine bug")
+
+    async def main():
+        engines, servers, pool = await start_engines(fail_midway, fail_midway)
+        generation = Generation(pool, TOKENIZER, "req", tokens_of("hello"), pb.SamplingParams(), TextOptions())
+        outs = []
+        with pytest.raises(RequestError) as error:
+            async for out in generation.stream():
+                outs.append(out)
+        assert error.value.code == grpc.StatusCode.INTERNAL and "engine bug" in error.value.message
+        assert "".join(o.text for o in outs) == "partial"
+        assert sum(len(e.requests) for e in engines) == 1
+        await pool.close()
+        for server in servers:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_stop_strings_ending_every_sample_abort_the_request(n):
+    async def main():
+        engines, servers, pool = await start_engines(stream_text("one two three four", n, until_abort=True))
+        outs = await run(pool, tokens_of("count:"), n=n, stop=("three",))
+        assert engines[0].aborted == ["req"]
+        finals = [o for o in outs if o.finish_reason]
+        assert sorted(o.index for o in finals) == list(range(n))
+        assert all(o.stop_string == "three" and o.finish_reason == pb.FINISH_REASON_STOP for o in finals)
+        for index in range(n):
+            assert "".join(o.text for o in outs if o.index == index) == "one two "
+        await pool.close()
+        await servers[0].stop(None)
+
+    asyncio.run(main())
+
+
+def test_one_sample_stopping_does_not_abort_the_others():
+    async def two_texts(engine, request, context):
+        for index, text in enumerate(("stop here", "keeps going on")):
+            yield pb.GenerateResponse(request_id=request.request_id, index=index, token_ids=tokens_of(text))
+        for index in range(2):
+            yield pb.GenerateResponse(request_id=request.request_id, index=index,
+                                      finish_reason=pb.FINISH_REASON_LENGTH)
+
+    async def main():
+        engines, servers, pool = await start_engines(two_texts)
+        outs = await run(pool, tokens_of("x"), n=2, stop=("here",))
+        assert engines[0].aborted == []
+        assert "".join(o.text for o in outs if o.index == 1) == "keeps going on"
+        assert [o.stop_string for o in outs if o.finish_reason and o.index == 0] == ["here"]
+        await pool.close()
+        await servers[0].stop(None)
+
+    asyncio.run(main())
