@@ -60,16 +60,22 @@ class TokenizerConfig:
         for f in dataclasses.fields(cls):
             env_name = ENV_PREFIX + f.name.upper()
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = "required" if required else f"default {_default_of(f)}"
             parser.add_argument(
                 "--" + f.name.replace("_", "-"),
                 dest=f.name,
                 type=_parser_for(hints[f.name]),
                 default=_parser_for(hints[f.name])(env[env_name]) if env_name in env else None,
                 required=required and env_name not in env,
-                help=f"(env {env_name})",
+                help=f"env {env_name}; {default}",
             )
         values = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not None}
         return cls(**values)
+
+
+def _default_of(f: dataclasses.Field) -> object:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return ",".join(value) if isinstance(value, list) else value
 
 
 def _parser_for(hint: object) -> typing.Callable[[str], object]:
