@@ -4,7 +4,7 @@
 # Results (logs and JSON) go to $OUT when set (the lent GPU machine), else bench/results.
 #
 #   bash bench/run_gpu.sh            # everything
-#   bash bench/run_gpu.sh tests      # only the GPU tests
+#   bash bench/run_gpu.sh tests      # only the GPU tests (also: bench, serving)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="services/engine:services/tokenizer:clients/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -13,6 +13,12 @@ results=${OUT:-bench/results}
 mkdir -p "$results"
 what=${1:-all}
 status=0
+
+# Wheels the GPU image lacks (grpcio-health-checking, grpcio-reflection), carried in .whl/ when present.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -28,5 +34,9 @@ if [[ $what == all || $what == bench ]]; then
     python3 bench/$micro.py --out "$results/$micro.json" 2>&1 | tee "$results/$micro.log" || status=1
   done
   python3 bench/offline.py --out "$results/offline.json" 2>&1 | tee "$results/offline.log" || status=1
+fi
+if [[ $what == all || $what == serving ]]; then
+  python3 bench/serving.py --out "$results/serving.json" --launch -- --model bench/configs/qwen3-0.6b \
+    --load-format dummy --max-model-len 4096 --max-num-batched-tokens 16384 2>&1 | tee "$results/serving.log" || status=1
 fi
 exit $status
