@@ -234,7 +234,8 @@ def test_client_cancel_frees_every_block(server):
 
 def test_deadline_expiry_frees_every_block(server):
     with pytest.raises(grpc.RpcError) as error:
-        collect(server.stub.Generate(greedy(prompts_of([40], seed=4)[0], 450), timeout=0.3))
+        # 450 tokens take the tiny model well over a second on two cores: the deadline comes first.
+        collect(server.stub.Generate(greedy(prompts_of([40], seed=4)[0], 450), timeout=0.15))
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     server.wait_idle()
 
@@ -357,13 +358,24 @@ def test_metrics_count_what_was_served(server):
 # ---- servers of their own ----
 
 
-def test_the_waiting_cap_answers_resource_exhausted(model_dir):
-    server = Server(model_dir, "--num-kv-blocks", "256", "--max-num-seqs", "1", "--max-waiting-requests", "1")
+def dummy_model_dir(path: Path, **sizes) -> Path:
+    """A config.json for dummy weights (--load-format dummy): any size without writing a checkpoint."""
+    config = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                  bos_token_id=1, eos_token_id=2, hidden_act="silu", rms_norm_eps=1e-6, torch_dtype="float32")
+    (path / "config.json").write_text(json.dumps({**config, **sizes}))
+    return path
+
+
+def test_the_waiting_cap_answers_resource_exhausted(tmp_path):
+    # A long context, so the running request cannot finish while the test fills the queue.
+    server = Server(dummy_model_dir(tmp_path), "--load-format", "dummy", "--num-kv-blocks", "1024",
+                    "--max-num-seqs", "1", "--max-waiting-requests", "1")
     try:
         server.health_statuses_until_serving()
-        running = server.stub.Generate(greedy([3, 4, 5], 450))
+        running = server.stub.Generate(greedy([3, 4, 5], 8000))
         next(running)
-        waiting = server.stub.Generate(greedy([6, 7, 8], 450))
+        waiting = server.stub.Generate(greedy([6, 7, 8], 8000))
         deadline = time.monotonic() + 10
         while server.load().num_waiting < 1:
             assert time.monotonic() < deadline, "the second request never queued"
@@ -378,20 +390,12 @@ def test_the_waiting_cap_answers_resource_exhausted(model_dir):
         assert server.stop() == 0
 
 
-@pytest.fixture(scope="module")
-def slow_model_dir(tmp_path_factory) -> Path:
-    """A config for dummy weights, big enough that loading takes a visible while on the CPU and steps
-    are slow (tens of ms): health is seen NOT_SERVING while it loads, and a long request outlasts the grace."""
-    path = tmp_path_factory.mktemp("slow")
-    config = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=512, intermediate_size=2048,
-                  num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
-                  bos_token_id=1, eos_token_id=2, hidden_act="silu", rms_norm_eps=1e-6, torch_dtype="float32")
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-def test_start_serve_and_drain_on_sigterm(slow_model_dir):
-    server = Server(slow_model_dir, "--load-format", "dummy", "--num-kv-blocks", "1024", "--drain-grace-seconds", "3")
+def test_start_serve_and_drain_on_sigterm(tmp_path):
+    # Big enough that loading takes a visible while on the CPU (health is seen NOT_SERVING) and a step tens
+    # of milliseconds (a 4000-token request outlasts the grace period).
+    model_dir = dummy_model_dir(tmp_path, hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
+                                num_attention_heads=8, num_key_value_heads=4)
+    server = Server(model_dir, "--load-format", "dummy", "--num-kv-blocks", "1024", "--drain-grace-seconds", "3")
     try:
         statuses = server.health_statuses_until_serving()
         assert statuses[0] == NOT_SERVING and statuses[-1] == SERVING

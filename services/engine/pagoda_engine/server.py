@@ -294,34 +294,39 @@ async def serve(config: EngineConfig) -> int:
     health = health_aio.HealthServicer()
     server = _build_server(config, service, health)
     try:
+        # Both ports before the model loads, so a clash is reported at once, not minutes later.
         server.add_insecure_port(_address(config))
-    except RuntimeError as error:  # the port is taken (another engine?) or the host is not ours
-        logger.error("%s", error)
+        stop_metrics = service.metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
+    except (RuntimeError, OSError) as error:  # a port is taken (another engine?) or the host is not ours
+        logger.error("cannot listen on %s (gRPC) and port %d (metrics): %s", _address(config), config.metrics_port,
+                     error)
         return 1
-    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
-    logger.info("listening on %s; loading %s", _address(config), config.model)
     try:
-        engine = await _start_engine(config)
-    except Exception:
-        logger.exception("could not start the engine")
-        await server.stop(grace=None)
-        return 1
-    service.attach(engine)
-    stop_metrics = service.metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
-    await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
-    _log_serving(config, service.model_info)
+        await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        logger.info("listening on %s; loading %s", _address(config), config.model)
+        try:
+            engine = await _start_engine(config)
+        except Exception:
+            logger.exception("could not start the engine")
+            await server.stop(grace=None)
+            return 1
+        service.attach(engine)
+        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        _log_serving(config, service.model_info)
 
-    await _wait_any(stop, service.engine_failed)
-    logger.info("draining: up to %.0f s for %d in-flight requests", config.drain_grace_seconds, service.num_in_flight)
-    await health.enter_graceful_shutdown()
-    await service.drain(config.drain_grace_seconds, hurry)
-    await server.stop(grace=1.0)
-    await engine.stop()
-    if stop_metrics is not None:
-        stop_metrics()
-    logger.info("stopped")
-    return 1 if service.engine_failed.is_set() else 0
+        await _wait_any(stop, service.engine_failed)
+        logger.info("draining: up to %.0f s for %d in-flight requests", config.drain_grace_seconds,
+                    service.num_in_flight)
+        await health.enter_graceful_shutdown()
+        await service.drain(config.drain_grace_seconds, hurry)
+        await server.stop(grace=1.0)
+        await engine.stop()
+        logger.info("stopped")
+        return 1 if service.engine_failed.is_set() else 0
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
