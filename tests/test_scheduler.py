@@ -71,7 +71,7 @@ def test_preemption_frees_newest_and_resumes_as_prefill():
     assert not s.has_unfinished()
     assert new in preempted and old not in preempted
     assert old.finish_reason is FinishReason.LENGTH and new.finish_reason is FinishReason.LENGTH
-    assert new.num_preemptions >= 1 and new.num_output_tokens == 8
+    assert new.num_preemptions >= 1 and new.num_output_tokens == 8 and s.waiting_tokens == 0
     assert s.block_manager.num_free_blocks == 6
 
 
@@ -89,9 +89,10 @@ def test_abort_frees_blocks_wherever_the_sequence_is():
     waiting = add(s, "waiting", 8)
     run_step(s)
     assert running.status is SequenceStatus.RUNNING and waiting.status is SequenceStatus.WAITING
+    assert s.waiting_tokens == 8
     s.abort([running, waiting])
     assert running.finish_reason is FinishReason.ABORT and waiting.finish_reason is FinishReason.ABORT
-    assert not s.has_unfinished() and s.block_manager.num_free_blocks == 8
+    assert not s.has_unfinished() and s.block_manager.num_free_blocks == 8 and s.waiting_tokens == 0
     s.block_manager.check_invariants()
 
 

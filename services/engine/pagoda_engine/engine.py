@@ -47,6 +47,7 @@ class SequenceOutput:
 class EngineLoad:
     running: int
     waiting: int
+    waiting_tokens: int
     kv_blocks_total: int
     kv_blocks_free: int
     prefix_query_tokens: int
@@ -160,6 +161,7 @@ class LLMEngine:
         return EngineLoad(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
+            waiting_tokens=self.scheduler.waiting_tokens,
             kv_blocks_total=bm.num_blocks,
             kv_blocks_free=bm.num_free_blocks,
             prefix_query_tokens=bm.query_tokens,

@@ -50,9 +50,12 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Tokens the waiting sequences would compute before any prefix-cache hit (a router's hint).
+        self.waiting_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.waiting_tokens += seq.num_tokens
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -112,6 +115,7 @@ class Scheduler:
                 self.running.remove(seq)
             else:
                 self.waiting.remove(seq)
+                self.waiting_tokens -= seq.num_tokens
             self._finish(seq, FinishReason.ABORT)
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
@@ -146,6 +150,7 @@ class Scheduler:
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
+            self.waiting_tokens -= seq.num_tokens
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
@@ -160,6 +165,7 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+        self.waiting_tokens += seq.num_tokens
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.block_manager.free(seq)

@@ -187,6 +187,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         return engine_pb2.Load(
             num_running=load.running,
             num_waiting=load.waiting,
+            num_waiting_tokens=load.waiting_tokens,
             max_waiting=self.config.max_waiting_requests,
             kv_blocks_total=load.kv_blocks_total,
             kv_blocks_used=load.kv_blocks_total - load.kv_blocks_free,
@@ -240,8 +241,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     def _load(self) -> EngineLoad:
         if self.engine is None:
-            return EngineLoad(running=0, waiting=0, kv_blocks_total=0, kv_blocks_free=0, prefix_query_tokens=0,
-                              prefix_hit_tokens=0)
+            return EngineLoad(running=0, waiting=0, waiting_tokens=0, kv_blocks_total=0, kv_blocks_free=0,
+                              prefix_query_tokens=0, prefix_hit_tokens=0)
         return self.engine.load
 
 
