@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagoda_engine.kernels.decode_attention import choose_num_splits, decode_attention, num_sms
+from pagoda_engine.kernels.decode_attention import decode_attention, num_sms, plan_splits
 from pagoda_engine.kernels.prefill_attention import prefill_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 16, 8, 128, 16, torch.bfloat16
@@ -89,10 +89,12 @@ class PagedDecode:
         self.q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
         self.out = torch.empty_like(self.q)
 
-    def seconds(self, num_splits: int | None = None, config: tuple[int, int, int] | None = None) -> float:
+    def seconds(self, num_splits: int | None = None, config: tuple[int, int, int] | None = None,
+                batch_invariant: bool = True) -> float:
         def call(i: int) -> Callable[[], object]:
             return lambda: decode_attention(self.q, self.k_cache, self.v_cache, self.tables[i], self.seq_lens,
-                                            HEAD_DIM**-0.5, self.context, self.out, num_splits, config)
+                                            HEAD_DIM**-0.5, self.context, self.out, batch_invariant, num_splits,
+                                            config)
         return time_graph([call(i % self.copies) for i in range(max(self.copies, 20))])
 
 
@@ -113,30 +115,36 @@ def dense_sdpa_seconds(batch: int, context: int) -> float | str:
 
 
 def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> list[dict]:
+    """Both split policies (batch-invariant, the default, and throughput), and dense SDPA for reference."""
     rows = []
     print(f"\ndecode attention: {NUM_HEADS} q heads, {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, {DTYPE}, "
-          f"block {BLOCK_SIZE}; %copy is of {REFERENCE_GBS:.0f} GB/s (torch copy_ here: {copy_gbs:.0f} GB/s)")
-    header = (("B", 5), ("ctx", 6), ("splits", 6), ("triton us", 10), ("GB/s", 7), ("%copy", 6), ("sdpa us", 9))
-    print(" ".join(f"{name:>{width}}" for name, width in header + (("sdpa GB/s", 9),)))
+          f"block {BLOCK_SIZE}; % is of {REFERENCE_GBS:.0f} GB/s (torch copy_ here: {copy_gbs:.0f} GB/s)")
+    print("  invariant = default batch-invariant splits; throughput = batch_invariant=False")
+    columns = [("B", 5), ("ctx", 6), ("splits", 6), ("inv us", 8), ("GB/s", 6), ("%", 5), ("splits", 6),
+               ("thr us", 8), ("GB/s", 6), ("%", 5), ("sdpa us", 8), ("GB/s", 6)]
+    print(" ".join(f"{name:>{width}}" for name, width in columns))
+    sm_count = num_sms(torch.device("cuda"))
     for batch in batches:
         for context in contexts:
             bench = PagedDecode(batch, context)
-            seconds = bench.seconds()
+            row: dict = {"batch": batch, "context": context, "kv_bytes": bench.kv_bytes}
+            cells = [f"{batch:>5}", f"{context:>6}"]
+            for policy, invariant in (("invariant", True), ("throughput", False)):
+                splits = plan_splits(batch, NUM_KV_HEADS, context, sm_count, invariant).num_splits
+                seconds = bench.seconds(batch_invariant=invariant)
+                gbs = bench.kv_bytes / seconds / 1e9
+                pct = 100 * gbs / REFERENCE_GBS
+                row[policy] = {"num_splits": splits, "us": round(seconds * 1e6, 2), "gbs": round(gbs, 1),
+                               "pct_of_copy": round(pct, 1)}
+                cells += [f"{splits:>6}", f"{seconds * 1e6:>8.1f}", f"{gbs:>6.0f}", f"{pct:>5.1f}"]
             sdpa = dense_sdpa_seconds(batch, context)
-            row = {
-                "batch": batch, "context": context, "kv_bytes": bench.kv_bytes,
-                "num_splits": choose_num_splits(batch, NUM_KV_HEADS, context, num_sms(torch.device("cuda"))),
-                "triton_us": round(seconds * 1e6, 2), "triton_gbs": round(bench.kv_bytes / seconds / 1e9, 1),
-                "pct_of_copy": round(100 * bench.kv_bytes / seconds / 1e9 / REFERENCE_GBS, 1),
-            }
             if isinstance(sdpa, float):
-                row.update(sdpa_us=round(sdpa * 1e6, 2), sdpa_gbs=round(bench.kv_bytes / sdpa / 1e9, 1))
-                sdpa_text = f"{row['sdpa_us']:>9.1f} {row['sdpa_gbs']:>9.0f}"
+                row["sdpa"] = {"us": round(sdpa * 1e6, 2), "gbs": round(bench.kv_bytes / sdpa / 1e9, 1)}
+                cells += [f"{sdpa * 1e6:>8.1f}", f"{bench.kv_bytes / sdpa / 1e9:>6.0f}"]
             else:
-                row.update(sdpa_error=sdpa)
-                sdpa_text = f"  {sdpa[:40]}"
-            print(f"{batch:>5} {context:>6} {row['num_splits']:>6} {row['triton_us']:>10.1f} {row['triton_gbs']:>7.0f} "
-                  f"{row['pct_of_copy']:>6.1f} {sdpa_text}", flush=True)
+                row["sdpa"] = {"error": sdpa}
+                cells.append(f"  {sdpa[:40]}")
+            print(" ".join(cells), flush=True)
             rows.append(row)
             del bench
             torch.cuda.empty_cache()
@@ -144,14 +152,14 @@ def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> li
 
 
 def decode_sweep() -> list[dict]:
-    """Tile configs at the default split count, then split counts around the default."""
+    """Tile configs at the throughput policy's split count, then split counts around it."""
     rows = []
     print("\ndecode sweep: (BLOCK_N, warps, stages) and split counts, GB/s")
     for batch, context in [(1, 8192), (32, 4096), (32, 8192), (256, 1024), (256, 4096)]:
         bench = PagedDecode(batch, context)
-        default = choose_num_splits(batch, NUM_KV_HEADS, context, num_sms(torch.device("cuda")))
+        default = plan_splits(batch, NUM_KV_HEADS, context, num_sms(torch.device("cuda")), False).num_splits
         for config in DECODE_CONFIGS:
-            gbs = bench.kv_bytes / bench.seconds(config=config) / 1e9
+            gbs = bench.kv_bytes / bench.seconds(config=config, batch_invariant=False) / 1e9
             rows.append({"batch": batch, "context": context, "config": config, "num_splits": default,
                          "gbs": round(gbs, 1)})
             print(f"  B={batch:<4} ctx={context:<5} config={config} splits={default:<3} {gbs:7.0f} GB/s", flush=True)

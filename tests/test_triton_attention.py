@@ -15,7 +15,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagoda_engine.kernels.decode_attention import choose_num_splits, decode_attention  # noqa: E402
+from pagoda_engine.kernels.decode_attention import (  # noqa: E402
+    INVARIANT_SPLITS,
+    choose_num_splits,
+    decode_attention,
+    plan_splits,
+)
 from pagoda_engine.kernels.kv_cache import store_kv_cache  # noqa: E402
 from pagoda_engine.kernels.prefill_attention import prefill_attention  # noqa: E402
 from pagoda_engine.layers.attention.metadata import AttentionMetadata  # noqa: E402
@@ -129,9 +134,9 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> N
     assert err <= TOLERANCE[dtype], f"relative error {err:.2e} > {TOLERANCE[dtype]:.0e} for {dtype}"
 
 
-def run_backend(batch: Batch) -> torch.Tensor:
+def run_backend(batch: Batch, batch_invariant: bool = True) -> torch.Tensor:
     out = poisoned_like(batch.q)
-    return TritonAttentionBackend().forward(
+    return TritonAttentionBackend(batch_invariant).forward(
         batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale, out=out
     )
 
@@ -197,6 +202,38 @@ def test_split_policy_fills_the_gpu_only_when_worthwhile():
     assert choose_num_splits(256, 8, 8192, 132) == 1  # big batches fill the GPU on their own
     assert choose_num_splits(1, 8, 100, 132) == 1  # a short context is not worth splitting
     assert choose_num_splits(1, 1, 10**6, 132) <= 64
+    # The invariant plan ignores the batch; its grid only bounds the pieces of the longest context.
+    plan = plan_splits(256, 8, 8192, 132, batch_invariant=True)
+    assert plan == plan_splits(1, 8, 8192, 132, batch_invariant=True)
+    assert plan.num_splits == 8192 // 256 and plan.reduce_width == INVARIANT_SPLITS
+    assert plan_splits(4, 8, 100, 132, batch_invariant=True).num_splits == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_throughput_split_policy_matches_reference(dtype):
+    lengths = [1, 40, 300, 1100]
+    batch = make_batch([(n - 1, 1) for n in lengths], num_decodes=len(lengths), num_heads=8, num_kv_heads=2,
+                       head_dim=128, block_size=32, dtype=dtype)
+    ref, _, _ = reference(batch)
+    assert_close(run_backend(batch, batch_invariant=False), ref, dtype)
+
+
+def test_batch_invariant_decode_is_bitwise_stable():
+    """A sequence's output does not depend on its batch-mates, the batch size or the length bound."""
+    lengths = [1, 100, 257, 700, 1500]
+    together = make_batch([(n - 1, 1) for n in lengths], num_decodes=len(lengths), num_heads=4, num_kv_heads=2,
+                          head_dim=64, block_size=16, dtype=torch.bfloat16, seed=4)
+    store_kv_cache(together.k, together.v, together.k_cache, together.v_cache, together.meta.slot_mapping)
+    meta = together.meta
+
+    def decode(rows: slice, bound: int) -> torch.Tensor:
+        return decode_attention(together.q[rows], together.k_cache, together.v_cache, meta.block_tables[rows],
+                                meta.seq_lens[rows], together.scale, bound, poisoned_like(together.q[rows]))
+
+    whole = decode(slice(None), max(lengths))
+    assert torch.equal(whole, decode(slice(None), 32768))  # a graph's max_model_len bound
+    for i, n in enumerate(lengths):
+        assert torch.equal(whole[i], decode(slice(i, i + 1), n)[0])  # alone, with its own length as bound
 
 
 def test_decode_in_cuda_graph_matches_eager():
@@ -236,8 +273,9 @@ def test_decode_in_cuda_graph_matches_eager():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(graph_out, ref, torch.bfloat16)
-    # Eager picks its split count from the batch's own max length, the graph from the bound: both close.
-    assert_close(graph_out, eager, torch.bfloat16)
+    # The graph's grid was sized for the 4096 bound, eager's for 1500: the batch-invariant split policy
+    # still gives bitwise the same outputs.
+    assert torch.equal(graph_out, eager)
 
 
 # ---- prefill, and decode + prefill together ----

@@ -9,16 +9,28 @@ on it. So the kernel is built around reading the cache once, at full bandwidth:
   spread over all SMs. Each split keeps an online softmax in fp32 and writes its normalised partial
   output and log-sum-exp; a small reduce kernel combines the splits. With one split the first kernel
   writes the output directly and the reduce is skipped;
-- the split count depends only on host ints (batch size, KV heads, an upper bound on the context
-  length), and the piece each split covers is computed inside the kernel from the real length. So the
-  launch is CUDA-graph capturable, and a graph captured with ``max_seq_len = max_model_len`` still
-  divides short contexts evenly instead of leaving most splits idle on long-context bounds.
+- the grid depends only on host ints (batch size, KV heads, an upper bound on the context length), and
+  the piece each split covers is computed inside the kernel from the real length, so the launch is
+  CUDA-graph capturable and never syncs with the host.
+
+Two split policies (see ``plan_splits``):
+
+- batch-invariant (the default): a sequence's pieces depend on its own length only (``INVARIANT_SPLITS``
+  pieces of at least ``MIN_TOKENS_PER_SPLIT`` tokens), and the reduce always sums ``INVARIANT_SPLITS``
+  slots. A sequence's output is then bitwise the same whatever batch it sits in and whatever bound the
+  caller passes, so a decode step replayed from a CUDA graph (padded batch, ``max_model_len`` bound)
+  matches the eager step token for token, in bf16 too. Big batches pay for splits they would not need:
+  on the H100 at 256 sequences, 2.66-2.90 TB/s instead of 2.94-3.05 TB/s (bench/kernels.py reports
+  both policies); from one to 32 sequences the two policies measure the same;
+- throughput (``batch_invariant=False``): the split count is chosen from the batch size so the grid just
+  fills the GPU (``choose_num_splits``); 256 sequences run unsplit. Results then depend on the batch.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,9 +38,13 @@ import triton.language as tl
 
 from pagoda_engine.kernels.kv_cache import load_paged_tile
 
-# A split must cover enough tokens to amortise its partial write and the reduce.
+# A split must cover enough tokens to amortise its partial write and the reduce (a multiple of every
+# BLOCK_N, so splits hold whole tiles).
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
+# The batch-invariant policy cuts every context into at most this many pieces: 32 x 256 tokens covers
+# 8K contexts with 256-token pieces, enough programs for one long sequence to spread over the SMs.
+INVARIANT_SPLITS = 32
 # Programs per SM that keep enough loads in flight to saturate HBM.
 TARGET_PROGRAMS_PER_SM = 4
 DEFAULT_NUM_SMS = 132  # H100 SXM; used for CPU tensors under the Triton interpreter
@@ -56,6 +72,29 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, sm_c
     return max(1, min(wanted, worthwhile, MAX_SPLITS))
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """How the context of each sequence is cut: see the module docstring for the two policies."""
+
+    num_splits: int  # the grid's split axis: an upper bound on any sequence's number of pieces
+    divisor: int  # a piece holds cdiv(seq_len, divisor) tokens rounded up to whole tiles ...
+    min_tokens: int  # ... but at least this many
+    reduce_width: int  # slots the reduce kernel sums over (a power of two >= num_splits)
+
+
+def plan_splits(
+    batch_size: int, num_kv_heads: int, max_seq_len: int, sm_count: int, batch_invariant: bool,
+    num_splits: int | None = None,
+) -> SplitPlan:
+    """The split plan for one launch; ``num_splits`` forces a count (tests and the benchmark sweep)."""
+    if num_splits is None and batch_invariant:
+        grid = max(1, min(INVARIANT_SPLITS, -(-max_seq_len // MIN_TOKENS_PER_SPLIT)))
+        return SplitPlan(grid, INVARIANT_SPLITS, MIN_TOKENS_PER_SPLIT, INVARIANT_SPLITS)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch_size, num_kv_heads, max_seq_len, sm_count)
+    return SplitPlan(num_splits, num_splits, 0, triton.next_power_of_2(num_splits))
+
+
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """``tl.dot`` that stays exact for fp32 inputs (tests), instead of silently rounding them to tf32."""
@@ -79,7 +118,7 @@ def softmax_step(s, v, row_max, row_sum, acc, IEEE: tl.constexpr):
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, num_splits, num_heads,
+    qk_scale, num_splits, split_divisor, split_min_tokens, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
@@ -91,7 +130,8 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     # Whole tiles per split, so only the context's last tile is ever partial.
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len, split_divisor), BLOCK_N) * BLOCK_N
+    per_split = tl.maximum(per_split, split_min_tokens)
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -172,6 +212,7 @@ def decode_attention(
     scale: float,
     max_seq_len: int,
     out: torch.Tensor,
+    batch_invariant: bool = True,
     num_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
@@ -179,16 +220,16 @@ def decode_attention(
 
     ``seq_lens[i]`` counts the context including this step's token, whose K/V must already be stored.
     ``max_seq_len`` is any upper bound of ``seq_lens`` (the graph runner passes the model's maximum).
-    ``out`` [B, num_heads, head_dim] is written in full. ``num_splits``/``config`` override the
-    heuristics (the benchmark sweeps them).
+    ``out`` [B, num_heads, head_dim] is written in full. ``batch_invariant`` picks the split policy
+    (module docstring); ``num_splits``/``config`` override the heuristics (the benchmark sweeps them).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
         return out
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, num_sms(q.device))
+    plan = plan_splits(batch, num_kv_heads, max_seq_len, num_sms(q.device), batch_invariant, num_splits)
+    num_splits = plan.num_splits
     block_n, num_warps, num_stages = config or _default_config(head_dim)
     block_d = max(16, triton.next_power_of_2(head_dim))
     split = num_splits > 1
@@ -199,7 +240,7 @@ def decode_attention(
         part_out = part_lse = out  # unused
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-        scale * math.log2(math.e), num_splits, num_heads,
+        scale * math.log2(math.e), num_splits, plan.divisor, plan.min_tokens, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
@@ -210,7 +251,7 @@ def decode_attention(
     if split:
         _decode_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, num_splits, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            HEAD_DIM=head_dim, BLOCK_S=plan.reduce_width, BLOCK_D=block_d,
             num_warps=4,
         )
     return out

@@ -12,6 +12,7 @@ separate path. ``varlen_attn`` serves only the profiling pass, where no cache ex
 Nothing here syncs with the host or branches on device data, and the decode split count depends only
 on the batch size and ``meta.max_seq_len``, so a pure-decode step can be captured in a CUDA graph as
 is; the split kernel's scratch buffers come from the graph's memory pool, no workspace is needed.
+With the default batch-invariant split policy a graph replay gives bitwise the eager step's outputs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ _VARLEN_GQA_FLAG = varlen_attn is not None and "enable_gqa" in inspect.signature
 
 
 class TritonAttentionBackend:
+    """``batch_invariant`` (default True) makes decode results independent of the batch and of the
+    CUDA-graph padding, at a few percent of bandwidth on big batches; see kernels/decode_attention.py."""
+
     name = "triton"
+
+    def __init__(self, batch_invariant: bool = True):
+        self.batch_invariant = batch_invariant
 
     def forward(
         self,
@@ -59,7 +66,7 @@ class TritonAttentionBackend:
         if num_decodes > 0:
             decode_attention(
                 q[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
-                scale, meta.max_seq_len, out[:num_decodes],
+                scale, meta.max_seq_len, out[:num_decodes], batch_invariant=self.batch_invariant,
             )
         if meta.num_seqs > num_decodes:
             prefill_attention(
