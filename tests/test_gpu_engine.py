@@ -53,18 +53,19 @@ def test_cuda_graphs_match_eager(gpu_model_dirs, dtype):
 
 
 def test_bf16_tracks_fp32_over_a_long_generation(gpu_model_dirs):
-    """bf16 may drift from fp32 eventually, but the top-1 choices and logprobs must stay close."""
+    """Teacher-forced along fp32's 128-token greedy run, bf16 picks the same next token almost always,
+    with a close logprob: errors stay at rounding level rather than compounding."""
     model_dir = gpu_model_dirs["llama"]
-    prompts = prompts_of([12, 30])
-    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True, logprobs=1)
-    ref = gpu_llm(model_dir, dtype="float32").generate(prompts, params)
-    low = gpu_llm(model_dir, dtype="bfloat16").generate(prompts, params)
-    for r, b in zip(ref, low, strict=True):
-        r_ids, b_ids = r.outputs[0].token_ids, b.outputs[0].token_ids
-        same_prefix = next((i for i, (x, y) in enumerate(zip(r_ids, b_ids, strict=True)) if x != y), len(r_ids))
-        assert same_prefix >= 16
-        diffs = [abs(rl[0] - bl[0]) for rl, bl in zip(r.outputs[0].logprobs, b.outputs[0].logprobs, strict=True)]
-        assert max(diffs[:same_prefix]) < 0.1
+    prompt = prompts_of([12])[0]
+    ref = gpu_llm(model_dir, dtype="float32").generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True, logprobs=1))[0].outputs[0]
+    prefixes = [prompt + ref.token_ids[:i] for i in range(128)]
+    one_step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=1)
+    low = gpu_llm(model_dir, dtype="bfloat16").generate(prefixes, one_step)
+    agree = [out.outputs[0].token_ids[0] == ref.token_ids[i] for i, out in enumerate(low)]
+    assert sum(agree) >= 0.95 * len(agree)
+    diffs = [abs(out.outputs[0].logprobs[0][0] - ref.logprobs[i][0]) for i, out in enumerate(low) if agree[i]]
+    assert sum(diffs) / len(diffs) < 0.05
 
 
 def test_preemption_and_chunking_on_gpu(gpu_model_dirs):
