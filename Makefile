@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install proto test lint model
+.PHONY: install proto test lint model demo
 
 # torch goes first and pinned: pip then takes the CPU build that lies on disk on the build machines,
 # and the engine extra's looser torch requirement is already satisfied instead of pulling a CUDA build.
@@ -27,3 +27,11 @@ lint:
 # Fetch the default model (SmolLM2-135M-Instruct) into ~/.cache/pagoda/models.
 model:
 	$(VENV)/bin/pagoda-fetch-model
+
+# The README's first command: install (when .venv is missing), fetch the default model, start an engine on the
+# CPU and the tokenizer service on loopback, stream a chat answer, stop both (clients/python/pagoda_client/demo.py).
+demo: | $(PY)
+	$(PY) -m pagoda_client.demo
+
+$(PY):
+	$(MAKE) install

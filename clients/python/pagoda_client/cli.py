@@ -1,0 +1,202 @@
+"""``pagoda``: talk to a Pagoda tokenizer service from the terminal or a script.
+
+    pagoda generate "Once upon a time" --max-tokens 50     # streams the completion
+    pagoda chat                                            # interactive; one user message per line
+    pagoda chat --once "What is the capital of France?" --json
+    pagoda tokenize "Hello world" --json
+    pagoda health --wait 60                                # exit 0 once serving
+    pagoda info
+
+Exit status: 0 on success, 1 when the service answered with an error (printed as
+``pagoda: error: CODE: details``) or is not serving, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from pagoda_client.client import DEFAULT_TARGET, Client, GenerateOptions, TextStream
+from pagoda_client.errors import PagodaError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with _client(args) as client:
+            return args.run(client, args)
+    except PagodaError as error:
+        print(f"pagoda: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=os.environ.get("PAGODA_TARGET", DEFAULT_TARGET),
+                        help="the tokenizer service, host:port (env PAGODA_TARGET; default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("PAGODA_TOKEN"),
+                        help="sent as 'authorization: Bearer TOKEN' (env PAGODA_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    parser.add_argument("--ca-cert", type=Path, help="connect with TLS, trusting this PEM file")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of non-streaming calls, seconds")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    generate = _command(commands, "generate", _generate, "complete a prompt, streaming the text")
+    generate.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    _add_sampling_flags(generate)
+
+    chat = _command(commands, "chat", _chat, "chat; each stdin line is a user message, the conversation is kept")
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.add_argument("--once", metavar="QUESTION", help="ask one question, print the answer and exit")
+    _add_sampling_flags(chat)
+
+    tokenize = _command(commands, "tokenize", _tokenize, "show a text's token ids")
+    tokenize.add_argument("text")
+    tokenize.add_argument("--chat", action="store_true", help="as one user message rendered with the chat template")
+    tokenize.add_argument("--json", action="store_true", help="print the response as JSON")
+
+    detokenize = _command(commands, "detokenize", _detokenize, "turn token ids into text")
+    detokenize.add_argument("token_ids", nargs="+", type=int, metavar="ID")
+
+    health = _command(commands, "health", _health, "print the service's health; exit 0 when SERVING")
+    health.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for SERVING")
+
+    info = _command(commands, "info", _info, "show the served model and the engines behind the service")
+    info.add_argument("--json", action="store_true", help="print the response as JSON")
+    return parser
+
+
+def _command(commands: Any, name: str, run: Callable[[Client, argparse.Namespace], int],
+             help: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=help)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, help="most tokens to generate (default: up to the max model length)")
+    parser.add_argument("--temperature", type=float, help="0 is greedy (default: 1)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int, help="same seed, same answer")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    parser.add_argument("--json", action="store_true",
+                        help="no streaming: print each answer as one JSON line (text, finish_reason, usage)")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    credentials = None
+    if args.ca_cert:
+        credentials = grpc.ssl_channel_credentials(root_certificates=args.ca_cert.read_bytes())
+    elif args.tls:
+        credentials = grpc.ssl_channel_credentials()
+    return Client(args.target, token=args.token, credentials=credentials, timeout=args.timeout)
+
+
+def _options(args: argparse.Namespace) -> GenerateOptions:
+    options = GenerateOptions(stop=args.stop)
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)  # type: ignore[literal-required]
+    return options
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    _show(client.generate(prompt, **_options(args)), args.json)
+    return 0
+
+
+def _chat(client: Client, args: argparse.Namespace) -> int:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    questions = [args.once] if args.once is not None else _user_lines()
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        answer = _show(client.chat(messages, **_options(args)), args.json)
+        messages.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def _user_lines() -> Iterator[str]:
+    """Non-empty stdin lines, with a prompt when a person is typing."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def _show(stream: TextStream, as_json: bool) -> str:
+    """Stream an answer to stdout (or print it as one JSON line); returns its text."""
+    with stream:
+        if as_json:
+            stream.read()
+            print(json.dumps(stream.summary(), ensure_ascii=False), flush=True)
+        else:
+            for delta in stream:
+                print(delta, end="", flush=True)
+            print(flush=True)
+    return stream.text
+
+
+def _tokenize(client: Client, args: argparse.Namespace) -> int:
+    response = client.tokenize([{"role": "user", "content": args.text}] if args.chat else args.text)
+    if args.json:
+        _print_json(response)
+    else:
+        print(" ".join(map(str, response.token_ids)))
+    return 0
+
+
+def _detokenize(client: Client, args: argparse.Namespace) -> int:
+    print(client.detokenize(args.token_ids))
+    return 0
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    if args.wait > 0:
+        # Not serving in time is reported below, as the status found last.
+        with contextlib.suppress(PagodaError):
+            client.wait_until_serving(timeout=args.wait)
+    status = client.health()
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _info(client: Client, args: argparse.Namespace) -> int:
+    info = client.model_info()
+    if args.json:
+        _print_json(info)
+        return 0
+    model = info.model
+    print(f"model:        {model.model_name or '(no engine has answered yet)'} ({model.architecture})")
+    print(f"engines:      {info.num_healthy_engines} of {info.num_engines} healthy")
+    print(f"device:       {model.device}, {model.dtype}, tensor parallel {model.tensor_parallel_size}")
+    print(f"max length:   {model.max_model_len} tokens; KV cache {model.kv_capacity_tokens} tokens")
+    print(f"chat:         {'yes' if info.has_chat_template else 'no template'}")
+    print(f"version:      {model.version}")
+    return 0
+
+
+def _print_json(message: Any) -> None:
+    print(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+// A small TypeScript client for Pagoda's tokenizer service (pagoda.v1.Tokenizer, the public text API).
+//
+// The contracts are loaded from the repository's protos/ at run time with @grpc/proto-loader, so there is
+// no generated code to keep in step: a field added to a .proto is usable at once (by its camelCase name).
+//
+//   const client = new PagodaClient("localhost:50052");
+//   for await (const delta of client.chat([{ role: "user", content: "Hi!" }], { maxTokens: 64 })) {
+//     process.stdout.write(delta);
+//   }
+
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+// From dist/src/ (the compiled file) up to the repository root; PAGODA_PROTOS overrides it.
+const DEFAULT_PROTOS = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../../../protos");
+
+export const DEFAULT_TARGET = "localhost:50052";
+
+export interface ChatMessage {
+  role: string;
+  content: string;
+}
+
+// The common knobs of SamplingParams (engine.proto); unset ones keep the service's defaults.
+export interface GenerateOptions {
+  maxTokens?: number;
+  temperature?: number;
+  topP?: number;
+  topK?: number;
+  seed?: number;
+  // Strings that end the answer; the text is cut before the match.
+  stop?: string[];
+  // Deadline of the whole stream, in milliseconds.
+  timeoutMs?: number;
+}
+
+export interface Usage {
+  promptTokens: number;
+  completionTokens: number;
+  cachedPromptTokens: number;
+}
+
+export interface ClientOptions {
+  // Default: insecure (plain TCP). grpc.credentials.createSsl() for TLS.
+  credentials?: grpc.ChannelCredentials;
+  // Sent as "authorization: Bearer <token>" on every call.
+  token?: string;
+  // Where pagoda/v1/*.proto live (default: $PAGODA_PROTOS, else the repository's protos/).
+  protosDir?: string;
+}
+
+// A failed call: `code` is the gRPC status (grpc.status.INVALID_ARGUMENT, UNAVAILABLE, ...).
+export class PagodaError extends Error {
+  constructor(
+    readonly code: grpc.status,
+    readonly details: string,
+  ) {
+    super(`${grpc.status[code]}: ${details}`);
+    this.name = "PagodaError";
+  }
+}
+
+// The wire messages as proto-loader decodes them (camelCase fields, enums as their names).
+interface TextGenerateResponse {
+  requestId: string;
+  text: string;
+  finishReason: string;
+  usage?: Usage | null;
+}
+
+type Callback<T> = (error: grpc.ServiceError | null, value?: T) => void;
+
+interface TokenizerStub extends grpc.Client {
+  Generate(request: object, metadata: grpc.Metadata, options: grpc.CallOptions): grpc.ClientReadableStream<TextGenerateResponse>;
+  Chat(request: object, metadata: grpc.Metadata, options: grpc.CallOptions): grpc.ClientReadableStream<TextGenerateResponse>;
+  Tokenize(request: object, metadata: grpc.Metadata, callback: Callback<TokenizeResponse>): void;
+  GetModelInfo(request: object, metadata: grpc.Metadata, callback: Callback<Record<string, unknown>>): void;
+}
+
+export interface TokenizeResponse {
+  tokenIds: number[];
+  tokens: string[];
+  prompt: string;
+  maxModelLen: number;
+}
+
+// The text deltas of one answer, as an async iterable; `text`, `finishReason` and `usage` fill in as it is read.
+export class TextStream implements AsyncIterable<string> {
+  requestId = "";
+  text = "";
+  // "stop", "length" or "abort" once the stream has ended.
+  finishReason: string | undefined;
+  usage: Usage | undefined;
+
+  constructor(private readonly call: grpc.ClientReadableStream<TextGenerateResponse>) {}
+
+  async *[Symbol.asyncIterator](): AsyncIterator<string> {
+    try {
+      for await (const response of this.call as AsyncIterable<TextGenerateResponse>) {
+        this.requestId = response.requestId;
+        this.text += response.text;
+        if (response.finishReason !== "FINISH_REASON_UNSPECIFIED") {
+          this.finishReason = response.finishReason.replace("FINISH_REASON_", "").toLowerCase();
+          this.usage = response.usage ?? undefined;
+        }
+        // Text lags tokens while a character or a possible stop string is incomplete.
+        if (response.text) yield response.text;
+      }
+    } catch (error) {
+      throw toPagodaError(error);
+    }
+  }
+
+  // Reads the rest of the answer and returns its whole text.
+  async read(): Promise<string> {
+    for await (const _ of this);
+    return this.text;
+  }
+
+  // Stops the generation on the server at once.
+  cancel(): void {
+    this.call.cancel();
+  }
+}
+
+export class PagodaClient {
+  private readonly stub: TokenizerStub;
+  private readonly token: string | undefined;
+
+  constructor(target: string = DEFAULT_TARGET, options: ClientOptions = {}) {
+    const protosDir = options.protosDir ?? process.env.PAGODA_PROTOS ?? DEFAULT_PROTOS;
+    const definition = protoLoader.loadSync("pagoda/v1/tokenizer.proto", {
+      includeDirs: [protosDir],
+      longs: Number, // uint64 fields (seed, kv_capacity_tokens) fit a double for any value they take
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    });
+    const pagoda = grpc.loadPackageDefinition(definition).pagoda as grpc.GrpcObject;
+    const Tokenizer = (pagoda.v1 as grpc.GrpcObject).Tokenizer as grpc.ServiceClientConstructor;
+    this.stub = new Tokenizer(target, options.credentials ?? grpc.credentials.createInsecure()) as unknown as TokenizerStub;
+    this.token = options.token;
+  }
+
+  // Completes a text prompt.
+  generate(prompt: string, options: GenerateOptions = {}): TextStream {
+    const request = { prompt, stop: options.stop ?? [], samplingParams: samplingParams(options) };
+    return new TextStream(this.stub.Generate(request, this.metadata(), callOptions(options)));
+  }
+
+  // Answers a conversation (oldest message first) using the model's chat template.
+  chat(messages: ChatMessage[], options: GenerateOptions = {}): TextStream {
+    const request = { messages, stop: options.stop ?? [], samplingParams: samplingParams(options) };
+    return new TextStream(this.stub.Chat(request, this.metadata(), callOptions(options)));
+  }
+
+  tokenize(text: string): Promise<TokenizeResponse> {
+    return this.unary((callback) => this.stub.Tokenize({ text }, this.metadata(), callback));
+  }
+
+  // pagoda.v1.TokenizerModelInfo, e.g. `(await client.modelInfo()).model.modelName`.
+  modelInfo(): Promise<Record<string, unknown>> {
+    return this.unary((callback) => this.stub.GetModelInfo({}, this.metadata(), callback));
+  }
+
+  close(): void {
+    this.stub.close();
+  }
+
+  private metadata(): grpc.Metadata {
+    const metadata = new grpc.Metadata();
+    if (this.token) metadata.set("authorization", `Bearer ${this.token}`);
+    return metadata;
+  }
+
+  private unary<T>(call: (callback: Callback<T>) => void): Promise<T> {
+    return new Promise((resolve, reject) =>
+      call((error, value) => (error ? reject(toPagodaError(error)) : resolve(value as T))),
+    );
+  }
+}
+
+function samplingParams(options: GenerateOptions): Record<string, number> {
+  // proto3 `optional` fields are sent only when present, so an unset key keeps the service's default.
+  const params: Record<string, number> = {};
+  for (const key of ["maxTokens", "temperature", "topP", "topK", "seed"] as const) {
+    const value = options[key];
+    if (value !== undefined) params[key] = value;
+  }
+  return params;
+}
+
+function callOptions(options: GenerateOptions): grpc.CallOptions {
+  return options.timeoutMs === undefined ? {} : { deadline: Date.now() + options.timeoutMs };
+}
+
+function toPagodaError(error: unknown): Error {
+  const status = error as Partial<grpc.ServiceError>;
+  if (typeof status.code === "number") return new PagodaError(status.code, status.details ?? String(error));
+  return error as Error;
+}

@@ -1,0 +1,56 @@
+// Runs against a live tokenizer service at $PAGODA_TARGET (tests/test_compose.py starts one and runs
+// `npm test` with it set); without it every test is skipped.
+
+import assert from "node:assert/strict";
+import { after, describe, test } from "node:test";
+
+import * as grpc from "@grpc/grpc-js";
+
+import { PagodaClient, PagodaError } from "../src/client.js";
+
+const target = process.env.PAGODA_TARGET;
+
+describe("PagodaClient", { skip: target ? false : "PAGODA_TARGET is not set" }, () => {
+  const client = new PagodaClient(target);
+  after(() => client.close());
+
+  test("streams a chat answer in several deltas", async () => {
+    const stream = client.chat([{ role: "user", content: "What is the capital of France?" }], {
+      temperature: 0,
+      maxTokens: 32,
+    });
+    const deltas: string[] = [];
+    for await (const delta of stream) deltas.push(delta);
+    assert.ok(deltas.length > 1, `one delta only: ${JSON.stringify(deltas)}`);
+    assert.equal(deltas.join(""), stream.text);
+    assert.match(stream.text, /Paris/);
+    assert.equal(stream.finishReason, "stop");
+    assert.ok(stream.usage && stream.usage.completionTokens > 1 && stream.usage.promptTokens > 0);
+  });
+
+  test("generates until max tokens", async () => {
+    const stream = client.generate("Once upon a time", { maxTokens: 5, temperature: 0.8, seed: 1 });
+    const text = await stream.read();
+    assert.ok(text.length > 0);
+    assert.equal(stream.finishReason, "length");
+    assert.equal(stream.usage?.completionTokens, 5);
+  });
+
+  test("tokenizes and reports the model", async () => {
+    const tokens = await client.tokenize("Hello world");
+    assert.ok(tokens.tokenIds.length >= 2);
+    assert.equal(tokens.tokens.length, tokens.tokenIds.length);
+    const info = (await client.modelInfo()) as { model: { modelName: string }; hasChatTemplate: boolean };
+    assert.ok(info.model.modelName.length > 0);
+    assert.equal(info.hasChatTemplate, true);
+  });
+
+  test("a bad request is a PagodaError with INVALID_ARGUMENT", async () => {
+    const stream = client.generate("Hello", { stop: [""] });
+    await assert.rejects(stream.read(), (error: unknown) => {
+      assert.ok(error instanceof PagodaError);
+      assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+      return true;
+    });
+  });
+});

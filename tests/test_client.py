@@ -1,0 +1,258 @@
+"""The Python client library (pagoda_client) and the `pagoda` CLI against real services: an engine on the
+CPU and the tokenizer service in front of it, serving SmolLM2-135M-Instruct on loopback ports (started by
+pagoda_client.demo.local_services, which `make demo` uses too)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pagoda.v1 import engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from pagoda_client import (
+    AsyncClient,
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PagodaError,
+    ResourceExhaustedError,
+    UnavailableError,
+    cli,
+)
+from pagoda_client.demo import free_port, local_services
+from pagoda_client.errors import from_rpc_error
+
+pytestmark = pytest.mark.timeout(180)
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def target(smollm2_dir, tmp_path_factory) -> str:
+    with local_services(smollm2_dir, tmp_path_factory.mktemp("client-logs"), engine_args=["--cpu-kv-cache-gib", "0.25"]
+                        ) as address:
+        yield address
+
+
+@pytest.fixture
+def client(target):
+    with Client(target) as client:
+        yield client
+
+
+# ---- sync client ----
+
+def test_chat_streams_text_deltas(client):
+    with client.chat(FRANCE, temperature=0.0, max_tokens=32) as stream:
+        deltas = list(stream)
+    assert len(deltas) > 1 and "".join(deltas) == stream.text
+    assert "Paris" in stream.text
+    assert stream.finish_reason == "stop"
+    assert stream.usage.completion_tokens == len(stream.token_ids) > 1
+    assert stream.request_id
+
+
+def test_generate_stops_at_max_tokens_and_at_stop_strings(client):
+    stream = client.generate("Once upon a time", max_tokens=6, temperature=0.7, seed=3)
+    stream.read()
+    assert stream.finish_reason == "length" and stream.usage.completion_tokens == 6
+    # Seeded sampling repeats; a stop string cuts the text before its first match.
+    assert client.generate("Once upon a time", max_tokens=6, temperature=0.7, seed=3).read() == stream.text
+    cut = stream.text.split()[1]
+    stopped = client.generate("Once upon a time", max_tokens=6, temperature=0.7, seed=3, stop=[cut])
+    assert cut not in stopped.read() and stopped.finish_reason == "stop"
+
+
+def test_sampling_message_carries_other_fields(client):
+    stream = client.chat(FRANCE, max_tokens=5, sampling=engine_pb2.SamplingParams(ignore_eos=True, temperature=0))
+    stream.read()
+    assert stream.usage.completion_tokens == 5 and stream.finish_reason == "length"
+
+
+def test_abort_ends_a_running_stream(client):
+    endless = engine_pb2.SamplingParams(ignore_eos=True, max_tokens=4000)
+    stream = client.generate("Count to ten thousand:", sampling=endless, request_id="client-test-abort")
+    next(iter(stream))
+    assert client.abort("client-test-abort")
+    stream.read()
+    assert stream.finish_reason == "abort"
+    assert not client.abort("client-test-abort")
+
+
+def test_tokenize_detokenize_info_health(client):
+    tokens = client.tokenize("Hello world")
+    assert client.detokenize(tokens.token_ids) == "Hello world"
+    chat = client.tokenize(FRANCE)
+    assert "France" in chat.prompt and len(chat.token_ids) > len(tokens.token_ids)
+    info = client.model_info()
+    assert info.model.model_name == "SmolLM2-135M-Instruct" and info.has_chat_template
+    assert client.health() == "SERVING"
+    client.wait_until_serving(timeout=5)
+
+
+def test_errors_are_typed_and_carry_the_status(client):
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.generate("Hello", stop=[""]).read()
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.details
+    with pytest.raises(InvalidArgumentError):
+        client.detokenize([10**9])
+    with pytest.raises(ValueError, match="n > 1"):
+        client.generate("Hello", sampling=engine_pb2.SamplingParams(n=2))
+    with pytest.raises(TypeError, match="unknown options"):
+        client.generate("Hello", max_token=3)
+
+
+def test_unreachable_service_is_unavailable():
+    with Client(f"127.0.0.1:{free_port()}", timeout=2) as client:
+        with pytest.raises(UnavailableError):
+            client.health()
+        with pytest.raises(UnavailableError, match="not serving after"):
+            client.wait_until_serving(timeout=0.5)
+
+
+class _FakeCall(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "details"
+
+
+@pytest.mark.parametrize("code, kind", [
+    (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError),
+    (grpc.StatusCode.UNAVAILABLE, UnavailableError),
+    (grpc.StatusCode.FAILED_PRECONDITION, FailedPreconditionError),
+    (grpc.StatusCode.INTERNAL, PagodaError),
+])
+def test_status_codes_map_to_error_classes(code, kind):
+    error = from_rpc_error(_FakeCall(code))
+    assert type(error) is kind and error.code == code and str(error) == f"{code.name}: details"
+
+
+class _EchoAuthorization(tokenizer_pb2_grpc.TokenizerServicer):
+    def Detokenize(self, request, context):
+        return tokenizer_pb2.DetokenizeResponse(text=dict(context.invocation_metadata()).get("authorization", ""))
+
+
+def test_bearer_token_is_sent_as_metadata():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(_EchoAuthorization(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", token="s3cret") as client:
+            assert client.detokenize([1]) == "Bearer s3cret"
+        with Client(f"127.0.0.1:{port}") as client:
+            assert client.detokenize([1]) == ""
+    finally:
+        server.stop(None)
+
+
+# ---- asyncio client ----
+
+def test_async_client(target):
+    async def run() -> None:
+        async with AsyncClient(target) as client:
+            await client.wait_until_serving(timeout=5)
+            assert await client.health() == "SERVING"
+            stream = client.chat(FRANCE, temperature=0.0, max_tokens=32)
+            deltas = [delta async for delta in stream]
+            assert len(deltas) > 1 and "Paris" in stream.text and stream.finish_reason == "stop"
+            # Two streams at once on one channel.
+            texts = await asyncio.gather(*(client.generate("The sky is", max_tokens=4, seed=s).read() for s in (1, 2)))
+            assert all(texts)
+            tokens = await client.tokenize("Hello world")
+            assert await client.detokenize(tokens.token_ids) == "Hello world"
+            assert (await client.model_info()).model.model_name == "SmolLM2-135M-Instruct"
+            with pytest.raises(InvalidArgumentError):
+                await client.generate("Hello", stop=[""]).read()
+            assert not await client.abort("no-such-request")
+
+    asyncio.run(run())
+
+
+# ---- the CLI ----
+
+def run_cli(target: str, *args: str, stdin: str = "", monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = cli.main(["--target", target, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generate_streams_and_json(target, monkeypatch, capsys):
+    code, out, _ = run_cli(target, "generate", "Once upon a time", "--max-tokens", "5", "--seed", "1",
+                           monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and out.strip()
+    code, out, _ = run_cli(target, "generate", "--max-tokens", "5", "--seed", "1", "--json",
+                           stdin="Once upon a time", monkeypatch=monkeypatch, capsys=capsys)
+    answer = json.loads(out)
+    assert code == 0 and answer["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 5
+
+
+def test_cli_chat_once(target, monkeypatch, capsys):
+    code, out, _ = run_cli(target, "chat", "--once", "What is the capital of France?", "--temperature", "0",
+                           "--max-tokens", "32", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "Paris" in out
+
+
+def test_cli_chat_keeps_the_conversation(target, monkeypatch, capsys):
+    lines = "My name is Ada.\n\nWhat did I just tell you?\n"
+    code, out, _ = run_cli(target, "chat", "--system", "Be brief.", "--temperature", "0", "--max-tokens", "24",
+                           "--json", stdin=lines, monkeypatch=monkeypatch, capsys=capsys)
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert code == 0
+    # The second turn's prompt holds the first question and answer (and the blank line was skipped).
+    assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+
+
+def test_cli_tokenize_detokenize_health_info(target, monkeypatch, capsys):
+    code, out, _ = run_cli(target, "tokenize", "Hello world", monkeypatch=monkeypatch, capsys=capsys)
+    ids = out.split()
+    assert code == 0 and ids
+    code, out, _ = run_cli(target, "detokenize", *ids, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and out == "Hello world\n"
+    code, out, _ = run_cli(target, "tokenize", "--chat", "hi", "--json", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "<|im_start|>" in json.loads(out)["prompt"]
+    code, out, _ = run_cli(target, "health", monkeypatch=monkeypatch, capsys=capsys)
+    assert (code, out) == (0, "SERVING\n")
+    code, out, _ = run_cli(target, "info", "--json", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and json.loads(out)["model"]["model_name"] == "SmolLM2-135M-Instruct"
+    code, out, _ = run_cli(target, "info", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and "SmolLM2-135M-Instruct" in out
+
+
+def test_cli_reports_errors_with_exit_status_1(target, monkeypatch, capsys):
+    code, _, err = run_cli(target, "generate", "Hello", "--stop", "", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.startswith("pagoda: error: INVALID_ARGUMENT:")
+    code, _, err = run_cli(f"127.0.0.1:{free_port()}", "health", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "UNAVAILABLE" in err
+
+
+def test_console_script(target):
+    script = Path(sys.executable).parent / "pagoda"
+    assert script.exists(), "the `pagoda` console script is missing: reinstall (pip install -e .)"
+    result = subprocess.run([str(script), "--target", target, "health", "--wait", "10"], capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, "SERVING\n"), result.stderr
+
+
+# ---- make demo ----
+
+def test_demo_streams_an_answer_and_stops_the_services(smollm2_dir):
+    result = subprocess.run([sys.executable, "-m", "pagoda_client.demo", "--model", str(smollm2_dir),
+                             "--max-tokens", "32", "What is the capital of France?"],
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout and "done" in result.stderr
