@@ -281,6 +281,13 @@ def test_every_pagoda_variable_is_a_config_field(compose):
         assert declared <= known, f"{name}: {declared - known} are not fields of {config.__name__}"
 
 
+def test_readme_configuration_table_lists_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    for config in (EngineConfig, TokenizerConfig):
+        missing = [f.name for f in dataclasses.fields(config) if f"| `PAGODA_{f.name.upper()}` |" not in readme]
+        assert not missing, f"README.md, Configuration: add {config.__name__} fields {missing}"
+
+
 def test_services_depend_on_the_model_step_and_the_engine_health(compose):
     services = compose["services"]
     assert services["engine"]["depends_on"] == {"model": {"condition": "service_completed_successfully"}}
