@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -35,14 +36,14 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def target(smollm2_dir, tmp_path_factory) -> str:
+def target(smollm2_dir, tmp_path_factory) -> Iterator[str]:
     with local_services(smollm2_dir, tmp_path_factory.mktemp("client-logs"), engine_args=["--cpu-kv-cache-gib", "0.25"]
                         ) as address:
         yield address
 
 
 @pytest.fixture
-def client(target):
+def client(target) -> Iterator[Client]:
     with Client(target) as client:
         yield client
 

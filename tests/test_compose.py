@@ -190,6 +190,8 @@ class LocalService:
 
     def stop(self) -> int:
         """``docker compose stop``: SIGTERM, then SIGKILL after stop_grace_period (10 s unless declared)."""
+        if self.process is None:  # never started: an earlier service failed
+            return 0
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -310,7 +312,7 @@ def test_dockerfiles(dockerfile, base, extra):
     assert "ENTRYPOINT" not in {op for op, _ in instructions}
     assert f'"{extra}"' in text
     if "tokenizer" in dockerfile:
-        assert "torch" not in text.replace("no torch", "").replace("torch is never", ""), "no torch in the tokenizer"
+        assert not re.search(r"pip install .*(torch|engine)", text), "no torch in the tokenizer image"
 
 
 def test_dockerignore_keeps_local_state_out():
