@@ -116,6 +116,28 @@ def test_seeded_sampling_ignores_batch_composition(tiny_model_dirs):
     assert different[0].outputs[0].token_ids != alone
 
 
+def test_next_step_launches_before_the_previous_tokens_are_applied(tiny_model_dirs):
+    """Decodes read their input token on the device; a row with penalties makes the engine wait instead."""
+    llm = make_llm(tiny_model_dirs["llama"])
+    engine = llm.engine
+    prompts = prompts_of([9, 21])
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, max_tokens=20,
+                               ignore_eos=True)
+    alone = [llm.generate(p, s)[0].outputs[0].token_ids for p, s in zip(prompts, (GREEDY, penalised), strict=True)]
+    engine.add_request("plain", prompts[0], GREEDY)
+    for _ in range(3):
+        engine.step()
+    seq = engine.requests["plain"][0]
+    assert seq.num_pending_tokens == 1 and len(seq.token_ids) == seq.num_tokens - 1
+    engine.add_request("penalised", prompts[1], penalised)
+    outputs: dict[str, list[int]] = {"plain": list(seq.output_token_ids), "penalised": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] += out.token_ids
+    assert [outputs["plain"], outputs["penalised"]] == alone
+    assert_all_blocks_free(llm)
+
+
 def test_n_samples_share_the_prompt_and_differ(tiny_model_dirs):
     llm = make_llm(tiny_model_dirs["llama"])
     prompt = prompts_of([33])[0]

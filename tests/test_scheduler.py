@@ -23,11 +23,7 @@ def add(scheduler, request_id, prompt_len, max_tokens=4):
 def run_step(scheduler):
     """One step with a stand-in model that always samples token 7."""
     batch = scheduler.schedule()
-    samples = {
-        seq.seq_id: 7
-        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)
-        if seq.num_computed_tokens + n == seq.num_tokens
-    }
+    samples = {seq.seq_id: 7 for seq, samples in zip(batch.seqs, batch.samples, strict=True) if samples}
     scheduler.update(batch, samples)
     return batch
 

@@ -101,10 +101,14 @@ class BlockManager:
         seq.num_published_blocks = 0
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Publish ``seq``'s newly completed full blocks in the prefix cache."""
+        """Publish ``seq``'s newly completed full blocks in the prefix cache.
+
+        A block counts once the step computing it is scheduled (later steps run after it on the device)
+        and its tokens are known (a pending token is not, until its step finishes).
+        """
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         self._extend_hashes(seq, num_full)
         for i in range(seq.num_published_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
@@ -131,6 +135,7 @@ class BlockManager:
 
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
         size = self.block_size
+        num_blocks = min(num_blocks, len(seq.token_ids) // size)  # a pending token has no id yet
         for i in range(len(seq.block_hashes), num_blocks):
             parent = seq.block_hashes[i - 1] if i else None
             seq.block_hashes.append(hash((parent, tuple(seq.token_ids[i * size : (i + 1) * size]))))

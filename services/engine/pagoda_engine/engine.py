@@ -14,7 +14,7 @@ import torch
 from pagoda_engine.block_manager import BlockManager
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.model_config import ModelConfig
-from pagoda_engine.model_runner import ModelRunner
+from pagoda_engine.model_runner import LaunchedStep, ModelRunner
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
 from pagoda_engine.scheduler import Scheduler
 from pagoda_engine.sequence import FinishReason, Sequence
@@ -90,6 +90,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
         self._seeds = random.Random(config.seed)
+        self._in_flight: LaunchedStep | None = None
 
     # ---- requests ----
 
@@ -138,20 +139,38 @@ class LLMEngine:
         return [self._output(seq, [], None) for seq in live]
 
     def has_unfinished_requests(self) -> bool:
+        # A launched step's unfinished sequences are still running (or waiting, if preempted since).
         return self.scheduler.has_unfinished()
 
     # ---- the step ----
 
     def step(self) -> list[SequenceOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        result = self.runner.execute(batch)
-        sampled = {seq.seq_id: token for seq, token in zip(result.seqs, result.token_ids, strict=True)}
-        self.scheduler.update(batch, sampled)
+        """Launch the next step, then finish the previous one: returns the previous step's outputs.
+
+        The host's bookkeeping for step N (its tokens, stop checks, outputs) runs while the device
+        computes step N+1, whose decodes read their input tokens from step N's output on the device.
+        Only a row with penalties makes the engine finish step N before it schedules step N+1.
+        """
         outputs = []
-        for seq, token, logprobs in zip(result.seqs, result.token_ids, result.logprobs, strict=True):
-            outputs.append(self._output(seq, [token], None if logprobs is None else [logprobs]))
+        if self._in_flight is not None and self._in_flight.needs_tokens_before_next_step:
+            outputs = self._finish(self._in_flight)
+        batch = self.scheduler.schedule()
+        launched = self.runner.launch(batch) if batch.seqs else None
+        if self._in_flight is not None:
+            outputs += self._finish(self._in_flight)
+        self._in_flight = launched
+        return outputs
+
+    def _finish(self, step: LaunchedStep) -> list[SequenceOutput]:
+        self._in_flight = None
+        result = self.runner.finish(step)
+        # Requests aborted since the launch already had their final output from abort_request.
+        live = [i for i, seq in enumerate(result.seqs) if not seq.is_finished]
+        self.scheduler.update(step.batch, dict(zip((s.seq_id for s in result.seqs), result.token_ids, strict=True)))
+        outputs = []
+        for i in live:
+            seq, logprobs = result.seqs[i], result.logprobs[i]
+            outputs.append(self._output(seq, [result.token_ids[i]], None if logprobs is None else [logprobs]))
             if seq.is_finished:
                 self._forget_if_done(seq.request_id)
         return outputs

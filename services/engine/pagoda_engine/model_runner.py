@@ -16,7 +16,7 @@ import torch
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.cuda_graph import DecodeGraphs
 from pagoda_engine.layers.attention import Attention, AttentionMetadata, select_backend
-from pagoda_engine.layers.sampler import Sampler, SamplerRequest, SamplingMetadata
+from pagoda_engine.layers.sampler import Sampler, SamplerOutput, SamplerRequest, SamplingMetadata
 from pagoda_engine.model_config import ModelConfig
 from pagoda_engine.models.loader import load_model
 from pagoda_engine.sampling_params import SamplingParams
@@ -34,6 +34,22 @@ class StepResult:
     token_ids: list[int]
     # Per sampled sequence, when it asked for logprobs: (chosen logprob, [(token id, logprob), ...]).
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device; ``ModelRunner.finish`` waits for it and reads its tokens."""
+
+    batch: ScheduledBatch
+    sample_seqs: list[Sequence]
+    output: SamplerOutput | None  # on the device
+    host_token_ids: torch.Tensor | None  # filled by an asynchronous copy of output.sampled_token_ids
+    copied: torch.cuda.Event | None  # recorded after that copy (None on the CPU, where it is synchronous)
+
+    @property
+    def needs_tokens_before_next_step(self) -> bool:
+        """A row with penalties reads every token drawn so far, so its next step must wait for these."""
+        return any(seq.params.has_penalties for seq in self.sample_seqs)
 
 
 @dataclass
@@ -62,6 +78,10 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
+        # The latest launch's sampled tokens (on the device) and each sampling sequence's row in them:
+        # the next step's pending input tokens are read from there.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[int, int] = {}
 
     # ---- start-up: KV cache sizing and CUDA graphs ----
 
@@ -83,6 +103,8 @@ class ModelRunner:
         self.num_kv_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        if self.device.type == "cuda":
+            self._warm_up_cached_step()
         return num_blocks
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:
@@ -133,65 +155,117 @@ class ModelRunner:
         torch.cuda.synchronize()
         del hidden, logits
 
+    @torch.inference_mode()
+    def _warm_up_cached_step(self) -> None:
+        """One eager step through the cache: a decode beside a prefill after a cached prefix.
+
+        The profiling pass has no cache, so without this the first request would wait while the
+        paged prefill and eager decode kernels compile. Nothing is written (every slot is -1).
+        """
+        query_lens, seq_lens = [1, 24], [33, 48]
+        starts = [0, 1, 25]
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((25,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((2, -(-48 // self.block_size)), dtype=torch.int32, device=self.device),
+            num_decodes=1, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            query_start_loc_host=starts, seq_lens_host=seq_lens,
+        )
+        positions = torch.tensor([32, *range(24, 48)], device=self.device)
+        self.model(torch.zeros(25, dtype=torch.int64, device=self.device), positions, meta)
+        torch.cuda.synchronize()
+
     # ---- the per-step path ----
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue the step on the device and return at once; the sampled tokens stay on the device.
+
+        A decode whose input token is still pending (drawn by the previous launch) reads it there.
+        """
         inputs = self.prepare_inputs(batch)
         hidden = self._run_model(inputs, batch)
-        if not inputs.sample_seqs:
-            return StepResult([], [], [])
+        seqs = inputs.sample_seqs
+        self._last_sampled, self._last_rows = None, {}
+        if not seqs:
+            return LaunchedStep(batch, [], None, None, None)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        # The scheduler already counts this step's token as pending: the draw is one position before.
         requests = [
-            SamplerRequest(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens, seq.stop_ids)
-            for seq in inputs.sample_seqs
+            SamplerRequest(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens, seq.stop_ids,
+                           seq.num_pending_tokens - 1)
+            for seq in seqs
         ]
-        meta = SamplingMetadata.build(requests, logits.shape[-1], self.device)
-        out = self.sampler(logits, meta)
-        token_ids = out.sampled_token_ids.tolist()
-        return StepResult(inputs.sample_seqs, token_ids, self._logprobs(out, inputs.sample_seqs))
+        out = self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
+        self._last_sampled = out.sampled_token_ids
+        self._last_rows = {seq.seq_id: row for row, seq in enumerate(seqs)}
+        if self.device.type != "cuda":
+            return LaunchedStep(batch, seqs, out, out.sampled_token_ids, None)
+        host = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
+        host.copy_(out.sampled_token_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LaunchedStep(batch, seqs, out, host, copied)
+
+    def finish(self, step: LaunchedStep) -> StepResult:
+        """Wait for a launched step's tokens (and logprobs) on the host."""
+        if step.output is None:
+            return StepResult([], [], [])
+        if step.copied is not None:
+            step.copied.synchronize()
+        token_ids = step.host_token_ids.tolist()
+        return StepResult(step.sample_seqs, token_ids, self._logprobs(step.output, step.sample_seqs))
 
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
         block_size = self.block_size
-        starts = np.array([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
         counts = np.array(batch.num_tokens, dtype=np.int64)
-        ends = starts + counts
+        # The scheduler has already counted this step's tokens as computed.
+        ends = np.array([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
+        starts = ends - counts
         query_start_loc = np.zeros(len(batch) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start_loc[1:])
         # Positions of every token: for sequence i, starts[i] .. ends[i] - 1.
         seq_of_token = np.repeat(np.arange(len(batch)), counts)
         positions = np.arange(query_start_loc[-1]) - np.repeat(query_start_loc[:-1], counts) + starts[seq_of_token]
+        # A pending input token (always a decode's only one) is a 0 here, filled from the device below.
+        pending = [i for i, (seq, end) in enumerate(zip(batch.seqs, ends, strict=True)) if end > len(seq.token_ids)]
         input_ids = np.fromiter(
             (t for seq, s, e in zip(batch.seqs, starts, ends, strict=True) for t in seq.token_ids[s:e]),
-            dtype=np.int64, count=int(query_start_loc[-1]),
+            dtype=np.int64, count=int(query_start_loc[-1]) - len(pending),
         )
+        if pending:
+            input_ids = np.insert(input_ids, query_start_loc[1:][pending] - np.arange(1, len(pending) + 1), 0)
         max_blocks = max(len(seq.block_table) for seq in batch.seqs)
         block_tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
         for i, seq in enumerate(batch.seqs):
             block_tables[i, : len(seq.block_table)] = seq.block_table
         slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
-        samples = ends == np.array([seq.num_tokens for seq in batch.seqs])
-        logits_indices = query_start_loc[1:][samples] - 1
+        logits_indices = query_start_loc[1:][batch.samples] - 1
+        pending_slots = query_start_loc[1:][pending] - 1
+        pending_rows = [self._last_rows[batch.seqs[i].seq_id] for i in pending]
 
         # One host-to-device copy of everything, then views.
         flat = np.concatenate([input_ids, positions, slot_mapping, query_start_loc, ends, logits_indices,
-                               block_tables.ravel()])
+                               pending_slots, np.array(pending_rows, dtype=np.int64), block_tables.ravel()])
         dev = torch.from_numpy(flat).to(self.device, non_blocking=True)
-        t, b = len(input_ids), len(batch)
-        offsets = np.cumsum([0, t, t, t, b + 1, b, len(logits_indices)])
+        t, b, p = len(input_ids), len(batch), len(pending)
+        offsets = np.cumsum([0, t, t, t, b + 1, b, len(logits_indices), p, p])
         view = lambda k: dev[offsets[k] : offsets[k + 1]]  # noqa: E731
+        if pending:
+            view(0).index_copy_(0, view(6), self._last_sampled.index_select(0, view(7)))
         meta = AttentionMetadata(
             slot_mapping=view(2),
             query_start_loc=view(3).int(),
             seq_lens=view(4).int(),
-            block_tables=dev[offsets[6]:].view(b, max_blocks).int(),
+            block_tables=dev[offsets[8]:].view(b, max_blocks).int(),
             num_decodes=batch.num_decodes,
             max_query_len=int(counts.max()),
             max_seq_len=int(ends.max()),
             query_start_loc_host=query_start_loc.tolist(),
             seq_lens_host=ends.tolist(),
         )
-        sample_seqs = [seq for seq, s in zip(batch.seqs, samples, strict=True) if s]
+        sample_seqs = [seq for seq, s in zip(batch.seqs, batch.samples, strict=True) if s]
         return ModelInputs(view(0), view(1), meta, view(5), sample_seqs)
 
     def _run_model(self, inputs: ModelInputs, batch: ScheduledBatch) -> torch.Tensor:

@@ -42,6 +42,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling reads the tokens drawn so far (so the next draw must wait for the last one)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def validate(self, max_logprobs: int = 20, max_n: int = 16) -> None:
         """Raise InvalidRequestError naming the first field out of range."""
         checks = [

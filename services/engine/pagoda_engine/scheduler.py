@@ -5,6 +5,12 @@ served first (a decode costs one token, an unfinished prefill its next chunk), t
 admitted while the budget, ``max_num_seqs`` and the free KV blocks allow. When a running sequence
 cannot get a block, the newest running sequence is preempted: its blocks are freed and it returns to
 the front of the waiting queue, to be recomputed as a prefill (the prefix cache usually makes that cheap).
+
+The engine schedules step N+1 while step N still runs on the device, so ``schedule`` accounts for a
+step as soon as it is scheduled: it advances ``num_computed_tokens``, publishes the blocks whose
+tokens are known, and marks each sequence that samples as holding a pending token. ``update`` later
+turns the pending tokens into real ones and applies stop conditions. This is safe because the device
+runs steps in order: a block published, freed or reused now is only read or written by later steps.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ class ScheduledBatch:
 
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens each sequence computes this step
+    samples: list[bool]  # whether the step reaches the sequence's end, so it samples a token
     num_decodes: int
     preempted: list[Sequence] = field(default_factory=list)
 
@@ -67,6 +74,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.reaches_length_limit(self.max_model_len):  # its pending token is its last
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._allocate_or_preempt(seq, num_new, preempted):
                 scheduled.append((seq, num_new))
@@ -76,47 +86,48 @@ class Scheduler:
             budget = self._admit_waiting(budget, scheduled)
         # Decodes first: a stable sort keeps arrival order within each group.
         scheduled.sort(key=lambda item: item[1] != 1)
+        samples = [self._account(seq, n) for seq, n in scheduled]
         return ScheduledBatch(
             seqs=[seq for seq, _ in scheduled],
             num_tokens=[n for _, n in scheduled],
+            samples=samples,
             num_decodes=sum(1 for _, n in scheduled if n == 1),
             preempted=preempted,
         )
 
     def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
-        """Advance each scheduled sequence; ``sampled`` maps seq_id to its new token.
+        """Apply a finished step's tokens; ``sampled`` maps seq_id to the token it drew.
 
-        Only sequences whose prompt is fully computed sample; the others just move on a chunk.
-        Returns the sequences that finished this step (their blocks are already freed).
+        Returns the sequences that finished (their blocks are already freed). Sequences aborted since
+        the step was scheduled are skipped; a sequence preempted since still keeps its token.
         """
         finished = []
-        for seq, num_new in zip(batch.seqs, batch.num_tokens, strict=True):
-            if seq.is_finished:  # aborted while the step ran
-                continue
-            seq.num_computed_tokens += num_new
-            self.block_manager.cache_computed_blocks(seq)
+        for seq in batch.seqs:
             token = sampled.get(seq.seq_id)
-            if token is None:
+            if token is None or seq.is_finished:
                 continue
             seq.append_token(token)
+            self.block_manager.cache_computed_blocks(seq)
             reason = seq.check_stop(self.max_model_len)
             if reason is not None:
                 self._finish(seq, reason)
-                self.running.remove(seq)
                 finished.append(seq)
         return finished
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Remove sequences wherever they are and free their blocks at once."""
         for seq in seqs:
-            if seq.is_finished:
-                continue
-            if seq.status is SequenceStatus.RUNNING:
-                self.running.remove(seq)
-            else:
-                self.waiting.remove(seq)
-                self.waiting_tokens -= seq.num_tokens
-            self._finish(seq, FinishReason.ABORT)
+            if not seq.is_finished:
+                self._finish(seq, FinishReason.ABORT)
+
+    def _account(self, seq: Sequence, num_new: int) -> bool:
+        """Count a scheduled step as done (see the module docstring); returns whether ``seq`` samples."""
+        seq.num_computed_tokens += num_new
+        self.block_manager.cache_computed_blocks(seq)
+        if seq.num_computed_tokens < seq.num_tokens:  # a prefill chunk short of the prompt's end
+            return False
+        seq.num_pending_tokens += 1
+        return True
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Blocks for ``seq``, preempting the newest running sequences until they fit.
@@ -134,8 +145,8 @@ class Scheduler:
     def _admit_waiting(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.wait_for is not None and not self._prompt_cached_by(seq.wait_for):
-                break
+            if seq.num_pending_tokens or (seq.wait_for is not None and not self._prompt_cached_by(seq.wait_for)):
+                break  # preempted while its last step runs, or an n > 1 sample before the prompt is cached
             cached = self.block_manager.find_cached_prefix(seq)
             num_cached = len(cached) * self.block_manager.block_size
             num_new = seq.num_tokens - num_cached
@@ -168,6 +179,11 @@ class Scheduler:
         self.waiting_tokens += seq.num_tokens
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:  # preempted while its last step ran, or aborted before it started
+            self.waiting.remove(seq)
+            self.waiting_tokens -= seq.num_tokens
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -30,6 +30,11 @@ class Sequence:
     ``num_computed_tokens`` drives everything (as in vLLM v1): a step computes the next
     ``num_tokens - num_computed_tokens`` tokens or a chunk of them, so a fresh prompt, a chunked
     prefill, a decode and a request resumed after preemption are one code path.
+
+    ``num_pending_tokens`` counts tokens drawn by steps still running on the device: the engine
+    schedules step N+1 before step N's tokens reach the host, so a decode's input may be a token that
+    is not in ``token_ids`` yet (between the two, step N's and step N+1's tokens are both pending).
+    ``num_tokens`` counts them; ``token_ids`` (and ``num_output_tokens``) get each when its step finishes.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.block_table: list[int] = []
         # Chained hashes of the leading full blocks of token_ids, extended as blocks fill.
@@ -69,11 +75,16 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens in ``token_ids``: the ones reported so far (pending ones are not)."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def reaches_length_limit(self, max_model_len: int) -> bool:
+        """Whether the tokens drawn so far, pending ones too, already end the sequence by length."""
+        return self.num_tokens - self.num_prompt_tokens >= self.params.max_tokens or self.num_tokens >= max_model_len
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -88,16 +99,20 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
+        """The step that sampled ``token_id`` has finished: the pending token becomes a real one."""
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         self.token_ids.append(token_id)
+        self.num_pending_tokens -= 1
 
     def check_stop(self, max_model_len: int) -> FinishReason | None:
-        """Why the sequence ends after its newest token, if it does."""
-        last = self.token_ids[-1]
-        if last in self.stop_ids and self.num_output_tokens >= self.params.min_tokens:
+        """Why the sequence ends after its newest token in ``token_ids``, if it does.
+
+        Pending tokens do not count: the step drawing them started before this token was known.
+        """
+        if self.token_ids[-1] in self.stop_ids and self.num_output_tokens >= self.params.min_tokens:
             return FinishReason.STOP
-        if self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= max_model_len:
+        if self.num_output_tokens >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
             return FinishReason.LENGTH
         return None
 

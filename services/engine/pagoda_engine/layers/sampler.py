@@ -50,6 +50,9 @@ class SamplerRequest(NamedTuple):
     token_ids: list[int]
     num_prompt_tokens: int
     stop_ids: frozenset[int] | list[int]  # EOS ids + stop_token_ids, suppressed until min_tokens
+    # Tokens drawn by a step still running on the device, not in token_ids yet. Rows with penalties
+    # never have any: the engine waits for a step's tokens before it schedules such a row again.
+    num_pending_tokens: int = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -61,7 +64,8 @@ class SamplerRequest(NamedTuple):
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Tokens drawn before this one: the output position of the token being drawn."""
+        return len(self.token_ids) + self.num_pending_tokens - self.num_prompt_tokens
 
 
 @dataclass
@@ -101,8 +105,7 @@ class SamplingMetadata:
         any_top_p = any(p.top_p < 1.0 for p in sampled)
         any_min_p = any(p.min_p > 0.0 for p in sampled)
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        pen_rows = [i for i, p in enumerate(params)
-                    if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         suppress_rows = [i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_tokens]
         logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
 
