@@ -22,7 +22,8 @@ from triton.language.extra import libdevice
 _TORCH_FLOAT_SEMANTICS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
-@triton.jit
+# Not specialised on n_rows, which changes from step to step: one compile serves every batch.
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     n_rows, n_inner, n_cols,
