@@ -29,7 +29,7 @@ if [[ $what == all || $what == tests ]]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$results/gpu_tests.log" || status=1
 fi
 if [[ $what == all || $what == bench ]]; then
-  for micro in kernels fused_ops sampling; do
+  for micro in kernels fused_ops sampling step_profile; do
     [[ -f bench/$micro.py ]] || continue
     python3 bench/$micro.py --out "$results/$micro.json" 2>&1 | tee "$results/$micro.log" || status=1
   done
