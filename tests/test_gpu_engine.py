@@ -53,17 +53,22 @@ def test_cuda_graphs_match_eager(gpu_model_dirs, dtype):
 
 
 def test_bf16_tracks_fp32_over_a_long_generation(gpu_model_dirs):
-    """Teacher-forced along fp32's 128-token greedy run, bf16 picks the same next token almost always,
-    with a close logprob: errors stay at rounding level rather than compounding."""
+    """Teacher-forced along fp32's 128-token greedy run, bf16 picks the same next token wherever fp32's
+    choice is clear, with a close logprob: errors stay at rounding level rather than compounding.
+
+    Random weights make many near-ties (top two within bf16's rounding), where either pick is right."""
     model_dir = gpu_model_dirs["llama"]
     prompt = prompts_of([12])[0]
     ref = gpu_llm(model_dir, dtype="float32").generate(
-        prompt, SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True, logprobs=1))[0].outputs[0]
+        prompt, SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True, logprobs=2))[0].outputs[0]
+    margins = [top[0][1] - top[1][1] for _, top in ref.logprobs]
     prefixes = [prompt + ref.token_ids[:i] for i in range(128)]
     one_step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=1)
     low = gpu_llm(model_dir, dtype="bfloat16").generate(prefixes, one_step)
     agree = [out.outputs[0].token_ids[0] == ref.token_ids[i] for i, out in enumerate(low)]
-    assert sum(agree) >= 0.95 * len(agree)
+    clear = [i for i, margin in enumerate(margins) if margin > 0.25]
+    assert len(clear) >= 0.5 * len(agree) and all(agree[i] for i in clear)
+    assert sum(agree) >= 0.85 * len(agree)
     diffs = [abs(out.outputs[0].logprobs[0][0] - ref.logprobs[i][0]) for i, out in enumerate(low) if agree[i]]
     assert sum(diffs) / len(diffs) < 0.05
 
