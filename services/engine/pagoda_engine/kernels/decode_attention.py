@@ -114,13 +114,6 @@ def softmax_step(s, v, row_max, row_sum, acc, IEEE: tl.constexpr):
     return max_new, row_sum, acc
 
 
-@triton.jit
-def _tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N: tl.constexpr):
-    """Tokens in each piece of a context: whole tiles, so only the context's last tile is ever partial."""
-    per_split = tl.cdiv(tl.cdiv(seq_len, split_divisor), BLOCK_N) * BLOCK_N
-    return tl.maximum(per_split, split_min_tokens)
-
-
 # Not specialised on num_splits, which changes from step to step: one compile serves every batch.
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
@@ -137,10 +130,10 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    per_split = _tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N)
+    # Whole tiles per split, so only the context's last tile is ever partial.
+    per_split = tl.cdiv(tl.cdiv(seq_len, split_divisor), BLOCK_N) * BLOCK_N
+    per_split = tl.maximum(per_split, split_min_tokens)
     start = split * per_split
-    if start >= seq_len:  # the context has fewer pieces than the grid has splits: the reduce skips this one
-        return
     end = tl.minimum(start + per_split, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -167,10 +160,11 @@ def _decode_split_kernel(
         s = tl.where(valid[None, :], s, float("-inf"))
         row_max, row_sum, acc = softmax_step(s, v, row_max, row_sum, acc, IEEE)
 
-    # The piece holds at least one key, so row_sum > 0.
-    acc = acc / row_sum[:, None]
+    # An empty split (start >= end: the context is shorter than the splits) leaves row_sum == 0.
+    sum_safe = tl.where(row_sum > 0, row_sum, 1.0)
+    acc = acc / sum_safe[:, None]
     if SPLIT:
-        lse = row_max + tl.log2(row_sum)
+        lse = tl.where(row_sum > 0, row_max + tl.log2(sum_safe), float("-inf"))
         # Partials are [batch, num_heads, num_splits] rows (of BLOCK_D floats for the output).
         row = (seq * num_heads + heads) * num_splits + split
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mask_hd)
@@ -182,18 +176,14 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, split_divisor, split_min_tokens, num_heads,
-    stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, num_heads, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    # Only the pieces the split kernel wrote: a masked slot adds exactly zero, as an empty one did.
-    num_pieces = tl.cdiv(seq_len, _tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N))
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < num_pieces
+    mask_s = offs_s < num_splits
     row = (seq * num_heads + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + row, mask=mask_s, other=float("-inf"))
     # Split 0 always holds the context's first token, so the max is finite.
@@ -261,9 +251,8 @@ def decode_attention(
     )
     if split:
         _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out, seq_lens, num_splits, plan.divisor, plan.min_tokens, num_heads,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=plan.reduce_width, BLOCK_D=block_d, BLOCK_N=block_n,
+            part_out, part_lse, out, num_splits, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=plan.reduce_width, BLOCK_D=block_d,
             num_warps=4,
         )
     return out
