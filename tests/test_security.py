@@ -4,6 +4,8 @@ loopback ports, with throwaway certificates made here."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from pagoda.v1 import tokenizer_pb2 as tpb
 from pagoda_client import Client, PagodaError, cli
 from pagoda_tokenizer.config import TokenizerConfig
 from tests.conftest import make_tiny_model
-from tests.test_tokenizer_service import Engine, Front
+from tests.test_tokenizer_service import Engine, Front, free_port
 from tests.tls_helpers import KeyPair, Pki, make_pki
 from tests.tokenizer_helpers import byte_level_tokenizer_json, write_tokenizer_dir
 
@@ -210,3 +212,12 @@ def test_token_settings_come_from_the_environment_and_stay_out_of_repr():
 def test_settings_that_do_not_go_together_are_refused(flags):
     with pytest.raises(SystemExit):
         TokenizerConfig.from_args(["--model", "m", *flags], env={})
+
+
+@pytest.mark.parametrize("service", ["pagoda_tokenizer", "pagoda_engine"])
+def test_a_missing_tls_file_stops_the_service_with_its_name(service, tiny_dir, pki, tmp_path):
+    missing = tmp_path / "no-such-cert.pem"
+    command = [sys.executable, "-m", service, "--model", str(tiny_dir), "--port", str(free_port()),
+               "--tls-cert-file", str(missing), "--tls-key-file", str(pki.server.key)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and str(missing) in done.stderr and "Traceback" not in done.stderr

@@ -17,7 +17,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagoda.v1 import engine_pb2, engine_pb2_grpc
-from pagoda_tokenizer import tls
 from pagoda_tokenizer.config import TokenizerConfig
 from pagoda_tokenizer.prefix_affinity import PrefixAffinity
 
@@ -122,8 +121,9 @@ class EngineClient:
 
 
 class EnginePool:
-    def __init__(self, config: TokenizerConfig, on_health_change: Callable[[bool], None] = lambda serving: None):
-        credentials = tls.engine_channel_credentials(config)
+    def __init__(self, config: TokenizerConfig, on_health_change: Callable[[bool], None] = lambda serving: None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        # credentials: TLS to every engine (tls.engine_channel_credentials); None: plaintext.
         self.engines = [
             EngineClient(address, config, self._health_changed, self._restarted, credentials)
             for address in config.engines

@@ -209,18 +209,23 @@ def _struct_to_dict(struct: struct_pb2.Struct) -> dict:
     return plain(json_format.MessageToDict(struct))
 
 
-async def serve(config: TokenizerConfig) -> None:
-    """Run the service until SIGINT or SIGTERM, then drain for shutdown_grace_s."""
+async def serve(config: TokenizerConfig) -> int:
+    """Run the service until SIGINT or SIGTERM, then drain for shutdown_grace_s; returns the exit code."""
+    try:
+        token = configured_token(config)
+        credentials = tls.server_credentials(config)
+        engine_credentials = tls.engine_channel_credentials(config)
+    except (OSError, ValueError) as error:  # a wrong path or an empty token file: say which, not a traceback
+        logger.error("cannot read the TLS or token files: %s", error)
+        return 1
     tokenizer = TextTokenizer.from_dir(config.model)
     health_servicer = health.aio.HealthServicer()
     health_updates = _HealthPublisher(health_servicer)
-    pool = EnginePool(config, on_health_change=health_updates.publish)
-    token = configured_token(config)
+    pool = EnginePool(config, on_health_change=health_updates.publish, credentials=engine_credentials)
     server = _build_server(config, token)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerService(config, tokenizer, pool), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    credentials = tls.server_credentials(config)
     address = f"{config.host}:{config.port}"
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await health_updates.set(serving=False)
@@ -239,6 +244,7 @@ async def serve(config: TokenizerConfig) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_grace_s)
     await pool.close()
+    return 0
 
 
 def _build_server(config: TokenizerConfig, token: str | None) -> grpc.aio.Server:
