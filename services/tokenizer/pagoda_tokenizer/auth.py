@@ -31,9 +31,10 @@ _HANDLER_FACTORIES = {
 
 def configured_token(config: TokenizerConfig) -> str | None:
     """The token calls must carry: auth_token, or the contents of auth_token_file; None: no authentication."""
+    # Stripped like the token a call carries: a file usually ends in a newline, a pasted variable in a space.
     if config.auth_token_file is None:
-        return config.auth_token
-    token = Path(config.auth_token_file).read_text(encoding="utf-8").strip()  # a file usually ends in a newline
+        return config.auth_token.strip() if config.auth_token is not None else None
+    token = Path(config.auth_token_file).read_text(encoding="utf-8").strip()
     if not token:
         raise ValueError(f"auth_token_file {config.auth_token_file} is empty")
     return token
