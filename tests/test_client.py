@@ -24,6 +24,7 @@ from pagoda_client import (
     InvalidArgumentError,
     PagodaError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
     cli,
 )
@@ -134,6 +135,7 @@ class _FakeCall(grpc.RpcError):
     (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError),
     (grpc.StatusCode.UNAVAILABLE, UnavailableError),
     (grpc.StatusCode.FAILED_PRECONDITION, FailedPreconditionError),
+    (grpc.StatusCode.UNAUTHENTICATED, UnauthenticatedError),
     (grpc.StatusCode.INTERNAL, PagodaError),
 ])
 def test_status_codes_map_to_error_classes(code, kind):

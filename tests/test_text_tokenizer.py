@@ -99,6 +99,6 @@ def test_config_from_flags_then_environment_then_defaults():
     assert (config.port, config.affinity_max_extra_load, config.max_stop_strings) == (7001, 3, 16)
     with pytest.raises(SystemExit):
         TokenizerConfig.from_args([], {})  # --model is required
-    with pytest.raises(ValueError):
+    with pytest.raises(SystemExit):  # out of range: a usage error, as on the engine, not a traceback
         TokenizerConfig.from_args(["--model", "m", "--load-poll-interval-s", "0"], {})
 

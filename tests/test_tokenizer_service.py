@@ -51,9 +51,12 @@ def free_port() -> int:
 class Service:
     """A service process on a loopback port, with a channel to it."""
 
-    def __init__(self, args: list[str], port: int, log: Path):
+    def __init__(self, args: list[str], port: int, log: Path, credentials: grpc.ChannelCredentials | None = None):
         self.args, self.port, self.log = args, port, log
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=CHANNEL_OPTIONS)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.process: subprocess.Popen | None = None
         self.start()
@@ -92,10 +95,11 @@ class Service:
 
 
 class Engine(Service):
-    def __init__(self, model_dir: Path, log: Path, port: int | None = None):
-        port = port or free_port()
+    def __init__(self, model_dir: Path, log: Path, *flags: str, credentials: grpc.ChannelCredentials | None = None):
+        port = free_port()
         super().__init__(["pagoda_engine", "--model", str(model_dir), "--device", "cpu", "--dtype", "float32",
-                          "--port", str(port), "--cpu-kv-cache-gib", "0.05", "--drain-grace-seconds", "0"], port, log)
+                          "--port", str(port), "--cpu-kv-cache-gib", "0.05", "--drain-grace-seconds", "0", *flags],
+                         port, log, credentials)
         self.stub = engine_pb2_grpc.EngineStub(self.channel)
 
     @property
@@ -107,11 +111,12 @@ class Engine(Service):
 
 
 class Front(Service):
-    def __init__(self, model_dir: Path, engine_addresses: list[str], log: Path, *flags: str):
+    def __init__(self, model_dir: Path, engine_addresses: list[str], log: Path, *flags: str,
+                 credentials: grpc.ChannelCredentials | None = None):
         port = free_port()
         super().__init__(["pagoda_tokenizer", "--model", str(model_dir), "--engines", ",".join(engine_addresses),
                           "--port", str(port), "--host", "127.0.0.1", "--load-poll-interval-s", "0.05", *flags],
-                         port, log)
+                         port, log, credentials)
         self.stub = tokenizer_pb2_grpc.TokenizerStub(self.channel)
 
     def info(self) -> tpb.TokenizerModelInfo:

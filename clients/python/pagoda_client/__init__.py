@@ -15,6 +15,7 @@ from pagoda_client.errors import (
     InvalidArgumentError,
     PagodaError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "PagodaError",
     "ResourceExhaustedError",
     "TextStream",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -30,7 +30,10 @@ from pagoda_client.errors import PagodaError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("--client-cert and --client-key go together")
     try:
         with _client(args) as client:
             return args.run(client, args)
@@ -50,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="sent as 'authorization: Bearer TOKEN' (env PAGODA_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
     parser.add_argument("--ca-cert", type=Path, help="connect with TLS, trusting this PEM file")
+    parser.add_argument("--client-cert", type=Path,
+                        help="connect with TLS, presenting this PEM certificate (mutual TLS; with --client-key)")
+    parser.add_argument("--client-key", type=Path, help="the private key of --client-cert (PEM)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of non-streaming calls, seconds")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
@@ -97,12 +103,19 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    credentials = None
-    if args.ca_cert:
-        credentials = grpc.ssl_channel_credentials(root_certificates=args.ca_cert.read_bytes())
-    elif args.tls:
-        credentials = grpc.ssl_channel_credentials()
-    return Client(args.target, token=args.token, credentials=credentials, timeout=args.timeout)
+    return Client(args.target, token=args.token, credentials=_credentials(args), timeout=args.timeout)
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS when any TLS flag is given (system roots unless --ca-cert), else None: plaintext."""
+    if not (args.tls or args.ca_cert or args.client_cert):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=_read(args.ca_cert), private_key=_read(args.client_key),
+                                        certificate_chain=_read(args.client_cert))
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None else None
 
 
 def _options(args: argparse.Namespace) -> GenerateOptions:

@@ -27,7 +27,12 @@ class FailedPreconditionError(PagodaError):
 
 
 class ResourceExhaustedError(PagodaError):
-    """The engine's waiting queue is full: retry later or elsewhere."""
+    """A queue or cap is full (an engine's waiting queue, the service's streams in flight) or a message is too
+    large: retry later or elsewhere, or send less."""
+
+
+class UnauthenticatedError(PagodaError):
+    """The service requires a bearer token and the call carried none, or a wrong one (``Client(token=...)``)."""
 
 
 class UnavailableError(PagodaError):
@@ -39,6 +44,7 @@ _BY_CODE: dict[grpc.StatusCode, type[PagodaError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 

@@ -54,6 +54,11 @@ class EngineConfig:
     drain_grace_seconds: float = 30.0
     # Largest gRPC message sent or received (a prompt of 1M token ids is about 5 MiB).
     max_message_bytes: int = 64 * 1024 * 1024
+    # TLS: PEM certificate chain and private key. With a client CA as well, callers (the tokenizer service)
+    # must present a certificate that CA signed (mutual TLS): the engine's way of knowing who calls it.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -70,3 +75,7 @@ class EngineConfig:
                              f"{self.metrics_port}")
         if self.max_waiting_requests < 1 or self.drain_grace_seconds < 0 or self.max_message_bytes < 1:
             raise ValueError("max_waiting_requests and max_message_bytes must be >= 1, drain_grace_seconds >= 0")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")

@@ -32,6 +32,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from pagoda.v1 import engine_pb2, engine_pb2_grpc
+from pagoda_engine import tls
 from pagoda_engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.engine import EngineLoad, LLMEngine, SequenceOutput
@@ -295,8 +296,16 @@ async def serve(config: EngineConfig) -> int:
     health = health_aio.HealthServicer()
     server = _build_server(config, service, health)
     try:
+        credentials = tls.server_credentials(config)
+    except OSError as error:  # before the model loads, so that a wrong path is reported at once
+        logger.error("cannot read the TLS files: %s", error)
+        return 1
+    try:
         # Both ports before the model loads, so a clash is reported at once, not minutes later.
-        server.add_insecure_port(_address(config))
+        if credentials is None:
+            server.add_insecure_port(_address(config))
+        else:
+            server.add_secure_port(_address(config), credentials)
         stop_metrics = service.metrics.serve_http(config.host, config.metrics_port) if config.metrics_port else None
     except (RuntimeError, OSError) as error:  # a port is taken (another engine?) or the host is not ours
         logger.error("cannot listen on %s (gRPC) and port %d (metrics): %s", _address(config), config.metrics_port,
@@ -305,7 +314,7 @@ async def serve(config: EngineConfig) -> int:
     try:
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
-        logger.info("listening on %s; loading %s", _address(config), config.model)
+        logger.info("listening on %s (%s); loading %s", _address(config), _transport(config), config.model)
         try:
             engine = await _start_engine(config)
         except Exception:
@@ -385,6 +394,12 @@ async def _start_engine(config: EngineConfig) -> AsyncEngine:
 def _address(config: EngineConfig) -> str:
     host = f"[{config.host}]" if ":" in config.host else config.host
     return f"{host}:{config.port}"
+
+
+def _transport(config: EngineConfig) -> str:
+    if config.tls_client_ca_file:
+        return "mutual TLS"
+    return "TLS" if config.tls_cert_file else "plaintext"
 
 
 def _log_serving(config: EngineConfig, info: engine_pb2.ModelInfo) -> None:

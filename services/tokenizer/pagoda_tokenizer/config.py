@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,25 @@ class TokenizerConfig:
     affinity_table_size: int = 65536
     # Seconds in-flight streams get to finish on shutdown.
     shutdown_grace_s: float = 5.0
+    # Generate/Chat streams in flight at once; beyond it a new one gets RESOURCE_EXHAUSTED.
+    max_concurrent_streams: int = 1024
+    # Largest gRPC message received or sent, from clients and to and from engines (gRPC answers
+    # RESOURCE_EXHAUSTED beyond it). Bounds the text a request can make this service tokenize.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # TLS for clients: PEM certificate chain and private key. With a client CA as well, clients must present
+    # a certificate that CA signed (mutual TLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    # TLS to the engines, trusting this CA; with a certificate and key, this service presents them to
+    # engines that require client certificates.
+    engine_tls_ca_file: str | None = None
+    engine_tls_cert_file: str | None = None
+    engine_tls_key_file: str | None = None
+    # Bearer token every call but health and reflection must carry, or a file holding it (so that it need
+    # not sit in the environment). repr=False: a logged config does not show it.
+    auth_token: str | None = field(default=None, repr=False)
+    auth_token_file: str | None = None
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -50,6 +70,20 @@ class TokenizerConfig:
             raise ValueError("load_poll_interval_s and reconnect_max_s must be > 0")
         if self.affinity_prefix_blocks < 0 or self.affinity_table_size < 1:
             raise ValueError("affinity_prefix_blocks must be >= 0 and affinity_table_size >= 1")
+        if self.max_concurrent_streams < 1 or self.max_message_bytes < 1:
+            raise ValueError("max_concurrent_streams and max_message_bytes must be >= 1")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if (self.engine_tls_cert_file is None) != (self.engine_tls_key_file is None):
+            raise ValueError("engine_tls_cert_file and engine_tls_key_file go together")
+        if self.engine_tls_cert_file is not None and self.engine_tls_ca_file is None:
+            raise ValueError("engine_tls_cert_file needs engine_tls_ca_file (TLS to the engines)")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("set auth_token or auth_token_file, not both")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("auth_token must not be empty")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> TokenizerConfig:
@@ -70,7 +104,10 @@ class TokenizerConfig:
                 help=f"env {env_name}; {default}",
             )
         values = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not None}
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as error:  # values of the right types that do not go together
+            parser.error(str(error))
 
 
 def _default_of(f: dataclasses.Field) -> object:
@@ -79,8 +116,11 @@ def _default_of(f: dataclasses.Field) -> object:
 
 
 def _parser_for(hint: object) -> typing.Callable[[str], object]:
-    """How to read a field of this type from one string."""
+    """How to read a field of this type from one string; ``X | None`` reads "" and "none" as None."""
     if typing.get_origin(hint) is list:
         return lambda text: [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(hint, types.UnionType) and type(None) in hint.__args__:
+        (inner,) = (arg for arg in hint.__args__ if arg is not type(None))
+        return lambda text: None if text.strip().lower() in ("", "none") else inner(text)
     return typing.cast(typing.Callable[[str], object], hint)
 

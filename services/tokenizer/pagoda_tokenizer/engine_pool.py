@@ -28,15 +28,18 @@ RPC_TIMEOUT_S = 5.0
 
 class EngineClient:
     def __init__(self, address: str, config: TokenizerConfig, on_health_change: Callable[[], None],
-                 on_restart: Callable[[EngineClient], None]):
+                 on_restart: Callable[[EngineClient], None], credentials: grpc.ChannelCredentials | None = None):
         self.address = address
         reconnect_ms = int(config.reconnect_max_s * 1000)
         # gRPC backs off up to two minutes between reconnects by default; a restarted engine would sit idle.
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[("grpc.max_reconnect_backoff_ms", reconnect_ms), ("grpc.initial_reconnect_backoff_ms", 100),
-                     ("grpc.min_reconnect_backoff_ms", 100)],
-        )
+        options = [("grpc.max_reconnect_backoff_ms", reconnect_ms), ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.max_receive_message_length", config.max_message_bytes)]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self.stub = engine_pb2_grpc.EngineStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._poll_interval_s = config.load_poll_interval_s
@@ -118,9 +121,12 @@ class EngineClient:
 
 
 class EnginePool:
-    def __init__(self, config: TokenizerConfig, on_health_change: Callable[[bool], None] = lambda serving: None):
+    def __init__(self, config: TokenizerConfig, on_health_change: Callable[[bool], None] = lambda serving: None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        # credentials: TLS to every engine (tls.engine_channel_credentials); None: plaintext.
         self.engines = [
-            EngineClient(address, config, self._health_changed, self._restarted) for address in config.engines
+            EngineClient(address, config, self._health_changed, self._restarted, credentials)
+            for address in config.engines
         ]
         self._affinity = PrefixAffinity(config.affinity_prefix_blocks, config.affinity_table_size)
         self._max_extra_load = config.affinity_max_extra_load

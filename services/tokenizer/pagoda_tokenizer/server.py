@@ -20,6 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pagoda.v1 import engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from pagoda_tokenizer import tls
+from pagoda_tokenizer.auth import BearerTokenInterceptor, configured_token
 from pagoda_tokenizer.chat_template import ChatTemplate, ChatTemplateError
 from pagoda_tokenizer.config import TokenizerConfig
 from pagoda_tokenizer.engine_pool import EnginePool
@@ -117,6 +119,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     def _new_generation(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
                         prompt_ids: list[int]) -> Generation:
         request_id = request.request_id or uuid.uuid4().hex
+        if len(self._running) >= self._config.max_concurrent_streams:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{len(self._running)} streams are in flight, the most this service runs at once; "
+                               "try again later")
         if request_id in self._running:
             raise RequestError(INVALID, f"request_id {request_id!r} is already running")
         self._check_stop_strings(list(request.stop))
@@ -203,21 +209,31 @@ def _struct_to_dict(struct: struct_pb2.Struct) -> dict:
     return plain(json_format.MessageToDict(struct))
 
 
-async def serve(config: TokenizerConfig) -> None:
-    """Run the service until SIGINT or SIGTERM, then drain for shutdown_grace_s."""
+async def serve(config: TokenizerConfig) -> int:
+    """Run the service until SIGINT or SIGTERM, then drain for shutdown_grace_s; returns the exit code."""
+    try:
+        token = configured_token(config)
+        credentials = tls.server_credentials(config)
+        engine_credentials = tls.engine_channel_credentials(config)
+    except (OSError, ValueError) as error:  # a wrong path or an empty token file: say which, not a traceback
+        logger.error("cannot read the TLS or token files: %s", error)
+        return 1
     tokenizer = TextTokenizer.from_dir(config.model)
     health_servicer = health.aio.HealthServicer()
     health_updates = _HealthPublisher(health_servicer)
-    pool = EnginePool(config, on_health_change=health_updates.publish)
-    server = grpc.aio.server()
+    pool = EnginePool(config, on_health_change=health_updates.publish, credentials=engine_credentials)
+    server = _build_server(config, token)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerService(config, tokenizer, pool), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await health_updates.set(serving=False)
     await server.start()
     pool.start()
-    logger.info("pagoda tokenizer listening on %s:%d, engines %s", config.host, port, ",".join(config.engines))
+    logger.info("pagoda tokenizer listening on %s:%d (%s), engines %s (%s)", config.host, port,
+                _security(credentials is not None, config.tls_client_ca_file, token),
+                ",".join(config.engines), "TLS" if config.engine_tls_ca_file else "plaintext")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -228,6 +244,21 @@ async def serve(config: TokenizerConfig) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.shutdown_grace_s)
     await pool.close()
+    return 0
+
+
+def _build_server(config: TokenizerConfig, token: str | None) -> grpc.aio.Server:
+    return grpc.aio.server(
+        interceptors=[BearerTokenInterceptor(token)] if token is not None else [],
+        options=[("grpc.max_send_message_length", config.max_message_bytes),
+                 ("grpc.max_receive_message_length", config.max_message_bytes)],
+    )
+
+
+def _security(tls: bool, client_ca: str | None, token: str | None) -> str:
+    """How clients are checked, for the start-up log line (never the token itself)."""
+    transport = "mutual TLS" if client_ca else "TLS" if tls else "plaintext"
+    return f"{transport}, {'bearer token required' if token else 'no token'}"
 
 
 class _HealthPublisher:
