@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +48,14 @@ def test_greedy_chat_matches_transformers_and_reads_as_english(smollm2_dir, chat
     assert "Paris" in answer
     words = " ".join(o.outputs[0].text for o in outputs).lower().split()
     assert sum(w in {"the", "a", "is", "of", "and", "sea", "sky"} for w in words) >= 5
+
+
+def test_readme_offline_example_runs(smollm2_dir, capsys):
+    """The README's offline-API example, pointed at the converted model, runs and prints both samples."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## The engine in-process (offline API)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"~/.cache/pagoda/models/SmolLM2-135M-Instruct"', repr(str(smollm2_dir)))
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("Paris" in line for line in lines) and sum("FinishReason.LENGTH" in line for line in lines) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -62,6 +63,7 @@ class EngineConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        self.model = os.path.expanduser(self.model)
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -39,7 +39,7 @@ class RequestOutput:
 class LLM:
     def __init__(self, model: str, **config):
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
-        self.tokenizer = _load_tokenizer(Path(model))
+        self.tokenizer = _load_tokenizer(Path(self.engine.config.model))
         self._ids = itertools.count()
 
     def generate(
