@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,14 +15,13 @@ import torch
 from pagoda_engine.block_manager import BlockManager
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.model_config import ModelConfig
-from pagoda_engine.model_runner import ModelRunner
+from pagoda_engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
 from pagoda_engine.scheduler import Scheduler
 from pagoda_engine.sequence import FinishReason, Sequence
+from pagoda_engine.tp_workers import TPWorkers
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -54,33 +54,24 @@ class EngineLoad:
     prefix_hit_tokens: int
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
-    if name == "auto":
-        return model_config.torch_dtype
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, 0, config.tensor_parallel_size)
         self.dtype = resolve_dtype(config.dtype, self.model_config)
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.model_config, self.device, self.dtype)
-        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        num_blocks = self.runner.allocate_kv_cache(max_model_len)
-        # A sequence must always fit in the cache on its own, or it could never be scheduled.
-        self.max_model_len = min(max_model_len, num_blocks * config.block_size)
-        self.runner.capture_cuda_graphs(self.max_model_len)
+        # Ranks 1..N-1 start first: the model below is built for the process group they join.
+        self.workers = TPWorkers(config, self.device) if config.tensor_parallel_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, self.model_config, self.device, self.dtype, self.workers)
+            if self.workers is not None:
+                self.workers.wait_loaded()
+            self.max_model_len = self.runner.setup_cache()
+        except BaseException:
+            self.close()
+            raise
+        num_blocks = self.runner.num_kv_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         max_batched = config.max_num_batched_tokens
         if not config.enable_chunked_prefill:
@@ -143,10 +134,15 @@ class LLMEngine:
     # ---- the step ----
 
     def step(self) -> list[SequenceOutput]:
+        if self.workers is not None:
+            self.workers.check()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        result = self.runner.execute(batch)
+        if self.workers is None:
+            result = self.runner.execute(batch)
+        else:
+            result = self.workers.run(lambda: self.runner.execute(batch))
         sampled = {seq.seq_id: token for seq, token in zip(result.seqs, result.token_ids, strict=True)}
         self.scheduler.update(batch, sampled)
         outputs = []
@@ -155,6 +151,17 @@ class LLMEngine:
             if seq.is_finished:
                 self._forget_if_done(seq.request_id)
         return outputs
+
+    def call_on_failure(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called, from another thread, when the engine breaks between steps (a
+        tensor-parallel worker exits); the next step() then raises WorkerDiedError."""
+        if self.workers is not None:
+            self.workers.on_exit = callback
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any, and leave their process group. Idempotent."""
+        if self.workers is not None:
+            self.workers.close()
 
     def get_load(self) -> EngineLoad:
         bm = self.block_manager
