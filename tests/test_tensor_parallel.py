@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from pagoda_engine.async_engine import AsyncEngine, EngineDeadError
 from pagoda_engine.tp_workers import WorkerDiedError
 from tests.conftest import TINY_CONFIGS, make_tiny_model
 from tests.test_engine import make_llm, prompts_of
+from tests.test_engine_service import Server, collect, greedy
 
 # What each case shards differently across two ranks.
 CASES = {
@@ -111,3 +113,22 @@ def test_two_gpus_with_cuda_graphs_match_one(tmp_path):
     with LLM(model_dir, tensor_parallel_size=2, **config) as llm:
         assert llm.engine.runner.graphs is not None
         assert greedy_tokens(llm, prompts, params) == expected
+
+
+def spawned_children(pid: int) -> list[int]:
+    """Pids of the processes ``pid`` spawned through multiprocessing (not its resource tracker)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.timeout(60)
+def test_the_service_exits_when_a_worker_dies(model_dirs):
+    server = Server(model_dirs["qwen2"], "--tensor-parallel-size", "2", "--block-size", "4", "--num-kv-blocks", "64")
+    try:
+        server.health_statuses_until_serving()
+        assert collect(server.stub.Generate(greedy(PROMPTS[0], 4)))[0].tokens
+        (worker,) = spawned_children(server.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        assert server.process.wait(timeout=20) == 1
+    finally:
+        server.stop()

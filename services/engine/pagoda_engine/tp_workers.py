@@ -98,8 +98,8 @@ class TPWorkers:
             self._procs.append(proc)
         threading.Thread(target=self._watch, name="pagoda-tp-watch", daemon=True).start()
         try:
-            # Each worker says it started before it joins, so one that failed at import is seen at once
-            # rather than after the process group's timeout.
+            # Each worker says it started just before it joins, so one that failed before (at import, on
+            # its GPU) is seen at once rather than after the process group's timeout.
             self._expect(_STARTED)
             dist.init_process_group(self.backend, store=self._store, rank=0, world_size=world_size,
                                     timeout=COLLECTIVE_TIMEOUT)
@@ -197,7 +197,6 @@ class TPWorkers:
 
 def worker_main(rank: int, config: EngineConfig, store_port: int, conn: Connection) -> None:
     """One worker's life: join the group, load this rank's shard, then follow rank 0's steps until stopped."""
-    conn.send_bytes(_STARTED)
     world_size = config.tensor_parallel_size
     model_config = ModelConfig.from_dir(config.model)
     device = resolve_device(config.device, rank, world_size)
@@ -205,6 +204,7 @@ def worker_main(rank: int, config: EngineConfig, store_port: int, conn: Connecti
         torch.cuda.set_device(device)
     else:
         share_cpu_threads(world_size)
+    conn.send_bytes(_STARTED)
     store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
