@@ -57,8 +57,10 @@ def test_two_ranks_match_one(model_dirs, name):
     expected = greedy_tokens(make_llm(model_dirs[name], **ENGINE))
     with make_llm(model_dirs[name], tensor_parallel_size=2, **ENGINE) as llm:
         assert greedy_tokens(llm) == expected
-        # The cache is sized for a rank's share of the KV heads, and every block came back.
         assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+        # Its process group would split a second engine's layers too.
+        with pytest.raises(RuntimeError, match="already belongs to a process group of 2 ranks"):
+            make_llm(model_dirs[name])
     assert not torch.distributed.is_initialized()
 
 

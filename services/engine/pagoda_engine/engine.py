@@ -14,6 +14,7 @@ import torch
 
 from pagoda_engine.block_manager import BlockManager
 from pagoda_engine.config import EngineConfig
+from pagoda_engine.distributed import tp_size
 from pagoda_engine.model_config import ModelConfig
 from pagoda_engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
@@ -56,6 +57,10 @@ class EngineLoad:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        if tp_size() > 1:
+            # The layers split over the process's default process group, whoever made it.
+            raise RuntimeError(f"this process already belongs to a process group of {tp_size()} ranks (another "
+                               "tensor-parallel engine still open?): close it before building an engine")
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.device = resolve_device(config.device, 0, config.tensor_parallel_size)
