@@ -64,6 +64,16 @@ def test_two_ranks_match_one(model_dirs, name):
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.timeout(60)
+def test_a_model_that_does_not_split_is_a_clear_error_and_leaves_nothing_behind(tmp_path):
+    model_dir = make_tiny_model(tmp_path, "LlamaForCausalLM", hidden_size=48, num_attention_heads=3,
+                                num_key_value_heads=3)
+    with pytest.raises(ValueError, match=r"number of attention heads \(3\) is not divisible by the tensor-parallel"):
+        make_llm(model_dir, tensor_parallel_size=2)
+    assert not tp_worker_pids()
+    assert not torch.distributed.is_initialized()
+
+
 def tp_worker_pids() -> list[int]:
     return [p.pid for p in multiprocessing.active_children() if p.name.startswith("pagoda-tp-rank")]
 
