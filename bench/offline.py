@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--latency-tokens", type=int, default=256)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "offline.json"))
@@ -88,7 +89,7 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
     )
     engine = llm.engine
     result = {
@@ -97,11 +98,13 @@ def main() -> None:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention_backend": engine.runner.backend_name,
         "cuda_graphs": engine.runner.graphs is not None,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "kv_blocks": engine.block_manager.num_blocks,
         "throughput": measure_throughput(llm, args),
     }
     if not args.skip_latency:
         result["decode_latency"] = measure_decode_latency(llm, args)
+    llm.close()
     t = result["throughput"]
     print(f"| {'model':<28} | {'seqs':>5} | {'out tokens':>10} | {'time s':>7} | {'tok/s':>9} | {'b=1 ms/tok':>10} |")
     print(f"|{'-' * 30}|{'-' * 7}|{'-' * 12}|{'-' * 9}|{'-' * 11}|{'-' * 12}|")

@@ -34,6 +34,10 @@ if [[ $what == all || $what == bench ]]; then
     python3 bench/$micro.py --out "$results/$micro.json" 2>&1 | tee "$results/$micro.log" || status=1
   done
   python3 bench/offline.py --out "$results/offline.json" 2>&1 | tee "$results/offline.log" || status=1
+  if (( $(python3 -c 'import torch; print(torch.cuda.device_count())') >= 2 )); then
+    python3 bench/offline.py --tensor-parallel-size 2 --out "$results/offline_tp2.json" 2>&1 \
+      | tee "$results/offline_tp2.log" || status=1
+  fi
 fi
 if [[ $what == all || $what == serving ]]; then
   python3 bench/serving.py --out "$results/serving.json" --launch -- --model bench/configs/qwen3-0.6b \

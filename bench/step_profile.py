@@ -2,8 +2,8 @@
 
 The engine launches step N+1 before it finishes step N (see LLMEngine.step), so one call of ``step``
 holds: schedule (Scheduler.schedule), prepare (ModelRunner.prepare_inputs: host arrays, one H2D copy),
-forward (launching the model: a graph replay for pure decodes), sample (launching logits and the
-sampler), wait (ModelRunner.finish: waiting for the previous step's tokens), update (Scheduler.update).
+forward (launching the model, a graph replay for pure decodes, and the logits), sample (building the
+sampler's inputs and launching it, with the copy of the tokens), wait (ModelRunner.finish: waiting for the previous step's tokens), update (Scheduler.update).
 CUDA events around the launches give each step's device time (forward, sample) and the device's
 period from one step's start to the next: period - (forward + sample) is time the device sat idle.
 No extra synchronisation: events are read once a later step has waited past them.
@@ -41,7 +41,7 @@ class StepProfiler:
         self.rows: dict[str, list[dict[str, float]]] = defaultdict(list)
         self._time(self.engine.scheduler, "schedule", "schedule", after=self._note_kind)
         self._time(self.runner, "prepare_inputs", "prepare")
-        self._time(self.runner, "_run_model", "forward", events=True)
+        self._time(self.runner, "forward", "forward", events=True)
         self._time(self.runner, "sampler", "sample", events=True, before=False)
         self._time(self.runner, "finish", "wait")
         self._time(self.engine.scheduler, "update", "update")

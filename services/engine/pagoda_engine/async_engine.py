@@ -45,6 +45,10 @@ class _Stop:
     pass
 
 
+class _Wake:
+    """Step now: the engine may have broken outside a step (a tensor-parallel worker exited)."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting_requests: int = 1024):
         self.engine = engine
@@ -54,6 +58,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # Set on the loop once the engine thread has failed: the service stops serving.
+        self.failed = asyncio.Event()
         # Refreshed by the engine thread after every step, read by the loop (GetLoad, metrics).
         self.load: EngineLoad = engine.get_load()
 
@@ -63,6 +69,7 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.engine.call_on_failure(lambda: self._commands.put(_Wake()))
         self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
         self._thread.start()
 
@@ -154,6 +161,7 @@ class AsyncEngine:
                         updates.append((command.request_id, error))
                 elif isinstance(command, _Abort):
                     updates += self.engine.abort_request(command.request_id)
+                # A _Wake needs nothing applied: the step that follows finds what broke.
                 command = self._commands.get_nowait()
         except queue.Empty:
             pass
@@ -170,5 +178,6 @@ class AsyncEngine:
                 stream.put_nowait(item)
 
     def _fail_all(self, error: BaseException) -> None:
+        self.failed.set()
         for stream in self._streams.values():
             stream.put_nowait(error)

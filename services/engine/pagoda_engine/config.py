@@ -36,6 +36,7 @@ class EngineConfig:
     enforce_eager: bool = False
     # Largest decode batch captured in a CUDA graph; bigger batches run eagerly.
     max_cuda_graph_batch_size: int = 256
+    # Processes (one per GPU, or CPU processes with gloo) one copy of the model is split over.
     tensor_parallel_size: int = 1
     # "auto", "torch" (reference), "triton" or "flash_attn".
     attention_backend: str = "auto"
@@ -70,6 +71,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
         if not (0 < self.port < 65536 and 0 <= self.metrics_port < 65536):

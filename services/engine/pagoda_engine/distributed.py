@@ -1,4 +1,4 @@
-"""Tensor-parallel helpers: rank, size and the two collectives the layers need.
+"""Tensor-parallel helpers: rank, size and the few collectives the layers and the runner need.
 
 The tensor-parallel group is the default process group: one engine process per GPU, all in one TP
 group. Without an initialised process group we are rank 0 of 1 and the collectives do nothing, so
@@ -38,6 +38,15 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=dim)
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's ``value``."""
+    if tp_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from pagoda_engine.block_manager import BlockManager
 from pagoda_engine.config import EngineConfig
+from pagoda_engine.distributed import tp_size
 from pagoda_engine.model_config import ModelConfig
-from pagoda_engine.model_runner import LaunchedStep, ModelRunner
+from pagoda_engine.model_runner import LaunchedStep, ModelRunner, resolve_device, resolve_dtype
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
 from pagoda_engine.scheduler import Scheduler
 from pagoda_engine.sequence import FinishReason, Sequence
+from pagoda_engine.tp_workers import TPWorkers
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,33 +58,28 @@ class EngineLoad:
     prefix_hit_tokens: int
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
-    if name == "auto":
-        return model_config.torch_dtype
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        if tp_size() > 1:
+            # The layers split over the process's default process group, whoever made it.
+            raise RuntimeError(f"this process already belongs to a process group of {tp_size()} ranks (another "
+                               "tensor-parallel engine still open?): close it before building an engine")
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, 0, config.tensor_parallel_size)
         self.dtype = resolve_dtype(config.dtype, self.model_config)
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.model_config, self.device, self.dtype)
-        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        num_blocks = self.runner.allocate_kv_cache(max_model_len)
-        # A sequence must always fit in the cache on its own, or it could never be scheduled.
-        self.max_model_len = min(max_model_len, num_blocks * config.block_size)
-        self.runner.capture_cuda_graphs(self.max_model_len)
+        # Ranks 1..N-1 start first: the model below is built for the process group they join.
+        self.workers = TPWorkers(config, self.device) if config.tensor_parallel_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, self.model_config, self.device, self.dtype, self.workers)
+            if self.workers is not None:
+                self.workers.wait_loaded()
+            self.max_model_len = self.runner.setup_cache()
+        except BaseException:
+            self.close()
+            raise
+        num_blocks = self.runner.num_kv_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         max_batched = config.max_num_batched_tokens
         if not config.enable_chunked_prefill:
@@ -151,11 +150,13 @@ class LLMEngine:
         computes step N+1, whose decodes read their input tokens from step N's output on the device.
         Only a row with penalties makes the engine finish step N before it schedules step N+1.
         """
+        if self.workers is not None:
+            self.workers.check()
         outputs = []
         if self._in_flight is not None and self._in_flight.needs_tokens_before_next_step:
             outputs = self._finish(self._in_flight)
         batch = self.scheduler.schedule()
-        launched = self.runner.launch(batch) if batch.seqs else None
+        launched = self._guarded(lambda: self.runner.launch(batch)) if batch.seqs else None
         if self._in_flight is not None:
             outputs += self._finish(self._in_flight)
         self._in_flight = launched
@@ -163,7 +164,7 @@ class LLMEngine:
 
     def _finish(self, step: LaunchedStep) -> list[SequenceOutput]:
         self._in_flight = None
-        result = self.runner.finish(step)
+        result = self._guarded(lambda: self.runner.finish(step))
         # Requests aborted since the launch already had their final output from abort_request.
         live = [i for i, seq in enumerate(result.seqs) if not seq.is_finished]
         self.scheduler.update(step.batch, dict(zip((s.seq_id for s in result.seqs), result.token_ids, strict=True)))
@@ -174,6 +175,21 @@ class LLMEngine:
             if seq.is_finished:
                 self._forget_if_done(seq.request_id)
         return outputs
+
+    def _guarded(self, run: Callable[[], T]) -> T:
+        """``run()``; under tensor parallelism, a dead worker's error becomes WorkerDiedError."""
+        return run() if self.workers is None else self.workers.run(run)
+
+    def call_on_failure(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called, from another thread, when the engine breaks between steps (a
+        tensor-parallel worker exits); the next step() then raises WorkerDiedError."""
+        if self.workers is not None:
+            self.workers.on_exit = callback
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any, and leave their process group. Idempotent."""
+        if self.workers is not None:
+            self.workers.close()
 
     def get_load(self) -> EngineLoad:
         bm = self.block_manager

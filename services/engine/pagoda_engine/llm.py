@@ -42,6 +42,16 @@ class LLM:
         self.tokenizer = _load_tokenizer(Path(self.engine.config.model))
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (a single-process engine needs no closing)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def generate(
         self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:

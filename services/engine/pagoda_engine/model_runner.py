@@ -1,20 +1,26 @@
 """ModelRunner: turns a ScheduledBatch into flat tensors, runs the model, samples on the device.
 
-Per step it builds the inputs on the host with numpy, copies them to the device once, runs the model
-(a captured CUDA graph for pure-decode steps), computes logits only for the sequences that sample this
-step, samples on the device and copies the new token ids back once.
+Per step it builds the inputs on the host with numpy as one flat int64 array, copies it to the device
+once, runs the model (a captured CUDA graph for pure-decode steps), computes logits only for the
+sequences that sample this step, samples on the device and starts one asynchronous copy of the new
+token ids back (``launch``); ``finish`` waits for that copy. A decode whose input token was drawn by
+the previous launch and is not on the host yet reads it from that launch's output on the device.
+Under tensor parallelism every rank holds a ModelRunner over its shard; rank 0 alone schedules and
+samples, and the other ranks rebuild the same inputs from the flat array and its ``StepShape``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.cuda_graph import DecodeGraphs
+from pagoda_engine.distributed import min_over_ranks
 from pagoda_engine.layers.attention import Attention, AttentionMetadata, select_backend
 from pagoda_engine.layers.sampler import Sampler, SamplerOutput, SamplerRequest, SamplingMetadata
 from pagoda_engine.model_config import ModelConfig
@@ -22,6 +28,9 @@ from pagoda_engine.models.loader import load_model
 from pagoda_engine.sampling_params import SamplingParams
 from pagoda_engine.scheduler import ScheduledBatch
 from pagoda_engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from pagoda_engine.tp_workers import TPWorkers
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +43,55 @@ class StepResult:
     token_ids: list[int]
     # Per sampled sequence, when it asked for logprobs: (chosen logprob, [(token id, logprob), ...]).
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str, rank: int = 0, world_size: int = 1) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU. Under tensor parallelism rank ``r`` takes GPU ``r``
+    (CUDA_VISIBLE_DEVICES chooses which GPUs those are)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if world_size == 1 or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise ValueError(f"with tensor_parallel_size > 1 the device is 'auto' or 'cuda', not {name!r}: "
+                         "choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if torch.cuda.device_count() < world_size:
+        raise ValueError(f"tensor_parallel_size {world_size} needs {world_size} GPUs; "
+                         f"{torch.cuda.device_count()} are visible")
+    return torch.device("cuda", rank)
+
+
+def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
+    if name == "auto":
+        return model_config.torch_dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+class StepShape(NamedTuple):
+    """The sizes of one step's flat input array, and the scalars attention needs besides it.
+
+    The array holds, in order: input ids, positions and slot mapping (``num_tokens`` each), query start
+    locations (``num_seqs + 1``), sequence lengths (``num_seqs``), logits indices (``num_logits``) and
+    the block tables (``num_seqs * max_blocks``). This and the array are all a worker is sent per step.
+    """
+
+    num_tokens: int
+    num_seqs: int
+    num_logits: int
+    max_blocks: int
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def flat_size(self) -> int:
+        return 3 * self.num_tokens + 2 * self.num_seqs + 1 + self.num_logits + self.num_seqs * self.max_blocks
 
 
 @dataclass
@@ -54,15 +112,39 @@ class LaunchedStep:
 
 @dataclass
 class ModelInputs:
+    shape: StepShape
+    # The device copy of the flat array; every tensor below is a view of it.
+    flat: torch.Tensor
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor
+    # Rank 0 only: the sequences that sample this step, in batch order.
     sample_seqs: list[Sequence]
 
 
+def inputs_from_flat(shape: StepShape, flat: torch.Tensor, query_start_loc_host: list[int] | None = None,
+                     seq_lens_host: list[int] | None = None) -> ModelInputs:
+    """Views of the flat device array laid out as ``StepShape`` describes."""
+    t, b = shape.num_tokens, shape.num_seqs
+    ends = [t, 2 * t, 3 * t, 3 * t + b + 1, 3 * t + 2 * b + 1, 3 * t + 2 * b + 1 + shape.num_logits]
+    meta = AttentionMetadata(
+        slot_mapping=flat[ends[1] : ends[2]],
+        query_start_loc=flat[ends[2] : ends[3]].int(),
+        seq_lens=flat[ends[3] : ends[4]].int(),
+        block_tables=flat[ends[5] : ends[5] + b * shape.max_blocks].view(b, shape.max_blocks).int(),
+        num_decodes=shape.num_decodes,
+        max_query_len=shape.max_query_len,
+        max_seq_len=shape.max_seq_len,
+        query_start_loc_host=query_start_loc_host,
+        seq_lens_host=seq_lens_host,
+    )
+    return ModelInputs(shape, flat, flat[: ends[0]], flat[ends[0] : ends[1]], meta, flat[ends[4] : ends[5]], [])
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 workers: TPWorkers | None = None):
         self.config = config
         self.model_config = model_config
         self.device = device
@@ -82,8 +164,22 @@ class ModelRunner:
         # the next step's pending input tokens are read from there.
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[int, int] = {}
+        # Rank 0 under tensor parallelism: the other ranks, sent every step's inputs.
+        self.workers = workers
 
     # ---- start-up: KV cache sizing and CUDA graphs ----
+
+    def setup_cache(self) -> int:
+        """Size and bind the KV cache, capture the decode graphs; returns the longest sequence the engine
+        takes (the configured or model limit, capped so that one sequence always fits in the cache).
+
+        Every tensor-parallel rank runs this in step with the others: it contains collectives.
+        """
+        max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
+        num_blocks = self.allocate_kv_cache(max_model_len)
+        max_model_len = min(max_model_len, num_blocks * self.block_size)
+        self.capture_cuda_graphs(max_model_len)
+        return max_model_len
 
     def kv_bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
@@ -93,6 +189,8 @@ class ModelRunner:
     def allocate_kv_cache(self, max_model_len: int) -> int:
         """Size the cache (explicit count, else memory left after a profiling pass), bind it, warm up."""
         num_blocks = self.config.num_kv_blocks or self._blocks_that_fit(max_model_len)
+        # Ranks measure their free memory apart; the scheduler on rank 0 needs one count that fits them all.
+        num_blocks = min_over_ranks(num_blocks, self.device)
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache: lower max_num_batched_tokens or the model size")
         layer = self.attention_layers[0]
@@ -185,12 +283,13 @@ class ModelRunner:
         A decode whose input token is still pending (drawn by the previous launch) reads it there.
         """
         inputs = self.prepare_inputs(batch)
-        hidden = self._run_model(inputs, batch)
+        if self.workers is not None:
+            self.workers.send_step(inputs.shape, inputs.flat)
+        logits = self.forward(inputs)
         seqs = inputs.sample_seqs
         self._last_sampled, self._last_rows = None, {}
-        if not seqs:
+        if logits is None:
             return LaunchedStep(batch, [], None, None, None)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
         # The scheduler already counts this step's token as pending: the draw is one position before.
         requests = [
             SamplerRequest(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens, seq.stop_ids,
@@ -216,6 +315,18 @@ class ModelRunner:
             step.copied.synchronize()
         token_ids = step.host_token_ids.tolist()
         return StepResult(step.sample_seqs, token_ids, self._logprobs(step.output, step.sample_seqs))
+
+    @torch.inference_mode()
+    def forward(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """The model on one step's inputs: the logits of the rows that sample, or None when none does."""
+        shape = inputs.shape
+        if self.graphs is not None and shape.num_decodes == shape.num_seqs and self.graphs.fits(shape.num_seqs):
+            hidden = self.graphs.replay(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if not shape.num_logits:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
         block_size = self.block_size
@@ -247,31 +358,16 @@ class ModelRunner:
 
         # One host-to-device copy of everything, then views.
         flat = np.concatenate([input_ids, positions, slot_mapping, query_start_loc, ends, logits_indices,
-                               pending_slots, np.array(pending_rows, dtype=np.int64), block_tables.ravel()])
+                               block_tables.ravel(), pending_slots, np.array(pending_rows, dtype=np.int64)])
+        shape = StepShape(len(input_ids), len(batch), len(logits_indices), max_blocks, batch.num_decodes,
+                          int(counts.max()), int(ends.max()))
         dev = torch.from_numpy(flat).to(self.device, non_blocking=True)
-        t, b, p = len(input_ids), len(batch), len(pending)
-        offsets = np.cumsum([0, t, t, t, b + 1, b, len(logits_indices), p, p])
-        view = lambda k: dev[offsets[k] : offsets[k + 1]]  # noqa: E731
-        if pending:
-            view(0).index_copy_(0, view(6), self._last_sampled.index_select(0, view(7)))
-        meta = AttentionMetadata(
-            slot_mapping=view(2),
-            query_start_loc=view(3).int(),
-            seq_lens=view(4).int(),
-            block_tables=dev[offsets[8]:].view(b, max_blocks).int(),
-            num_decodes=batch.num_decodes,
-            max_query_len=int(counts.max()),
-            max_seq_len=int(ends.max()),
-            query_start_loc_host=query_start_loc.tolist(),
-            seq_lens_host=ends.tolist(),
-        )
-        sample_seqs = [seq for seq, s in zip(batch.seqs, batch.samples, strict=True) if s]
-        return ModelInputs(view(0), view(1), meta, view(5), sample_seqs)
-
-    def _run_model(self, inputs: ModelInputs, batch: ScheduledBatch) -> torch.Tensor:
-        if self.graphs is not None and batch.num_decodes == len(batch) and self.graphs.fits(len(batch)):
-            return self.graphs.replay(inputs.input_ids, inputs.positions, inputs.meta)
-        return self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        inputs = inputs_from_flat(shape, dev[: shape.flat_size], query_start_loc.tolist(), ends.tolist())
+        if pending:  # the tail past the StepShape's array: where each pending token goes, and its row
+            slots, rows = dev[shape.flat_size :].split(len(pending))
+            inputs.input_ids.index_copy_(0, slots, self._last_sampled.index_select(0, rows))
+        inputs.sample_seqs = [seq for seq, s in zip(batch.seqs, batch.samples, strict=True) if s]
+        return inputs
 
     @staticmethod
     def _logprobs(out, seqs: list[Sequence]) -> list[tuple[float, list[tuple[int, float]]] | None]:

@@ -325,15 +325,16 @@ async def serve(config: EngineConfig) -> int:
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         _log_serving(config, service.model_info)
 
-        await _wait_any(stop, service.engine_failed)
+        await _wait_any(stop, service.engine_failed, engine.failed)
         logger.info("draining: up to %.0f s for %d in-flight requests", config.drain_grace_seconds,
                     service.num_in_flight)
         await health.enter_graceful_shutdown()
         await service.drain(config.drain_grace_seconds, hurry)
         await server.stop(grace=1.0)
         await engine.stop()
+        engine.engine.close()
         logger.info("stopped")
-        return 1 if service.engine_failed.is_set() else 0
+        return 1 if service.engine_failed.is_set() or engine.failed.is_set() else 0
     finally:
         if stop_metrics is not None:
             stop_metrics()

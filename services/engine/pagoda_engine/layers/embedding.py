@@ -20,7 +20,8 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.tp_size = tp_size()
         self.rows_per_rank = -(-num_embeddings // self.tp_size)
-        self.vocab_start = tp_rank() * self.rows_per_rank
+        # Clamped: with more ranks than rows to spare, the last ranks hold padding only.
+        self.vocab_start = min(tp_rank() * self.rows_per_rank, num_embeddings)
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, num_embeddings)
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, embedding_dim))
         self.weight.weight_loader = self.weight_loader
