@@ -12,9 +12,19 @@ the offline number. TTFT, inter-token latency (ITL) and end-to-end latency are m
     python bench/serving.py --launch -- --model bench/configs/qwen3-0.6b --load-format dummy --max-model-len 4096
 
 ``--launch`` starts ``python -m pagoda_engine`` on a free loopback port with the flags after ``--``,
-waits for it to report SERVING, runs the benchmark and stops it. The request side is one function
-(``engine_sender``); the measuring side reads only ``token_ids`` and ``finish_reason``, which the
-tokenizer service's responses share, so a text target needs only a sender of its own.
+waits for it to report SERVING, runs the benchmark and stops it.
+
+``--front DIR`` (with ``--launch``) then starts the tokenizer service in front of that engine, with the
+tokenizer files of DIR (tokenizer.json, tokenizer_config.json), and runs the same workload through it
+as text: each prompt's ids decoded to a string, sent to ``pagoda.v1.Tokenizer/Generate`` without special
+tokens. It reports that run beside the engine's, their throughput ratio, and the front's CPU time per
+output token (from /proc), so the front's overhead is measured in the same invocation.
+
+    python bench/serving.py --launch --front ~/.cache/pagoda/models/SmolLM2-135M-Instruct \
+        -- --model bench/configs/qwen3-0.6b --load-format dummy --max-model-len 4096
+
+The measuring side reads only ``token_ids``, ``usage`` and ``finish_reason``, which both services'
+responses share; each target has its own sender (``engine_sender``, ``front_sender``).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import socket
@@ -38,7 +49,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offline import workload  # bench/offline.py, beside this script
 
-from pagoda.v1 import engine_pb2, engine_pb2_grpc
+from pagoda.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from pagoda_engine import SamplingParams
 
 # Sends request i of the workload and returns its response stream.
@@ -88,6 +99,15 @@ def engine_sender(stub: engine_pb2_grpc.EngineStub, prompts: list[list[int]], pa
     return send
 
 
+def front_sender(stub: tokenizer_pb2_grpc.TokenizerStub, texts: list[str], params: list[SamplingParams]) -> Sender:
+    def send(i: int) -> AsyncIterable:
+        request = tokenizer_pb2.TextGenerateRequest(prompt=texts[i], sampling_params=to_proto(params[i]),
+                                                    add_special_tokens=False)
+        return stub.Generate(request)
+
+    return send
+
+
 async def measure(send: Sender, i: int, prompt_tokens: int) -> RequestResult:
     """Stream request i to its end, timing every message's tokens."""
     result = RequestResult(prompt_tokens)
@@ -103,6 +123,8 @@ async def measure(send: Sender, i: int, prompt_tokens: int) -> RequestResult:
                     result.itls += [(now - last) / len(message.token_ids)] * len(message.token_ids)
                 result.output_tokens += len(message.token_ids)
                 last = now
+            if message.usage.prompt_tokens:  # the final message: the prompt as the server tokenized it
+                result.prompt_tokens = message.usage.prompt_tokens
     except grpc.aio.AioRpcError as error:
         result.error = error.code().name
         return result
@@ -171,14 +193,20 @@ def summarize(results: list[RequestResult], seconds: float) -> dict:
     }
 
 
+def channel_to(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+
+
+# One short request before each run, so it does not pay for lazy initialisation.
+WARMUP = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
 async def benchmark(args: argparse.Namespace, target: str) -> dict:
     prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+    async with channel_to(target) as channel:
         stub = engine_pb2_grpc.EngineStub(channel)
         info = await stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=30)
-        # One short request first, so the run does not pay for lazy initialisation.
-        warmup = SamplingParams(max_tokens=8, ignore_eos=True)
-        await measure(engine_sender(stub, [prompts[0]], [warmup]), 0, len(prompts[0]))
+        await measure(engine_sender(stub, [prompts[0]], [WARMUP]), 0, len(prompts[0]))
         results, seconds = await run_workload(engine_sender(stub, prompts, params), [len(p) for p in prompts],
                                               args.request_rate, args.concurrency)
     return {
@@ -194,16 +222,41 @@ async def benchmark(args: argparse.Namespace, target: str) -> dict:
     }
 
 
+async def benchmark_front(args: argparse.Namespace, front: subprocess.Popen, target: str) -> dict:
+    """The workload as text through the tokenizer service at ``target``; adds the front's CPU time."""
+    from tokenizers import Tokenizer
+
+    prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
+    tokenizer = Tokenizer.from_file(str(Path(args.front).expanduser() / "tokenizer.json"))
+    texts = tokenizer.decode_batch(prompts, skip_special_tokens=True)
+    async with channel_to(target) as channel:
+        stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+        await measure(front_sender(stub, [texts[0]], [WARMUP]), 0, 0)
+        cpu_before = cpu_seconds(front.pid)
+        results, seconds = await run_workload(front_sender(stub, texts, params), [0] * len(texts),
+                                              args.request_rate, args.concurrency)
+        cpu = cpu_seconds(front.pid) - cpu_before
+    summary = summarize(results, seconds)
+    return {"target": target, "tokenizer": str(args.front), **summary, "front_cpu_seconds": round(cpu, 3),
+            "front_cpu_us_per_output_token": round(1e6 * cpu / max(summary["output_tokens"], 1), 2)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch_engine(engine_args: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m pagoda_engine`` on a free loopback port and wait until it reports SERVING."""
+def launch(module: str, service_args: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m module`` on a free loopback port and wait until it reports SERVING."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pagoda_engine", *engine_args, "--host", "127.0.0.1",
+    process = subprocess.Popen([sys.executable, "-m", module, *service_args, "--host", "127.0.0.1",
                                 "--port", str(port)])
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -216,20 +269,27 @@ def launch_engine(engine_args: list[str], timeout: float) -> tuple[subprocess.Po
                     return process, target
             time.sleep(0.5)
     process.kill()
-    raise SystemExit(f"the engine did not start serving within {timeout:.0f} s")
+    raise SystemExit(f"{module} did not start serving within {timeout:.0f} s")
 
 
-def print_table(result: dict) -> None:
+def stop(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+
+
+def print_table(rows: dict[str, dict]) -> None:
     def row(*cells) -> str:
         return "| " + " | ".join(f"{c!s:>10}" for c in cells) + " |"
 
-    print(row("requests", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"))
-    print("|" + "|".join("-" * 12 for _ in range(8)) + "|")
-    t, i, e = result["ttft_ms"], result["itl_ms"], result["e2e_ms"]
-    print(row(result["completed"], result["output_tokens_per_s"], t.get("p50"), t.get("p99"), i.get("p50"),
-              i.get("p99"), e.get("p50"), e.get("p99")))
-    if result["errors"]:
-        print(f"errors: {result['errors']}")
+    print(row("target", "requests", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"))
+    print("|" + "|".join("-" * 12 for _ in range(9)) + "|")
+    for name, result in rows.items():
+        t, i, e = result["ttft_ms"], result["itl_ms"], result["e2e_ms"]
+        print(row(name, result["completed"], result["output_tokens_per_s"], t.get("p50"), t.get("p99"), i.get("p50"),
+                  i.get("p99"), e.get("p50"), e.get("p99")))
+        if result["errors"]:
+            print(f"{name} errors: {result['errors']}")
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
@@ -241,6 +301,8 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--target", default="127.0.0.1:50051", help="engine address (ignored with --launch)")
     parser.add_argument("--launch", action="store_true", help="start the engine with the flags after --")
     parser.add_argument("--launch-timeout", type=float, default=900.0)
+    parser.add_argument("--front", metavar="DIR", help="with --launch: also through a tokenizer service using DIR's "
+                        "tokenizer files")
     parser.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second")
     parser.add_argument("--concurrency", type=int, default=None, help="most requests in flight")
     parser.add_argument("--num-seqs", type=int, default=256)
@@ -253,19 +315,31 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 
 def main() -> None:
     args, engine_args = parse_args()
-    process = None
+    if args.front and not args.launch:
+        raise SystemExit("--front needs --launch (it starts the tokenizer service in front of that engine)")
+    engine = front = None
     target = args.target
-    if args.launch:
-        process, target = launch_engine(engine_args, args.launch_timeout)
     try:
+        if args.launch:
+            engine, target = launch("pagoda_engine", engine_args, args.launch_timeout)
         result = asyncio.run(benchmark(args, target))
+        rows = {"engine": result}
+        if args.front:
+            front, front_target = launch("pagoda_tokenizer", ["--model", str(Path(args.front).expanduser()),
+                                                              "--engines", target], args.launch_timeout)
+            result["front"] = rows["front"] = asyncio.run(benchmark_front(args, front, front_target))
+            result["front"]["throughput_vs_engine"] = round(
+                result["front"]["output_tokens_per_s"] / result["output_tokens_per_s"], 3)
     finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=120)
-    if process is not None:
+        stop(front)
+        stop(engine)
+    if engine is not None:
         result["engine_args"] = engine_args
-    print_table(result)
+    print_table(rows)
+    if args.front:
+        f = result["front"]
+        print(f"front: {f['throughput_vs_engine']:.1%} of the engine's throughput; "
+              f"{f['front_cpu_us_per_output_token']} us of its CPU per output token")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

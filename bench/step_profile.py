@@ -3,10 +3,11 @@
 The engine launches step N+1 before it finishes step N (see LLMEngine.step), so one call of ``step``
 holds: schedule (Scheduler.schedule), prepare (ModelRunner.prepare_inputs: host arrays, one H2D copy),
 forward (launching the model, a graph replay for pure decodes, and the logits), sample (building the
-sampler's inputs and launching it, with the copy of the tokens), wait (ModelRunner.finish: waiting for the previous step's tokens), update (Scheduler.update).
-CUDA events around the launches give each step's device time (forward, sample) and the device's
-period from one step's start to the next: period - (forward + sample) is time the device sat idle.
-No extra synchronisation: events are read once a later step has waited past them.
+sampler's inputs and launching it, with the copy of the tokens), wait (ModelRunner.finish: waiting
+for the previous step's tokens), update (Scheduler.update). CUDA events around the launches give each
+step's device time (forward, sample) and the device's period from one step's start to the next:
+period - (forward + sample) is time the device sat idle. No extra synchronisation: events are read
+once a later step has waited past them.
 
 ``--trace N`` also records N decode steps with torch.profiler and prints the kernels by device time.
 
@@ -134,11 +135,16 @@ def main() -> None:
     parser.add_argument("--model", default=str(Path(__file__).parent / "configs" / "qwen3-0.6b"))
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-input-len", type=int, default=1024)
+    parser.add_argument("--max-output-len", type=int, default=1024)
+    parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--trace", type=int, default=0, help="also profile this many decode steps' kernels")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_profile.json"))
     args = parser.parse_args()
-    llm = LLM(args.model, load_format=args.load_format, max_model_len=4096, max_num_batched_tokens=16384)
-    prompts, params = workload(args.num_seqs, 100, 1024, 1024)
+    llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len,
+              max_num_batched_tokens=16384)
+    prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
     llm.generate([[1, 2, 3]], params[0])
     profiler = StepProfiler(llm)
     start = time.perf_counter()
