@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, on a machine with a CUDA GPU and torch/triton installed:
-# stub import check, the GPU-marked tests, the kernel benchmark, then the offline benchmark table last.
-# Results (logs and JSON) go to $OUT when set (the lent GPU machine), else bench/results.
+# stub import check, the GPU-marked tests, the micro-benchmarks and the step profile, the offline table,
+# then the serving tables last. Everything printed goes to run_gpu.log and every benchmark's JSON into
+# one results.json (two files: the lent machine returns few), under $OUT when set, else bench/results.
 #
 #   bash bench/run_gpu.sh            # everything
 #   bash bench/run_gpu.sh tests      # only the GPU tests (also: bench, serving)
@@ -25,22 +26,39 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -c "import grpc, google.protobuf as pb; import pagoda.v1.engine_pb2_grpc, pagoda.v1.tokenizer_pb2_grpc; \
 print('stubs import under grpcio', grpc.__version__, 'protobuf', pb.__version__)" || status=1
 
+log="$results/run_gpu.log"
+parts="$results/parts"  # one JSON per benchmark, merged into results.json at the end
+mkdir -p "$parts"
+run() { "$@" 2>&1 | tee -a "$log" || status=1; }
+
 if [[ $what == all || $what == tests ]]; then
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$results/gpu_tests.log" || status=1
+  run python3 -m pytest -q -p no:cacheprovider -m gpu tests/
 fi
 if [[ $what == all || $what == bench ]]; then
-  for micro in kernels fused_ops sampling step_profile; do
-    [[ -f bench/$micro.py ]] || continue
-    python3 bench/$micro.py --out "$results/$micro.json" 2>&1 | tee "$results/$micro.log" || status=1
+  for micro in kernels fused_ops sampling; do
+    run python3 bench/$micro.py --out "$parts/$micro.json"
   done
-  python3 bench/offline.py --out "$results/offline.json" 2>&1 | tee "$results/offline.log" || status=1
+  run python3 bench/step_profile.py --trace 10 --out "$parts/step_profile.json"
+  run python3 bench/offline.py --out "$parts/offline.json"
   if (( $(python3 -c 'import torch; print(torch.cuda.device_count())') >= 2 )); then
-    python3 bench/offline.py --tensor-parallel-size 2 --out "$results/offline_tp2.json" 2>&1 \
-      | tee "$results/offline_tp2.log" || status=1
+    run python3 bench/offline.py --tensor-parallel-size 2 --out "$parts/offline_tp2.json"
   fi
 fi
 if [[ $what == all || $what == serving ]]; then
-  python3 bench/serving.py --out "$results/serving.json" --launch -- --model bench/configs/qwen3-0.6b \
-    --load-format dummy --max-model-len 4096 --max-num-batched-tokens 16384 2>&1 | tee "$results/serving.log" || status=1
+  engine=(--model bench/configs/qwen3-0.6b --load-format dummy --max-model-len 4096 --max-num-batched-tokens 16384)
+  # The text front needs a tokenizer: SmolLM2's files, carried in .carry/smollm2-tokenizer (bench/RESULTS.md).
+  front=()
+  [[ -f .carry/smollm2-tokenizer/tokenizer.json ]] && front=(--front .carry/smollm2-tokenizer)
+  run python3 bench/serving.py --out "$parts/serving.json" --launch "${front[@]}" -- "${engine[@]}"
+  run python3 bench/serving.py --out "$parts/serving_one_stream.json" --concurrency 1 --num-seqs 16 --launch \
+    -- "${engine[@]}"
 fi
+python3 - "$parts" "$results/results.json" <<'MERGE'
+import json, pathlib, sys
+parts, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+out.write_text(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}, indent=2))
+for p in parts.glob("*.json"):
+    p.unlink()
+parts.rmdir()
+MERGE
 exit $status
