@@ -60,6 +60,7 @@ Sender = Callable[[int], AsyncIterable]
 class RequestResult:
     prompt_tokens: int
     output_tokens: int = 0
+    messages: int = 0
     ttft: float | None = None
     itls: list[float] = dataclasses.field(default_factory=list)
     latency: float | None = None
@@ -115,6 +116,7 @@ async def measure(send: Sender, i: int, prompt_tokens: int) -> RequestResult:
     try:
         async for message in send(i):
             now = time.perf_counter()
+            result.messages += 1
             if message.token_ids:
                 if result.ttft is None:
                     result.ttft = now - start
@@ -133,8 +135,12 @@ async def measure(send: Sender, i: int, prompt_tokens: int) -> RequestResult:
 
 
 async def run_workload(send: Sender, prompt_lens: list[int], rate: float, concurrency: int | None) -> tuple[
-        list[RequestResult], float]:
-    """Send every request (Poisson arrivals at ``rate``, at most ``concurrency`` in flight); results and wall time."""
+        list[RequestResult], float, float]:
+    """Send every request (Poisson arrivals at ``rate``, at most ``concurrency`` in flight).
+
+    Returns the results, the wall time and this process's CPU time over the run: a client that spends
+    most of the wall time on the CPU measures itself rather than the server.
+    """
     limit = asyncio.Semaphore(concurrency or len(prompt_lens))
     arrivals = random.Random(0)
     progress = Progress(len(prompt_lens))
@@ -145,14 +151,14 @@ async def run_workload(send: Sender, prompt_lens: list[int], rate: float, concur
         progress.advance()
         return result
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tasks = []
     for i in range(len(prompt_lens)):
         if i and math.isfinite(rate):
             await asyncio.sleep(arrivals.expovariate(rate))
         tasks.append(asyncio.create_task(one(i)))
     results = await asyncio.gather(*tasks)
-    return results, time.perf_counter() - start
+    return results, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def percentiles_ms(values: list[float]) -> dict[str, float]:
@@ -171,7 +177,7 @@ def percentiles_ms(values: list[float]) -> dict[str, float]:
     return {name: round(1000 * value, 3) for name, value in stats.items()}
 
 
-def summarize(results: list[RequestResult], seconds: float) -> dict:
+def summarize(results: list[RequestResult], seconds: float, client_cpu_seconds: float) -> dict:
     done = [r for r in results if r.error is None]
     errors: dict[str, int] = {}
     for r in results:
@@ -190,6 +196,9 @@ def summarize(results: list[RequestResult], seconds: float) -> dict:
         "ttft_ms": percentiles_ms([r.ttft for r in done if r.ttft is not None]),
         "itl_ms": percentiles_ms([itl for r in done for itl in r.itls]),
         "e2e_ms": percentiles_ms([r.latency for r in done]),
+        "messages": sum(r.messages for r in results),
+        "client_cpu_seconds": round(client_cpu_seconds, 3),
+        "client_cpu_us_per_message": round(1e6 * client_cpu_seconds / max(sum(r.messages for r in results), 1), 1),
     }
 
 
@@ -207,8 +216,8 @@ async def benchmark(args: argparse.Namespace, target: str) -> dict:
         stub = engine_pb2_grpc.EngineStub(channel)
         info = await stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=30)
         await measure(engine_sender(stub, [prompts[0]], [WARMUP]), 0, len(prompts[0]))
-        results, seconds = await run_workload(engine_sender(stub, prompts, params), [len(p) for p in prompts],
-                                              args.request_rate, args.concurrency)
+        results, seconds, cpu = await run_workload(engine_sender(stub, prompts, params), [len(p) for p in prompts],
+                                                   args.request_rate, args.concurrency)
     return {
         "target": target,
         "model": info.model_name,
@@ -218,7 +227,7 @@ async def benchmark(args: argparse.Namespace, target: str) -> dict:
         # JSON has no infinity: a rate of null means every request at once.
         "mode": {"num_seqs": args.num_seqs, "request_rate": args.request_rate if math.isfinite(args.request_rate)
                  else None, "concurrency": args.concurrency},
-        **summarize(results, seconds),
+        **summarize(results, seconds, cpu),
     }
 
 
@@ -233,10 +242,10 @@ async def benchmark_front(args: argparse.Namespace, front: subprocess.Popen, tar
         stub = tokenizer_pb2_grpc.TokenizerStub(channel)
         await measure(front_sender(stub, [texts[0]], [WARMUP]), 0, 0)
         cpu_before = cpu_seconds(front.pid)
-        results, seconds = await run_workload(front_sender(stub, texts, params), [0] * len(texts),
-                                              args.request_rate, args.concurrency)
+        results, seconds, client_cpu = await run_workload(front_sender(stub, texts, params), [0] * len(texts),
+                                                          args.request_rate, args.concurrency)
         cpu = cpu_seconds(front.pid) - cpu_before
-    summary = summarize(results, seconds)
+    summary = summarize(results, seconds, client_cpu)
     return {"target": target, "tokenizer": str(args.front), **summary, "front_cpu_seconds": round(cpu, 3),
             "front_cpu_us_per_output_token": round(1e6 * cpu / max(summary["output_tokens"], 1), 2)}
 
@@ -282,12 +291,15 @@ def print_table(rows: dict[str, dict]) -> None:
     def row(*cells) -> str:
         return "| " + " | ".join(f"{c!s:>10}" for c in cells) + " |"
 
-    print(row("target", "requests", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"))
-    print("|" + "|".join("-" * 12 for _ in range(9)) + "|")
+    print(row("target", "requests", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99",
+              "tok/msg", "client CPU"))
+    print("|" + "|".join("-" * 12 for _ in range(11)) + "|")
     for name, result in rows.items():
         t, i, e = result["ttft_ms"], result["itl_ms"], result["e2e_ms"]
+        per_message = round(result["output_tokens"] / max(result["messages"], 1), 2)
         print(row(name, result["completed"], result["output_tokens_per_s"], t.get("p50"), t.get("p99"), i.get("p50"),
-                  i.get("p99"), e.get("p50"), e.get("p99")))
+                  i.get("p99"), e.get("p50"), e.get("p99"), per_message,
+                  f"{result['client_cpu_seconds'] / result['seconds']:.0%}"))
         if result["errors"]:
             print(f"{name} errors: {result['errors']}")
 
