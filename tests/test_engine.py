@@ -215,3 +215,11 @@ def test_duplicate_request_id_is_rejected(tiny_model_dirs):
     llm.engine.add_request("same", [1, 2, 3], SamplingParams())
     with pytest.raises(InvalidRequestError, match="already in use"):
         llm.engine.add_request("same", [1, 2, 3], SamplingParams())
+
+
+def test_attention_backend_choice():
+    from pagoda_engine.layers.attention import select_backend
+
+    assert select_backend("auto", torch.device("cpu")).name == "torch"
+    with pytest.raises(ValueError, match="expected auto, torch or triton"):
+        select_backend("flash_attn", torch.device("cpu"))

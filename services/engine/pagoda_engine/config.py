@@ -38,7 +38,7 @@ class EngineConfig:
     max_cuda_graph_batch_size: int = 256
     # Processes (one per GPU, or CPU processes with gloo) one copy of the model is split over.
     tensor_parallel_size: int = 1
-    # "auto", "torch" (reference), "triton" or "flash_attn".
+    # "auto" (Triton on CUDA, else torch), "torch" (the reference) or "triton".
     attention_backend: str = "auto"
     # Caps a request may ask for.
     max_logprobs: int = 20

@@ -1,4 +1,4 @@
-"""The interface every attention implementation (torch reference, Triton, flash-attn) provides."""
+"""The interface every attention implementation (the torch reference, Triton) provides."""
 
 from __future__ import annotations
 

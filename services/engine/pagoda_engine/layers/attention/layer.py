@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import nn
 
@@ -13,25 +11,20 @@ from pagoda_engine.layers.attention.torch_backend import TorchAttentionBackend
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` picks flash-attn when installed on CUDA, else Triton on CUDA, else the torch reference."""
+    """``auto`` is Triton on CUDA, else the torch reference.
+
+    flash-attn is not used even when installed: its paged KV cache takes pages of 256 tokens, a
+    multiple our 16-64-token blocks are not, and its unpaged kernels would need a gather per step.
+    """
     if name == "auto":
-        if device.type != "cuda":
-            name = "torch"
-        elif importlib.util.find_spec("flash_attn") is not None:
-            name = "flash_attn"
-        else:
-            name = "triton"
+        name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from pagoda_engine.layers.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
-    if name == "flash_attn":
-        from pagoda_engine.layers.attention.flash_attn_backend import FlashAttnBackend
-
-        return FlashAttnBackend()
-    raise ValueError(f"unknown attention backend {name!r} (expected auto, torch, triton or flash_attn)")
+    raise ValueError(f"unknown attention backend {name!r} (expected auto, torch or triton)")
 
 
 class Attention(nn.Module):
