@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,10 +93,12 @@ class Service:
 
 
 class Engine(Service):
-    def __init__(self, model_dir: Path, log: Path, port: int | None = None):
+    def __init__(self, model_dir: Path, log: Path, port: int | None = None, flags: Sequence[str] = ()):
         port = port or free_port()
+        # `flags` come last, so they override the defaults here (argparse keeps a flag's last value).
         super().__init__(["pagoda_engine", "--model", str(model_dir), "--device", "cpu", "--dtype", "float32",
-                          "--port", str(port), "--cpu-kv-cache-gib", "0.05", "--drain-grace-seconds", "0"], port, log)
+                          "--port", str(port), "--cpu-kv-cache-gib", "0.05", "--drain-grace-seconds", "0", *flags],
+                         port, log)
         self.stub = engine_pb2_grpc.EngineStub(self.channel)
 
     @property
