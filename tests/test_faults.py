@@ -9,11 +9,12 @@ Times that docs/reliability.md reports are printed as `FIGURE name value` (run w
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,34 +50,25 @@ class Outcome:
     ended_at: float = 0.0
 
 
-def drain(call) -> Outcome:
+def drain(call, first: object | None = None) -> Outcome:
+    """Read a stream to its end; `first`: its first message, when the caller has read it already."""
     outcome = Outcome()
     try:
-        outcome.samples = collect(call)
+        outcome.samples = collect(call if first is None else itertools.chain([first], call))
     except grpc.RpcError as error:
         outcome.code, outcome.details = error.code(), error.details()
     outcome.ended_at = time.monotonic()
     return outcome
 
 
-def start_streams(requests: list) -> tuple[list, list[Outcome], list[threading.Thread]]:
-    """Open one stream per (method, request); return once each has sent its first message, with a
-    thread per stream folding the rest into an Outcome."""
-    calls, outcomes, threads = [], [Outcome() for _ in requests], []
-    for (method, request), outcome in zip(requests, outcomes, strict=True):
+def start_streams(pool: ThreadPoolExecutor, requests: list) -> list[Future]:
+    """Open one stream per (method, request) and wait for its first message, so that it is running on the
+    engine; the rest of each stream is read in `pool`, into the Outcome its future holds."""
+    futures = []
+    for method, request in requests:
         call = method(request)
-        first = next(call)
-        calls.append(call)
-
-        def reader(call=call, outcome=outcome, first=first) -> None:
-            rest = drain(call)
-            outcome.code, outcome.details, outcome.ended_at = rest.code, rest.details, rest.ended_at
-            outcome.samples = rest.samples
-            outcome.samples.setdefault(first.index, {"text": "", "token_ids": [], "last": None})
-
-        threads.append(threading.Thread(target=reader, daemon=True))
-        threads[-1].start()
-    return calls, outcomes, threads
+        futures.append(pool.submit(drain, call, next(call)))
+    return futures
 
 
 def long_requests(front: Front) -> list:
@@ -127,12 +119,12 @@ def slow_dir(tmp_path_factory) -> Path:
 
 def test_sigkill_ends_every_stream_unavailable_and_a_restart_recovers(pair):
     front, engine = pair
-    _, outcomes, threads = start_streams(long_requests(front))
-    killed_at = time.monotonic()
-    engine.process.send_signal(signal.SIGKILL)
-    engine.process.wait()
-    for thread in threads:
-        thread.join(timeout=5)
+    with ThreadPoolExecutor(3) as pool:
+        futures = start_streams(pool, long_requests(front))
+        killed_at = time.monotonic()
+        engine.process.send_signal(signal.SIGKILL)
+        engine.process.wait()
+        outcomes = [future.result(timeout=5) for future in futures]
     assert [o.code for o in outcomes] == [grpc.StatusCode.UNAVAILABLE] * 3, [o.details for o in outcomes]
     latest = max(o.ended_at for o in outcomes) - killed_at
     figure("sigkill_to_last_stream_unavailable_s", latest)
@@ -168,20 +160,21 @@ def test_sigterm_on_the_engine_drains_its_streams(tiny_dir, tmp_path):  # noqa: 
         params = greedy(120, ignore_eos=True)
         requests = [(front.stub.Generate, tpb.TextGenerateRequest(prompt=f"drain {i}", sampling_params=params))
                     for i in range(3)]
-        _, outcomes, threads = start_streams(requests)
-        engine.process.send_signal(signal.SIGTERM)
-        # Draining: the engine refuses new work, which the front answers UNAVAILABLE (no other engine).
-        wait_for(lambda: _health(front) == NOT_SERVING, 5, "the front to see the drain")
-        with pytest.raises(grpc.RpcError) as error:
-            list(front.stub.Generate(tpb.TextGenerateRequest(prompt="late"), timeout=10))
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-        for thread in threads:
-            thread.join(timeout=30)
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = start_streams(pool, requests)
+            engine.process.send_signal(signal.SIGTERM)
+            # Draining: the engine refuses new work, which the front answers UNAVAILABLE (no other engine).
+            wait_for(lambda: _health(front) == NOT_SERVING, 5, "the front to see the drain")
+            with pytest.raises(grpc.RpcError) as error:
+                list(front.stub.Generate(tpb.TextGenerateRequest(prompt="late"), timeout=10))
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            outcomes = [future.result(timeout=30) for future in futures]
         # ...while every stream in flight ran to its end.
         for outcome in outcomes:
             assert outcome.code is None, outcome.details
             last = outcome.samples[0]["last"]
-            assert last.finish_reason == epb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 120
+            assert last.finish_reason == epb.FINISH_REASON_LENGTH and len(outcome.samples[0]["token_ids"]) == 120
+            assert last.usage.completion_tokens == 120
         assert engine.process.wait(timeout=15) == 0
     finally:
         front.stop()
@@ -197,12 +190,11 @@ def test_sigterm_on_the_front_finishes_short_streams_and_aborts_long_ones(slow_d
         short = tpb.TextGenerateRequest(prompt="short", sampling_params=greedy(5, ignore_eos=True))
         # Tens of milliseconds a step: 3000 tokens outlast the grace period many times over.
         endless = tpb.TextGenerateRequest(prompt="endless", sampling_params=greedy(3000, ignore_eos=True))
-        _, (short_outcome, endless_outcome), threads = start_streams(
-            [(front.stub.Generate, short), (front.stub.Generate, endless)])
-        front.process.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(timeout=10)
-        assert short_outcome.code is None and short_outcome.samples[0]["last"].usage.completion_tokens == 5
+        with ThreadPoolExecutor(2) as pool:
+            futures = start_streams(pool, [(front.stub.Generate, short), (front.stub.Generate, endless)])
+            front.process.send_signal(signal.SIGTERM)
+            short_outcome, endless_outcome = (future.result(timeout=10) for future in futures)
+        assert short_outcome.code is None and len(short_outcome.samples[0]["token_ids"]) == 5
         # Cut at the end of the grace period; what matters is that the engine does not keep generating.
         assert endless_outcome.code is not None
         assert front.process.wait(timeout=10) == 0

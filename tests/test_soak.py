@@ -14,6 +14,7 @@ lines (run with -s to see them); docs/reliability.md lists a run's.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import statistics
@@ -131,15 +132,9 @@ def run(front: Front, p: Plan, tally: Tally) -> None:
             outcome = "cancelled by the client"
         else:
             if p.behaviour == "abort":
-                first = next(call)
+                first = next(call)  # the request is running: abort it by id
                 front.stub.Abort(epb.AbortRequest(request_id=p.request_id), timeout=10)
-                samples = collect(call)
-                samples.setdefault(first.index, {"text": "", "token_ids": [], "last": None})
-                # The first message counts for its sample; collect() only saw the rest.
-                samples[first.index]["token_ids"][:0] = list(first.token_ids)
-                samples[first.index]["text"] = first.text + samples[first.index]["text"]
-                if first.finish_reason:
-                    samples[first.index]["last"] = first
+                samples = collect(itertools.chain([first], call))
             else:
                 samples = collect(call)
             outcome = check_samples(p, samples, tally)
