@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(300)
 
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
 # Bounded: the whole file runs in well under a minute on two shared cores.
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 print_blob=True)
 
 UINT32_MAX = 2**32 - 1
