@@ -210,12 +210,11 @@ def pair(tiny_dir, tmp_path_factory):  # noqa: F811 - the fixture imported above
     # 96 blocks of 16 tokens: three long requests fill the cache, so traffic waits and preempts.
     metrics_port = free_port()
     engine = Engine(tiny_dir, logs / "engine.log", flags=["--num-kv-blocks", "96", "--metrics-port", str(metrics_port)])
-    engine.metrics_port = metrics_port
     front = Front(tiny_dir, [engine.address], logs / "front.log")
     try:
         engine.wait_serving()
         front.wait_serving()
-        yield front, engine
+        yield front, engine, metrics_port
     finally:
         front.stop()
         engine.stop()
@@ -226,7 +225,7 @@ def mib(n: float) -> str:
 
 
 def test_soak(pair):
-    front, engine = pair
+    front, engine, metrics_port = pair
     pool = prompt_pool(front, random.Random(0))
     tally = Tally()
     sampler = RssSampler({"engine": engine.process.pid, "tokenizer": front.process.pid})
@@ -252,7 +251,7 @@ def test_soak(pair):
     print(f"SOAK requests by behaviour {dict(tally.requests)}")
     print(f"SOAK outcomes {dict(tally.outcomes)}")
     print(f"SOAK unexpected errors {len(tally.errors)}")
-    metrics = scrape(engine.metrics_port)
+    metrics = scrape(metrics_port)
     print(f"SOAK engine: {metrics[('pagoda_engine_preemptions_total', ())]:.0f} preemptions, "
           f"{metrics[('pagoda_engine_requests_cancelled_total', ())]:.0f} requests cancelled")
     print(f"SOAK engine load after: running {load.num_running}, waiting {load.num_waiting}, "
