@@ -156,3 +156,55 @@ def test_underscore_attributes_render_as_nothing():
     """Reading an unsafe attribute gives an undefined value; it prints as nothing, and using it fails."""
     rendered = ChatTemplate("[{{ messages.__class__ }}{{ ''.__doc__ }}]", {}).render([{"role": "user", "content": ""}])
     assert rendered == "[]"
+
+
+# Escapes jinja's sandbox turns into undefined values: they must render as nothing at all.
+SILENT_ESCAPES = [
+    "{{ ''|attr('__class__') }}",
+    "{{ '{0.__class__}'.format(messages) }}",
+    "{{ '%s'|format(messages.__class__) }}",
+    "{{ messages|map(attribute='__class__')|first }}",
+    "{% set ns = namespace() %}{{ ns.__dict__ }}",
+    "{{ lipsum.__globals__ }}{{ joiner.__init__ }}{{ dict.__class__ }}",
+]
+
+
+@pytest.mark.parametrize("source", SILENT_ESCAPES)
+def test_sandbox_escapes_render_as_nothing(source):
+    rendered = ChatTemplate(source, {}).render([{"role": "user", "content": "hi"}])
+    assert rendered in ("", "Undefined"), rendered
+
+
+# Template code that fails in ways other than jinja's own errors: each must be a ChatTemplateError (the
+# service's INVALID_ARGUMENT), not an exception the service reports as UNKNOWN.
+FAILING_TEMPLATES = [
+    "{% extends '/etc/passwd' %}",
+    "{% from 'os' import path %}",
+    "{{ range(10**9)|length }}",  # the sandbox's range cap raises OverflowError
+    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",  # RecursionError
+    "{{ messages|length / 0 }}",  # ZeroDivisionError
+]
+
+
+@pytest.mark.parametrize("source", FAILING_TEMPLATES)
+def test_failing_template_code_is_a_chat_template_error(source):
+    with pytest.raises(ChatTemplateError, match="chat template failed"):
+        ChatTemplate(source, {}).render([{"role": "user", "content": "hi"}])
+
+
+def test_message_content_is_data_not_template_code():
+    hostile = "{{ ''.__class__.__mro__ }}{% include '/etc/passwd' %}{{ 7 * 7 }}"
+    rendered = ChatTemplate(CHATML_TEMPLATE, {}).render([{"role": "user", "content": hostile}])
+    assert rendered == f"<|im_start|>user\n{hostile}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("name", ["messages", "add_generation_prompt", "tools", "documents"])
+def test_kwargs_cannot_replace_what_the_request_sets(name):
+    with pytest.raises(ChatTemplateError, match=f"cannot set {name}"):
+        ChatTemplate(CHATML_TEMPLATE, {}).render([{"role": "user", "content": "hi"}], True, **{name: 1})
+
+
+def test_kwargs_named_like_python_parameters_do_not_break_rendering():
+    # "self" once clashed with render()'s own parameter: a TypeError the service answered as UNKNOWN.
+    template = ChatTemplate("{{ messages[0].content }}{{ flag }}", {})
+    assert template.render([{"role": "user", "content": "hi"}], True, self="x", flag="!") == "hi!"

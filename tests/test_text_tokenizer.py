@@ -86,7 +86,7 @@ def test_smollm2_like_transformers(smollm2_dir):
     theirs = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
     messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
                 {"role": "user", "content": "你好 👋"}]
-    rendered = ChatTemplate(ours.chat_template, ours.special_tokens).render(messages, add_generation_prompt=True)
+    rendered = ChatTemplate(ours.chat_template, ours.special_tokens).render(messages, True)
     assert rendered == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours.encode(rendered, False) == theirs.apply_chat_template(messages, add_generation_prompt=True,
                                                                      return_dict=False)

@@ -95,8 +95,10 @@ class Service:
 
 
 class Engine(Service):
-    def __init__(self, model_dir: Path, log: Path, *flags: str, credentials: grpc.ChannelCredentials | None = None):
-        port = free_port()
+    def __init__(self, model_dir: Path, log: Path, *flags: str, port: int | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        port = port or free_port()
+        # `flags` come last, so they override the defaults here (argparse keeps a flag's last value).
         super().__init__(["pagoda_engine", "--model", str(model_dir), "--device", "cpu", "--dtype", "float32",
                           "--port", str(port), "--cpu-kv-cache-gib", "0.05", "--drain-grace-seconds", "0", *flags],
                          port, log, credentials)

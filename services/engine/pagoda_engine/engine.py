@@ -56,6 +56,7 @@ class EngineLoad:
     kv_blocks_free: int
     prefix_query_tokens: int
     prefix_hit_tokens: int
+    preemptions: int = 0
 
 
 class LLMEngine:
@@ -201,6 +202,7 @@ class LLMEngine:
             kv_blocks_free=bm.num_free_blocks,
             prefix_query_tokens=bm.query_tokens,
             prefix_hit_tokens=bm.hit_tokens,
+            preemptions=self.scheduler.num_preemptions,
         )
 
     def _output(self, seq: Sequence, token_ids: list[int], logprobs) -> SequenceOutput:

@@ -110,3 +110,5 @@ class _LoadCollector(Collector):
                                   "Prompt tokens looked up in the prefix cache.", load.prefix_query_tokens)
         yield CounterMetricFamily("pagoda_engine_prefix_cache_hit_tokens",
                                   "Prompt tokens found in the prefix cache.", load.prefix_hit_tokens)
+        yield CounterMetricFamily("pagoda_engine_preemptions",
+                                  "Sequences preempted for lack of KV blocks (recomputed later).", load.preemptions)

@@ -59,6 +59,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         # Tokens the waiting sequences would compute before any prefix-cache hit (a router's hint).
         self.waiting_tokens = 0
+        # Sequences preempted so far (a full KV cache shows here before it shows in latency).
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -174,6 +176,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.waiting_tokens += seq.num_tokens

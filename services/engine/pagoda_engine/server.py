@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from pagoda.decode_guard import DecodeGuard
 from pagoda.v1 import engine_pb2, engine_pb2_grpc
 from pagoda_engine import tls
 from pagoda_engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
@@ -363,7 +364,7 @@ def _signal_events() -> tuple[asyncio.Event, asyncio.Event]:
 
 
 def _build_server(config: EngineConfig, service: EngineService, health: health_aio.HealthServicer) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[DecodeGuard()], options=[
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         # Without this a second engine on the same port would bind too and share its traffic silently.

@@ -22,6 +22,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Roles any template is assumed to accept; others must appear as a string literal in the template.
 STANDARD_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+# Template variables the renderer sets itself; chat_template_kwargs may not override them.
+RESERVED_VARIABLES = frozenset({"messages", "add_generation_prompt", "tools", "documents"})
 
 
 class ChatTemplateError(ValueError):
@@ -35,17 +37,25 @@ class ChatTemplate:
         self._special_tokens = dict(special_tokens)
         self._known_roles = STANDARD_ROLES | _string_literals(source)
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, /, **kwargs: Any) -> str:
+        # Positional-only above, so that a caller's kwargs named "messages" or "self" reach the check below
+        # instead of clashing with the parameters (a TypeError, which the service answered as UNKNOWN).
+        reserved = sorted(RESERVED_VARIABLES & kwargs.keys())
+        if reserved:
+            raise ChatTemplateError(f"chat_template_kwargs cannot set {', '.join(reserved)}: the request sets them")
         for message in messages:
             self._check_role(message.get("role", ""))
-        variables = {**self._special_tokens, **kwargs}  # caller's kwargs win, as in transformers
+        # The caller's kwargs win over the special tokens, as in transformers. One dict, not keywords: jinja's
+        # render() has a parameter named self too.
+        variables = {**self._special_tokens, **kwargs, "messages": messages, "tools": None, "documents": None,
+                     "add_generation_prompt": add_generation_prompt}
         try:
-            return self._template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
-            )
-        except (jinja2.TemplateError, TypeError, ValueError) as exc:
+            return self._template.render(variables)
+        except Exception as exc:  # noqa: BLE001 - whatever the template's code raises, the request cannot render
             # TemplateError covers raise_exception and sandbox violations; TypeError and ValueError come from
-            # template code given values it does not expect (e.g. a kwarg of the wrong type).
+            # template code given values it does not expect (e.g. a kwarg of the wrong type); OverflowError from
+            # the sandbox's range limit; RecursionError, ZeroDivisionError, ... from template code of any kind.
+            # Any of them escaping would reach the client as UNKNOWN with a traceback in the log.
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
 
     def _check_role(self, role: str) -> None:

@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagoda.decode_guard import DecodeGuard
 from pagoda.v1 import engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from pagoda_tokenizer import tls
 from pagoda_tokenizer.auth import BearerTokenInterceptor, configured_token
@@ -126,7 +126,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         if request_id in self._running:
             raise RequestError(INVALID, f"request_id {request_id!r} is already running")
         self._check_stop_strings(list(request.stop))
-        self._check_length(prompt_ids, request.sampling_params)
+        self._check_against_model(prompt_ids, request.sampling_params)
         options = TextOptions(tuple(request.stop), request.include_stop_str_in_output,
                               _flag(request, "skip_special_tokens"))
         return Generation(self._pool, self._tokenizer, request_id, prompt_ids, request.sampling_params, options)
@@ -174,12 +174,16 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         if any(len(s) > longest for s in stop):
             raise RequestError(INVALID, f"stop strings may be at most {longest} characters long")
 
-    def _check_length(self, prompt_ids: list[int], params: engine_pb2.SamplingParams) -> None:
+    def _check_against_model(self, prompt_ids: list[int], params: engine_pb2.SamplingParams) -> None:
         if not prompt_ids:
             raise RequestError(INVALID, "the prompt is empty after tokenization")
         model = self._pool.model_info if self._pool.healthy_engines else None
         if model is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "no engine is serving")
+        # Here and not only on the engine: this service keeps per-sample state, and an n of 2^32 - 1 (which
+        # fuzzing sent) made it build that many samples before the engine could refuse, until it ran out of memory.
+        if params.n > model.max_n:
+            raise RequestError(INVALID, f"n must be in [1, {model.max_n}] (the engines' max_n), got {params.n}")
         room = model.max_model_len - len(prompt_ids)
         if room < 1:
             raise RequestError(INVALID, f"the prompt is {len(prompt_ids)} tokens; the model's max length is "
@@ -195,18 +199,24 @@ def _flag(request: object, name: str) -> bool:
 
 
 def _struct_to_dict(struct: struct_pb2.Struct) -> dict:
-    """chat_template_kwargs as plain Python values; JSON numbers arrive as floats, so whole ones become ints
-    (templates compare and index with them)."""
-    def plain(value: object) -> object:
-        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
-            return int(value)
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return value
+    """chat_template_kwargs as plain Python values. JSON numbers arrive as floats, so whole ones become ints
+    (templates compare and index with them). Read field by field rather than with json_format, which raises
+    on the infinities and NaNs a Struct can carry (and the service answered UNKNOWN)."""
+    return {key: _plain(value) for key, value in struct.fields.items()}
 
-    return plain(json_format.MessageToDict(struct))
+
+def _plain(value: struct_pb2.Value) -> object:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() else number  # is_integer() is False for inf and NaN
+    if kind in ("string_value", "bool_value"):
+        return getattr(value, kind)
+    return None  # null_value, or a Value with nothing set
 
 
 async def serve(config: TokenizerConfig) -> int:
@@ -249,7 +259,8 @@ async def serve(config: TokenizerConfig) -> int:
 
 def _build_server(config: TokenizerConfig, token: str | None) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=[BearerTokenInterceptor(token)] if token is not None else [],
+        # The token first: a caller without it learns nothing, not even whether its request parsed.
+        interceptors=([BearerTokenInterceptor(token)] if token is not None else []) + [DecodeGuard()],
         options=[("grpc.max_send_message_length", config.max_message_bytes),
                  ("grpc.max_receive_message_length", config.max_message_bytes)],
     )
