@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -92,24 +93,23 @@ def test_a_worker_killed_mid_generation_is_a_clear_error(model_dirs):
 
 @pytest.mark.timeout(60)
 def test_a_worker_killed_while_idle_fails_the_async_engine(model_dirs):
-    """Nothing is running when the worker dies: the engine still notices at once (the service then stops)."""
-    llm = make_llm(model_dirs["qwen2"], tensor_parallel_size=2)
+    """Nothing is running when the worker dies: the engine core still notices at once (the service then stops)."""
+    config = make_llm(model_dirs["qwen2"]).engine.config
+    config.tensor_parallel_size = 2
 
     async def main() -> None:
-        engine = AsyncEngine(llm.engine)
-        engine.start()
-        os.kill(tp_worker_pids()[0], signal.SIGKILL)
+        engine = AsyncEngine(config)
+        await engine.start()
+        (worker,) = psutil.Process(engine._process.pid).children()  # the core's rank 1
+        os.kill(worker.pid, signal.SIGKILL)
         await asyncio.wait_for(engine.failed.wait(), timeout=20)
         with pytest.raises(EngineDeadError):
             async for _ in engine.generate("after", PROMPTS[0], GREEDY):
                 pass
         await engine.stop()
+        assert not engine._process.is_alive()
 
-    try:
-        asyncio.run(main())
-    finally:
-        llm.close()
-    assert not tp_worker_pids()
+    asyncio.run(main())
 
 
 @pytest.mark.gpu

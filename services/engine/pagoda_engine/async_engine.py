@@ -1,24 +1,30 @@
-"""AsyncEngine: an LLMEngine stepping in its own thread, fed and drained from an asyncio loop.
+"""AsyncEngine: the asyncio side of the engine core process (engine_core.py).
 
-The event loop never waits on the GPU. Requests and aborts travel to the engine thread through one
-queue and are applied between steps; each step's outputs travel back in one batch per step
-(``loop.call_soon_threadsafe``) and are fanned out to per-request asyncio queues. A consumer slower
-than the engine finds several steps' tokens waiting and sends them as one message.
+``start`` spawns the engine core and waits until its model is loaded. Requests and aborts go down the
+pipe as commands; a reader thread takes each step's outputs off the pipe and hands them, in one batch
+per step (``loop.call_soon_threadsafe``), to per-request asyncio queues. A consumer slower than the
+engine finds several steps' tokens waiting and sends them as one message. The event loop never waits
+on the engine: the pipe's writes are small and the reads happen on the reader thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
+import multiprocessing
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from pagoda_engine.engine import EngineLoad, LLMEngine, SequenceOutput
+from pagoda.v1 import engine_pb2
+from pagoda_engine.config import EngineConfig
+from pagoda_engine.engine import EngineLoad, RequestLimits, SequenceOutput
+from pagoda_engine.engine_core import Abort, Add, Failed, Outputs, Ready, Stop, run_engine_core
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# How long ``stop`` waits for the engine core to exit before killing it.
+_STOP_GRACE_S = 30.0
 
 
 class QueueFullError(RuntimeError):
@@ -26,57 +32,61 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread failed; no request can be served (gRPC UNAVAILABLE / INTERNAL)."""
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-class _Stop:
-    pass
-
-
-class _Wake:
-    """Step now: the engine may have broken outside a step (a tensor-parallel worker exited)."""
+    """The engine core failed or exited; no request can be served (gRPC UNAVAILABLE / INTERNAL)."""
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 1024):
-        self.engine = engine
+    def __init__(self, config: EngineConfig, max_waiting_requests: int = 1024):
+        self.config = config
         self.max_waiting_requests = max_waiting_requests
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn = None
+        self._reader: threading.Thread | None = None
         self._error: BaseException | None = None
-        # Set on the loop once the engine thread has failed: the service stops serving.
+        # Set on the loop once the engine core has failed or exited: the service stops serving.
         self.failed = asyncio.Event()
-        # Refreshed by the engine thread after every step, read by the loop (GetLoad, metrics).
-        self.load: EngineLoad = engine.get_load()
+        # Known once started: the served model, what a request must fit, and the load after the latest step.
+        self.model_info: engine_pb2.ModelInfo | None = None
+        self.limits: RequestLimits | None = None
+        self.load: EngineLoad | None = None
 
     @property
     def num_active_requests(self) -> int:
         return len(self._streams)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Spawn the engine core and wait until its model is loaded; RuntimeError if it cannot start."""
         self._loop = asyncio.get_running_loop()
-        self.engine.call_on_failure(lambda: self._commands.put(_Wake()))
-        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
-        self._thread.start()
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=run_engine_core, args=(self.config, child_conn),
+                                        name="pagoda-engine-core")
+        self._process.start()
+        child_conn.close()
+        ready = await asyncio.to_thread(self._receive)
+        if not isinstance(ready, Ready):
+            await asyncio.to_thread(self._process.join)
+            raise RuntimeError(ready.message if isinstance(ready, Failed) else "the engine core exited while loading")
+        self.model_info = engine_pb2.ModelInfo.FromString(ready.model_info)
+        self.limits, self.load = ready.limits, ready.load
+        self._reader = threading.Thread(target=self._read, name="pagoda-engine-reader", daemon=True)
+        self._reader.start()
 
     async def stop(self) -> None:
-        self._commands.put(_Stop())
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        """Abort what is left, stop the engine core and wait for it (killed after a grace period)."""
+        if self._process is None:
+            return
+        if self._error is None:
+            self._send(Stop())
+        # The reader sees the pipe close when the core exits; only then is the process joined here.
+        await asyncio.to_thread(self._reader.join, _STOP_GRACE_S)
+        await asyncio.to_thread(self._process.join, 0 if self._reader.is_alive() else _STOP_GRACE_S)
+        if self._process.exitcode is None:
+            logger.warning("the engine core did not stop within %.0f s; killing it", _STOP_GRACE_S)
+            self._process.kill()
+            await asyncio.to_thread(self._reader.join)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -89,7 +99,7 @@ class AsyncEngine:
         self._admit(request_id, prompt_token_ids, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt_token_ids, params))
+        self._send(Add(request_id, prompt_token_ids, params))
         unfinished = params.n
         try:
             while unfinished:
@@ -105,73 +115,61 @@ class AsyncEngine:
                 yield batch
         finally:
             del self._streams[request_id]
-            if unfinished:
-                self._commands.put(_Abort(request_id))
+            if unfinished and self._error is None:
+                self._send(Abort(request_id))
 
     def abort(self, request_id: str) -> bool:
         """Abort a request by id (the Abort RPC); False when no such request is active."""
         if request_id not in self._streams:
             return False
-        self._commands.put(_Abort(request_id))
+        self._send(Abort(request_id))
         return True
 
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if self._error is not None or self._thread is None or not self._thread.is_alive():
+        if self._error is not None or self._reader is None:
             raise EngineDeadError("the engine is not running")
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if self.load.waiting >= self.max_waiting_requests:
             raise QueueFullError(f"{self.load.waiting} requests are already waiting; try again later")
-        self.engine.validate(request_id, prompt_token_ids, params)
+        self.limits.check(prompt_token_ids, params)
 
-    # ---- the engine thread ----
-
-    def _run(self) -> None:
+    def _send(self, command) -> None:
         try:
-            while True:
-                # Block for commands only when there is nothing to step.
-                idle = not self.engine.has_unfinished_requests()
-                if not self._apply_commands(block=idle):
-                    return
-                outputs = self.engine.step()
-                self.load = self.engine.get_load()
-                if outputs:
-                    self._loop.call_soon_threadsafe(self._deliver, outputs)
-        except BaseException as error:  # noqa: BLE001 - reported to every waiting stream
-            logger.exception("engine thread failed")
-            self._error = error
-            self._loop.call_soon_threadsafe(self._fail_all, error)
+            self._conn.send(command)
+        except OSError as error:  # the engine core is gone; the reader reports it
+            logger.debug("engine core pipe closed: %s", error)
 
-    def _apply_commands(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False when asked to stop."""
-        updates: list[SequenceOutput | tuple[str, InvalidRequestError]] = []
-        running = True
+    def _receive(self):
         try:
-            command = self._commands.get(block=block)
-            while True:
-                if isinstance(command, _Stop):
-                    for request_id in list(self.engine.requests):
-                        updates += self.engine.abort_request(request_id)
-                    running = False
-                    break
-                if isinstance(command, _Add):
-                    try:
-                        self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
-                    except InvalidRequestError as error:  # raced with another request since _admit
-                        updates.append((command.request_id, error))
-                elif isinstance(command, _Abort):
-                    updates += self.engine.abort_request(command.request_id)
-                # A _Wake needs nothing applied: the step that follows finds what broke.
-                command = self._commands.get_nowait()
-        except queue.Empty:
-            pass
-        if updates:
-            self._loop.call_soon_threadsafe(self._deliver, updates)
-        return running
+            return self._conn.recv()
+        except (EOFError, OSError):
+            return None
 
-    def _deliver(self, outputs: list) -> None:
+    # ---- the reader thread ----
+
+    def _read(self) -> None:
+        while True:
+            message = self._receive()
+            if isinstance(message, Outputs):
+                self._loop.call_soon_threadsafe(self._deliver, message)
+                continue
+            if message is None and self._exit_code() == 0:  # after Stop
+                return
+            reason = message.message if isinstance(message, Failed) else "the engine core exited"
+            logger.error("engine core failed: %s", reason)
+            self._error = EngineDeadError(reason)
+            self._loop.call_soon_threadsafe(self._fail_all, self._error)
+            return
+
+    def _exit_code(self) -> int | None:
+        self._process.join(_STOP_GRACE_S)
+        return self._process.exitcode
+
+    def _deliver(self, outputs: Outputs) -> None:
         """Hand each output (or a (request id, error) pair) to its request's stream."""
-        for out in outputs:
+        self.load = outputs.load
+        for out in outputs.items:
             request_id, item = out if isinstance(out, tuple) else (out.request_id, out)
             stream = self._streams.get(request_id)
             if stream is not None:

@@ -47,6 +47,30 @@ class SequenceOutput:
     finish_time: float | None
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit, known once the engine is built; checked wherever a request is admitted."""
+
+    vocab_size: int
+    max_model_len: int
+    max_logprobs: int
+    max_n: int
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError with a message a user can act on."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        params.validate(self.max_logprobs, self.max_n)
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"max model length {self.max_model_len}"
+            )
+
+
 @dataclass
 class EngineLoad:
     running: int
@@ -88,6 +112,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, self.max_model_len,
                                    config.enable_chunked_prefill)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, config.max_logprobs, config.max_n)
         self.requests: dict[str, list[Sequence]] = {}
         self._seeds = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None
@@ -116,18 +141,7 @@ class LLMEngine:
     def validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        params.validate(self.config.max_logprobs, self.config.max_n)
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"max model length {self.max_model_len}"
-            )
+        self.limits.check(prompt_token_ids, params)
 
     def abort_request(self, request_id: str) -> list[SequenceOutput]:
         """Stop a request at once and free its blocks; returns its final outputs (empty if unknown)."""

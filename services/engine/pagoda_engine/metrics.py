@@ -82,6 +82,9 @@ class StreamTimer:
             last = self._last_token_time.get(index)
             if last is None:
                 m.ttft.observe(now - self._start)
+                # Tokens that reach the stream with the first one: no gap between them is observable.
+                for _ in range(num_tokens - 1):
+                    m.itl.observe(0.0)
             else:
                 # Several tokens in one message came from several steps: spread the gap over them.
                 gap = (now - last) / num_tokens

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import signal
 import time
 import uuid
-from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -36,7 +33,7 @@ from pagoda.v1 import engine_pb2, engine_pb2_grpc
 from pagoda_engine import tls
 from pagoda_engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from pagoda_engine.config import EngineConfig
-from pagoda_engine.engine import EngineLoad, LLMEngine, SequenceOutput
+from pagoda_engine.engine import EngineLoad, SequenceOutput
 from pagoda_engine.metrics import EngineMetrics, StreamTimer
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
 from pagoda_engine.sequence import FinishReason
@@ -149,7 +146,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.model_info = _model_info(self.config, engine.engine)
+        self.model_info = engine.model_info
         self._serving_since = time.monotonic()
 
     # ---- RPCs ----
@@ -218,7 +215,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     async def _stream(self, engine: AsyncEngine, request_id: str, request: engine_pb2.GenerateRequest,
                       context: grpc.aio.ServicerContext) -> None:
         prompt = list(request.prompt_token_ids)
-        params = to_sampling_params(request.sampling_params, len(prompt), engine.engine.max_model_len)
+        params = to_sampling_params(request.sampling_params, len(prompt), engine.limits.max_model_len)
         timer = StreamTimer(self.metrics, len(prompt))
         # aclosing: when the call ends early (cancel, disconnect, deadline) the generator closes at once,
         # which aborts the request and frees its KV blocks.
@@ -246,45 +243,6 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             return EngineLoad(running=0, waiting=0, waiting_tokens=0, kv_blocks_total=0, kv_blocks_free=0,
                               prefix_query_tokens=0, prefix_hit_tokens=0)
         return self.engine.load
-
-
-def _model_info(config: EngineConfig, engine: LLMEngine) -> engine_pb2.ModelInfo:
-    model = engine.model_config
-    num_blocks = engine.block_manager.num_blocks
-    return engine_pb2.ModelInfo(
-        model_name=Path(config.model).name,
-        model_path="dummy" if config.load_format == "dummy" else str(Path(config.model).resolve()),
-        architecture=model.architecture,
-        max_model_len=engine.max_model_len,
-        vocab_size=model.vocab_size,
-        eos_token_ids=model.eos_token_ids,
-        bos_token_id=model.bos_token_id,
-        block_size=config.block_size,
-        num_kv_blocks=num_blocks,
-        kv_capacity_tokens=num_blocks * config.block_size,
-        dtype=str(engine.dtype).removeprefix("torch."),
-        device=_device_name(engine.device),
-        tensor_parallel_size=config.tensor_parallel_size,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_logprobs=config.max_logprobs,
-        max_n=config.max_n,
-        prefix_caching_enabled=config.enable_prefix_caching,
-        version=_version(),
-    )
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda" and device.index is None:
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(device)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("pagoda")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree through PYTHONPATH
-        return "unknown"
 
 
 # ---- the server process ----
@@ -333,7 +291,6 @@ async def serve(config: EngineConfig) -> int:
         await service.drain(config.drain_grace_seconds, hurry)
         await server.stop(grace=1.0)
         await engine.stop()
-        engine.engine.close()
         logger.info("stopped")
         return 1 if service.engine_failed.is_set() or engine.failed.is_set() else 0
     finally:
@@ -385,8 +342,8 @@ async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
 
 
 async def _start_engine(config: EngineConfig) -> AsyncEngine:
-    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config), config.max_waiting_requests)
-    engine.start()
+    engine = AsyncEngine(config, config.max_waiting_requests)
+    await engine.start()
     # The first request pays for lazy initialisation (kernel compilation, allocator growth): not a user's.
     async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", [0], SamplingParams(max_tokens=2, ignore_eos=True)):
         pass
