@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -420,5 +421,20 @@ def test_start_serve_and_drain_on_sigterm(tmp_path):
         assert aborted.finish_reason == pb.FINISH_REASON_ABORT
         assert len(endless_first.token_ids) + len(aborted.tokens) < 4000
         assert server.process.wait(timeout=15) == 0
+    finally:
+        server.stop()
+
+
+def test_the_engine_core_process_ends_with_its_server(tmp_path):
+    """The engine runs in a child process; a server killed outright must not leave it behind."""
+    server = Server(dummy_model_dir(tmp_path), "--load-format", "dummy", "--num-kv-blocks", "1024")
+    try:
+        server.health_statuses_until_serving()
+        # Besides the core, multiprocessing starts a resource tracker of its own.
+        (core,) = [p for p in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        busy = server.stub.Generate(greedy([3, 4, 5], 8000))
+        next(busy)
+        server.process.kill()
+        core.wait(timeout=10)  # psutil.TimeoutExpired if it outlives its server
     finally:
         server.stop()

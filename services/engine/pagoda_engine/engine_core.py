@@ -13,6 +13,7 @@ blocks on the pipe.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import threading
@@ -97,18 +98,23 @@ def _serve(engine: LLMEngine, conn: Connection, broken: threading.Event) -> None
         if idle and not conn.poll(_IDLE_POLL_S):
             continue
         items, running = _apply_commands(engine, conn)
+        if not running:
+            with contextlib.suppress(OSError):  # the pipe is closed when the server was killed
+                conn.send(Outputs(items, engine.get_load()))
+            return
         items += engine.step()  # raises if the engine broke
         if items:
             conn.send(Outputs(items, engine.get_load()))
-        if not running:
-            return
 
 
 def _apply_commands(engine: LLMEngine, conn: Connection) -> tuple[list, bool]:
     """Apply every command waiting on the pipe; the outputs they caused, and False after ``Stop``."""
     items: list[SequenceOutput | tuple[str, InvalidRequestError]] = []
     while conn.poll():
-        command = conn.recv()
+        try:
+            command = conn.recv()
+        except EOFError:  # the server is gone (killed): nobody will read what this engine makes
+            command = Stop()
         if isinstance(command, Stop):
             for request_id in list(engine.requests):
                 items += engine.abort_request(request_id)
