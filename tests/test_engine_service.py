@@ -49,12 +49,13 @@ def free_port() -> int:
 class Server:
     """A `python -m pagoda_engine` process on free loopback ports, with stubs to reach it."""
 
-    def __init__(self, model_dir: Path, *flags: str):
+    def __init__(self, model_dir: Path, *flags: str, start_new_session: bool = False):
         self.port, self.metrics_port = free_port(), free_port()
         command = [sys.executable, "-m", "pagoda_engine", "--model", str(model_dir), "--device", "cpu",
                    "--dtype", "float32", "--port", str(self.port), "--metrics-port", str(self.metrics_port), *flags]
         # One torch thread: the server shares two cores with this process, and tiny ops gain nothing from more.
-        self.process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                        start_new_session=start_new_session)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
         self.stub = engine_pb2_grpc.EngineStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -436,5 +437,20 @@ def test_the_engine_core_process_ends_with_its_server(tmp_path):
         next(busy)
         server.process.kill()
         core.wait(timeout=10)  # psutil.TimeoutExpired if it outlives its server
+    finally:
+        server.stop()
+
+
+def test_a_signal_to_the_whole_process_group_still_drains(tmp_path):
+    """Ctrl-C reaches every process of the group: the engine core ignores it and the server drains."""
+    server = Server(dummy_model_dir(tmp_path), "--load-format", "dummy", "--num-kv-blocks", "1024",
+                    start_new_session=True)
+    try:
+        server.health_statuses_until_serving()
+        short = server.stub.Generate(greedy([5] * 8, 40))
+        next(short)
+        os.killpg(server.process.pid, signal.SIGINT)
+        assert collect(short)[0].finish_reason == pb.FINISH_REASON_LENGTH
+        assert server.process.wait(timeout=30) == 0
     finally:
         server.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -72,6 +73,10 @@ class Failed:
 
 def run_engine_core(config: EngineConfig, conn: Connection) -> None:
     """The child process's main: load the engine, then serve commands until ``Stop`` or a failure."""
+    # The server owns shutdown (it drains, then sends Stop): a Ctrl-C or SIGTERM sent to the whole process
+    # group must not kill the engine under the requests being drained.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = LLMEngine(config)
