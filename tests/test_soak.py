@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from pagoda.v1 import engine_pb2 as epb
@@ -187,7 +188,7 @@ def worker(front: Front, seed: int, stop_at: float, pool: list[Prompt], tally: T
 
 
 class RssSampler(threading.Thread):
-    """Resident memory of the two services, once a second."""
+    """Resident memory of the services' processes, once a second."""
 
     def __init__(self, pids: dict[str, int]):
         super().__init__(daemon=True)
@@ -228,7 +229,10 @@ def test_soak(pair):
     front, engine, metrics_port = pair
     pool = prompt_pool(front, random.Random(0))
     tally = Tally()
-    sampler = RssSampler({"engine": engine.process.pid, "tokenizer": front.process.pid})
+    # The engine service is two processes: its gRPC server and the engine core it spawned.
+    core = next(p for p in psutil.Process(engine.process.pid).children() if "spawn_main" in " ".join(p.cmdline()))
+    sampler = RssSampler({"engine server": engine.process.pid, "engine core": core.pid,
+                          "tokenizer": front.process.pid})
     sampler.start()
     start = time.monotonic()
     workers = [threading.Thread(target=worker, args=(front, seed, start + SOAK_SECONDS, pool, tally), daemon=True)
@@ -257,7 +261,7 @@ def test_soak(pair):
     print(f"SOAK engine load after: running {load.num_running}, waiting {load.num_waiting}, "
           f"KV blocks used {load.kv_blocks_used} of {load.kv_blocks_total}")
     growth = {}
-    for name in ("engine", "tokenizer"):
+    for name in sampler.pids:
         before = sampler.median_between(name, WARMUP_SECONDS - 5, WARMUP_SECONDS + 5)
         after = sampler.median_between(name, elapsed - 10, elapsed + 10)
         peak = max(rss[name] for _, rss in sampler.samples)
