@@ -1,10 +1,11 @@
 """AsyncEngine: the asyncio side of the engine core process (engine_core.py).
 
 ``start`` spawns the engine core and waits until its model is loaded. Requests and aborts go down the
-pipe as commands; a reader thread takes each step's outputs off the pipe and hands them, in one batch
-per step (``loop.call_soon_threadsafe``), to per-request asyncio queues. A consumer slower than the
-engine finds several steps' tokens waiting and sends them as one message. The event loop never waits
-on the engine: the pipe's writes are small and the reads happen on the reader thread.
+pipe as commands, written by a sender thread; a reader thread takes each step's outputs off the pipe
+and hands them, in one batch per step (``loop.call_soon_threadsafe``), to per-request asyncio queues.
+A consumer slower than the engine finds several steps' tokens waiting and sends them as one message.
+The event loop never waits on the engine: a long prompt's command can fill the pipe while the core is
+busy with a step, and only the sender thread waits for it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import queue
 import threading
 from collections.abc import AsyncIterator
 
@@ -44,6 +46,7 @@ class AsyncEngine:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn = None
         self._reader: threading.Thread | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # for the sender thread; None stops it
         self._error: BaseException | None = None
         # Set on the loop once the engine core has failed or exited: the service stops serving.
         self.failed = asyncio.Event()
@@ -73,6 +76,7 @@ class AsyncEngine:
         self.limits, self.load = ready.limits, ready.load
         self._reader = threading.Thread(target=self._read, name="pagoda-engine-reader", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._write, name="pagoda-engine-sender", daemon=True).start()
 
     async def stop(self) -> None:
         """Abort what is left, stop the engine core and wait for it (killed after a grace period)."""
@@ -87,6 +91,7 @@ class AsyncEngine:
             logger.warning("the engine core did not stop within %.0f s; killing it", _STOP_GRACE_S)
             self._process.kill()
             await asyncio.to_thread(self._reader.join)
+        self._commands.put(None)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -135,10 +140,7 @@ class AsyncEngine:
         self.limits.check(prompt_token_ids, params)
 
     def _send(self, command) -> None:
-        try:
-            self._conn.send(command)
-        except OSError as error:  # the engine core is gone; the reader reports it
-            logger.debug("engine core pipe closed: %s", error)
+        self._commands.put(command)
 
     def _receive(self):
         try:
@@ -146,7 +148,15 @@ class AsyncEngine:
         except (EOFError, OSError):
             return None
 
-    # ---- the reader thread ----
+    # ---- the sender and reader threads ----
+
+    def _write(self) -> None:
+        while (command := self._commands.get()) is not None:
+            try:
+                self._conn.send(command)
+            except OSError as error:  # the engine core is gone; the reader reports it
+                logger.debug("engine core pipe closed: %s", error)
+                return
 
     def _read(self) -> None:
         while True:
