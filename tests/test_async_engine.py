@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import signal
+import time
 
 import pytest
 
@@ -110,5 +114,27 @@ def test_a_killed_engine_core_fails_every_stream(llm):
         with pytest.raises(EngineDeadError):
             await anext(engine.generate("after", [1, 2, 3], SamplingParams(max_tokens=2)))
         await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_a_stuck_engine_core_is_declared_dead(llm):
+    """A core that stops making progress (here SIGSTOPped, as a wedged GPU would) fails its streams in time."""
+    config = dataclasses.replace(llm.engine.config, engine_step_timeout_s=1.0)
+
+    async def main():
+        engine = AsyncEngine(config)
+        await engine.start()
+        stream = engine.generate("long", [1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True))
+        await anext(stream)
+        os.kill(engine._process.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        assert 0.5 <= time.monotonic() - start < 10
+        assert engine.failed.is_set()
+        await engine.stop()
+        assert engine._process.exitcode == -signal.SIGKILL
 
     asyncio.run(main())

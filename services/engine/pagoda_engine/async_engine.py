@@ -47,6 +47,9 @@ class AsyncEngine:
         self._conn = None
         self._reader: threading.Thread | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # for the sender thread; None stops it
+        # Loop time of the engine core's latest step report (or of the first request after an idle spell).
+        self._last_progress = 0.0
+        self._watchdog: asyncio.Task | None = None
         self._error: BaseException | None = None
         # Set on the loop once the engine core has failed or exited: the service stops serving.
         self.failed = asyncio.Event()
@@ -77,11 +80,15 @@ class AsyncEngine:
         self._reader = threading.Thread(target=self._read, name="pagoda-engine-reader", daemon=True)
         self._reader.start()
         threading.Thread(target=self._write, name="pagoda-engine-sender", daemon=True).start()
+        if self.config.engine_step_timeout_s > 0:
+            self._watchdog = asyncio.create_task(self._watch_progress(self.config.engine_step_timeout_s))
 
     async def stop(self) -> None:
         """Abort what is left, stop the engine core and wait for it (killed after a grace period)."""
         if self._process is None:
             return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._error is None:
             self._send(Stop())
         # The reader sees the pipe close when the core exits; only then is the process joined here.
@@ -102,6 +109,8 @@ class AsyncEngine:
         the iterator early (client cancel, deadline) aborts the request and frees its blocks.
         """
         self._admit(request_id, prompt_token_ids, params)
+        if not self._streams:  # the core may have idled for long: its next step is due from now
+            self._last_progress = self._loop.time()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self._send(Add(request_id, prompt_token_ids, params))
@@ -166,6 +175,8 @@ class AsyncEngine:
                 continue
             if message is None and self._exit_code() == 0:  # after Stop
                 return
+            if self._error is not None:  # the watchdog killed it, and has told the streams
+                return
             reason = message.message if isinstance(message, Failed) else "the engine core exited"
             logger.error("engine core failed: %s", reason)
             self._error = EngineDeadError(reason)
@@ -176,8 +187,21 @@ class AsyncEngine:
         self._process.join(_STOP_GRACE_S)
         return self._process.exitcode
 
+    async def _watch_progress(self, timeout: float) -> None:
+        """Declare the engine stuck when it has requests but reports no step for ``timeout`` seconds."""
+        while self._error is None:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            stalled = self._loop.time() - self._last_progress
+            if self._streams and stalled > timeout and self._error is None:
+                reason = f"the engine finished no step in {stalled:.1f} s while serving {len(self._streams)} requests"
+                logger.error("%s: stopping it", reason)
+                self._error = EngineDeadError(reason)
+                self._process.kill()  # a stuck core may hold the GPU; nothing it does now would be delivered
+                self._fail_all(self._error)
+
     def _deliver(self, outputs: Outputs) -> None:
         """Hand each output (or a (request id, error) pair) to its request's stream."""
+        self._last_progress = self._loop.time()
         self.load = outputs.load
         for out in outputs.items:
             request_id, item = out if isinstance(out, tuple) else (out.request_id, out)

@@ -54,6 +54,9 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     # On SIGTERM/SIGINT, how long in-flight requests may run before they are aborted.
     drain_grace_seconds: float = 30.0
+    # Longest the engine core may go without finishing a step while it has requests: past it the engine is
+    # stuck (a wedged GPU, a stopped process), so its streams end UNAVAILABLE and the service stops; 0: never.
+    engine_step_timeout_s: float = 60.0
     # Largest gRPC message sent or received (a prompt of 1M token ids is about 5 MiB).
     max_message_bytes: int = 64 * 1024 * 1024
     # TLS: PEM certificate chain and private key. With a client CA as well, callers (the tokenizer service)
@@ -78,8 +81,10 @@ class EngineConfig:
         if not (0 < self.port < 65536 and 0 <= self.metrics_port < 65536):
             raise ValueError(f"port must be in [1, 65535] and metrics_port in [0, 65535], got {self.port}, "
                              f"{self.metrics_port}")
-        if self.max_waiting_requests < 1 or self.drain_grace_seconds < 0 or self.max_message_bytes < 1:
-            raise ValueError("max_waiting_requests and max_message_bytes must be >= 1, drain_grace_seconds >= 0")
+        if (self.max_waiting_requests < 1 or self.drain_grace_seconds < 0 or self.max_message_bytes < 1
+                or self.engine_step_timeout_s < 0):
+            raise ValueError("max_waiting_requests and max_message_bytes must be >= 1, drain_grace_seconds and "
+                             "engine_step_timeout_s >= 0")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

@@ -6,7 +6,7 @@ when the engine was a thread beside the server (vLLM's EngineCore and SGLang's s
 split off for the same reason).
 
 The pipe carries commands one way (``Add``, ``Abort``, ``Stop``) and, the other way, a ``Ready`` once
-the model is loaded, then one ``Outputs`` per step that produced any (with the load after it), and a
+the model is loaded, then one ``Outputs`` per step (what it produced, and the load after it), and a
 ``Failed`` if the engine breaks. Commands are applied between steps; with nothing to step the core
 blocks on the pipe.
 """
@@ -108,8 +108,9 @@ def _serve(engine: LLMEngine, conn: Connection, broken: threading.Event) -> None
                 conn.send(Outputs(items, engine.get_load()))
             return
         items += engine.step()  # raises if the engine broke
-        if items:
-            conn.send(Outputs(items, engine.get_load()))
+        # Every step that ran is reported, outputs or not (a prefill chunk has none): the server's
+        # watchdog counts these messages as progress.
+        conn.send(Outputs(items, engine.get_load()))
 
 
 def _apply_commands(engine: LLMEngine, conn: Connection) -> tuple[list, bool]:
