@@ -26,7 +26,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from pagoda.v1 import engine_pb2 as epb
 from pagoda.v1 import tokenizer_pb2 as tpb
 from tests.test_engine_service import dummy_model_dir
-from tests.test_tokenizer_service import TINY_VOCAB, Engine, Front, _health, collect, free_port, greedy, wait_for
+from tests.test_tokenizer_service import (
+    TINY_VOCAB,
+    Engine,
+    Front,
+    _health,
+    collect,
+    engine_and_front,
+    free_port,
+    greedy,
+    wait_for,
+)
 from tests.test_tokenizer_service import tiny_dir as tiny_dir  # noqa: F401 - a fixture, shared
 from tests.tokenizer_helpers import byte_level_tokenizer_json, write_tokenizer_dir
 
@@ -97,15 +107,8 @@ def engine_idle(engine: Engine) -> bool:
 @pytest.fixture
 def pair(tiny_dir, tmp_path):  # noqa: F811 - the fixture imported above
     """One engine and a front in front of it, both stopped afterwards."""
-    engine = Engine(tiny_dir, tmp_path / "engine.log")
-    front = Front(tiny_dir, [engine.address], tmp_path / "front.log")
-    try:
-        engine.wait_serving()
-        front.wait_serving()
+    with engine_and_front(tiny_dir, tmp_path) as (front, engine):
         yield front, engine
-    finally:
-        front.stop()
-        engine.stop()
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +155,7 @@ def test_sigkill_ends_every_stream_unavailable_and_a_restart_recovers(pair):
 
 
 def test_sigterm_on_the_engine_drains_its_streams(tiny_dir, tmp_path):  # noqa: F811
-    engine = Engine(tiny_dir, tmp_path / "engine.log", "--drain-grace-seconds", "30")
-    front = Front(tiny_dir, [engine.address], tmp_path / "front.log")
-    try:
-        engine.wait_serving()
-        front.wait_serving()
+    with engine_and_front(tiny_dir, tmp_path, engine_flags=["--drain-grace-seconds", "30"]) as (front, engine):
         params = greedy(120, ignore_eos=True)
         requests = [(front.stub.Generate, tpb.TextGenerateRequest(prompt=f"drain {i}", sampling_params=params))
                     for i in range(3)]
@@ -176,17 +175,11 @@ def test_sigterm_on_the_engine_drains_its_streams(tiny_dir, tmp_path):  # noqa: 
             assert last.finish_reason == epb.FINISH_REASON_LENGTH and len(outcome.samples[0]["token_ids"]) == 120
             assert last.usage.completion_tokens == 120
         assert engine.process.wait(timeout=15) == 0
-    finally:
-        front.stop()
-        engine.stop()
 
 
 def test_sigterm_on_the_front_finishes_short_streams_and_aborts_long_ones(slow_dir, tmp_path):
-    engine = Engine(slow_dir, tmp_path / "engine.log", "--load-format", "dummy", "--num-kv-blocks", "512")
-    front = Front(slow_dir, [engine.address], tmp_path / "front.log", "--shutdown-grace-s", "1.5")
-    try:
-        engine.wait_serving()
-        front.wait_serving()
+    with engine_and_front(slow_dir, tmp_path, engine_flags=["--load-format", "dummy", "--num-kv-blocks", "512"],
+                          front_flags=["--shutdown-grace-s", "1.5"]) as (front, engine):
         short = tpb.TextGenerateRequest(prompt="short", sampling_params=greedy(5, ignore_eos=True))
         # Tens of milliseconds a step: 3000 tokens outlast the grace period many times over.
         endless = tpb.TextGenerateRequest(prompt="endless", sampling_params=greedy(3000, ignore_eos=True))
@@ -199,9 +192,6 @@ def test_sigterm_on_the_front_finishes_short_streams_and_aborts_long_ones(slow_d
         assert endless_outcome.code is not None
         assert front.process.wait(timeout=10) == 0
         wait_for(lambda: engine_idle(engine), 5, "the engine to drop the abandoned request")
-    finally:
-        front.stop()
-        engine.stop()
 
 
 def test_a_front_started_before_its_engine_waits_and_then_serves(tiny_dir, tmp_path):  # noqa: F811
@@ -225,12 +215,8 @@ def test_a_front_started_before_its_engine_waits_and_then_serves(tiny_dir, tmp_p
 
 def test_deadlines_on_a_slow_engine_free_running_and_waiting_requests(slow_dir, tmp_path):
     # One sequence at a time: the second request waits in the queue while the first runs.
-    engine = Engine(slow_dir, tmp_path / "engine.log",
-                    "--load-format", "dummy", "--num-kv-blocks", "512", "--max-num-seqs", "1")
-    front = Front(slow_dir, [engine.address], tmp_path / "front.log")
-    try:
-        engine.wait_serving()
-        front.wait_serving()
+    flags = ["--load-format", "dummy", "--num-kv-blocks", "512", "--max-num-seqs", "1"]
+    with engine_and_front(slow_dir, tmp_path, engine_flags=flags) as (front, engine):
         running = tpb.TextGenerateRequest(prompt="slow", sampling_params=greedy(3000, ignore_eos=True))
         waiting = tpb.TextGenerateRequest(prompt="queued", sampling_params=greedy(3000, ignore_eos=True))
         with ThreadPoolExecutor(2) as pool:
@@ -241,9 +227,6 @@ def test_deadlines_on_a_slow_engine_free_running_and_waiting_requests(slow_dir, 
         assert [o.code for o in outcomes] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
         assert outcomes[0].ended_at < outcomes[1].ended_at, "the queued request's deadline came first"
         figure("deadline_to_engine_idle_s", wait_for(lambda: engine_idle(engine), 5, "every block free"))
-    finally:
-        front.stop()
-        engine.stop()
 
 
 def test_a_kv_cache_filled_to_the_brim_queues_preempts_and_finishes_everything(tiny_dir, tmp_path):  # noqa: F811
@@ -253,12 +236,8 @@ def test_a_kv_cache_filled_to_the_brim_queues_preempts_and_finishes_everything(t
     from pagoda_engine import LLM, SamplingParams
 
     metrics_port = free_port()
-    engine = Engine(tiny_dir, tmp_path / "engine.log",
-                    "--num-kv-blocks", "24", "--block-size", "16", "--metrics-port", str(metrics_port))
-    front = Front(tiny_dir, [engine.address], tmp_path / "front.log")
-    try:
-        engine.wait_serving()
-        front.wait_serving()
+    flags = ["--num-kv-blocks", "24", "--block-size", "16", "--metrics-port", str(metrics_port)]
+    with engine_and_front(tiny_dir, tmp_path, engine_flags=flags) as (front, engine):
         assert front.info().model.max_model_len == 24 * 16
         prompts = [f"{i} " + "brim " * (5 + 6 * i) for i in range(10)]  # about 12 to 120 tokens
         max_tokens = [200 - 12 * i for i in range(10)]
@@ -301,6 +280,3 @@ def test_a_kv_cache_filled_to_the_brim_queues_preempts_and_finishes_everything(t
                 assert samples[index]["last"].finish_reason == epb.FINISH_REASON_LENGTH
                 assert samples[index]["token_ids"] == want.token_ids
                 assert samples[index]["text"] == want.text
-    finally:
-        front.stop()
-        engine.stop()

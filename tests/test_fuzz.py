@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pagoda.v1 import engine_pb2 as epb
 from pagoda.v1 import tokenizer_pb2 as tpb
 from tests.test_faults import engine_idle
-from tests.test_tokenizer_service import TINY_VOCAB, Engine, Front, wait_for
+from tests.test_tokenizer_service import TINY_VOCAB, Engine, Front, engine_and_front, wait_for
 from tests.test_tokenizer_service import tiny_dir as tiny_dir  # noqa: F401 - a fixture, shared
 
 pytestmark = pytest.mark.timeout(300)
@@ -90,11 +90,7 @@ def answered(call: Callable[[], object]) -> grpc.StatusCode:
 @pytest.fixture(scope="module")
 def pair(tiny_dir, tmp_path_factory):  # noqa: F811 - the fixture imported above
     logs = tmp_path_factory.mktemp("fuzz-logs")
-    engine = Engine(tiny_dir, logs / "engine.log")
-    front = Front(tiny_dir, [engine.address], logs / "front.log")
-    try:
-        engine.wait_serving()
-        front.wait_serving()
+    with engine_and_front(tiny_dir, logs) as (front, engine):
         yield front, engine
         # Whatever the fuzzing did, both still serve, and the engine holds no request and no block.
         for service in (engine, front):
@@ -102,9 +98,6 @@ def pair(tiny_dir, tmp_path_factory):  # noqa: F811 - the fixture imported above
                 health_pb2.HealthCheckResponse.SERVING
         wait_for(lambda: engine_idle(engine), 10, "the engine to go idle")
         assert front.process.poll() is None and engine.process.poll() is None
-    finally:
-        front.stop()
-        engine.stop()
 
 
 @pytest.fixture(scope="module")

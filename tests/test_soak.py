@@ -31,7 +31,7 @@ import pytest
 from pagoda.v1 import engine_pb2 as epb
 from pagoda.v1 import tokenizer_pb2 as tpb
 from tests.test_faults import engine_idle, scrape
-from tests.test_tokenizer_service import Engine, Front, collect, free_port, wait_for
+from tests.test_tokenizer_service import Front, collect, engine_and_front, free_port, wait_for
 from tests.test_tokenizer_service import tiny_dir as tiny_dir  # noqa: F401 - a fixture, shared
 from tests.tokenizer_helpers import HARD_TEXTS
 
@@ -210,15 +210,9 @@ def pair(tiny_dir, tmp_path_factory):  # noqa: F811 - the fixture imported above
     logs = tmp_path_factory.mktemp("soak-logs")
     # 96 blocks of 16 tokens: three long requests fill the cache, so traffic waits and preempts.
     metrics_port = free_port()
-    engine = Engine(tiny_dir, logs / "engine.log", "--num-kv-blocks", "96", "--metrics-port", str(metrics_port))
-    front = Front(tiny_dir, [engine.address], logs / "front.log")
-    try:
-        engine.wait_serving()
-        front.wait_serving()
+    flags = ["--num-kv-blocks", "96", "--metrics-port", str(metrics_port)]
+    with engine_and_front(tiny_dir, logs, engine_flags=flags) as (front, engine):
         yield front, engine, metrics_port
-    finally:
-        front.stop()
-        engine.stop()
 
 
 def mib(n: float) -> str:

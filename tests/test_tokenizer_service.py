@@ -8,6 +8,7 @@ checks that a real chat comes back coherent. The engine-killing test runs last i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,6 +125,21 @@ class Front(Service):
 
     def info(self) -> tpb.TokenizerModelInfo:
         return self.stub.GetModelInfo(epb.GetModelInfoRequest(), timeout=5)
+
+
+@contextlib.contextmanager
+def engine_and_front(model_dir: Path, logs: Path, engine_flags: Sequence[str] = (),
+                     front_flags: Sequence[str] = ()) -> Iterator[tuple[Front, Engine]]:
+    """An engine and a tokenizer service in front of it, both serving; both stopped afterwards."""
+    engine = Engine(model_dir, logs / "engine.log", *engine_flags)
+    front = Front(model_dir, [engine.address], logs / "front.log", *front_flags)
+    try:
+        engine.wait_serving()
+        front.wait_serving()
+        yield front, engine
+    finally:
+        front.stop()
+        engine.stop()
 
 
 def greedy(max_tokens: int, **fields) -> epb.SamplingParams:
