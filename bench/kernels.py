@@ -36,6 +36,8 @@ ROTATE_BYTES = 256 * 2**20  # 5x the H100's L2
 # The device-to-device copy bandwidth measured on the target H100 (ARCHITECTURE.md); percentages are of this.
 # The copy measured here with torch's copy_ is printed too, for comparison.
 REFERENCE_GBS = 3010.0
+# The length bound of the default engine's CUDA graphs (max_model_len of the offline benchmark).
+GRAPH_BOUND = 4096
 DECODE_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3), (16, 4, 3)]
 PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)]
 
@@ -90,11 +92,12 @@ class PagedDecode:
         self.out = torch.empty_like(self.q)
 
     def seconds(self, num_splits: int | None = None, config: tuple[int, int, int] | None = None,
-                batch_invariant: bool = True) -> float:
+                batch_invariant: bool = True, bound: int | None = None) -> float:
+        """``bound`` is the length bound passed to the kernel (the runner's CUDA graphs pass max_model_len)."""
         def call(i: int) -> Callable[[], object]:
             return lambda: decode_attention(self.q, self.k_cache, self.v_cache, self.tables[i], self.seq_lens,
-                                            HEAD_DIM**-0.5, self.context, self.out, batch_invariant, num_splits,
-                                            config)
+                                            HEAD_DIM**-0.5, bound or self.context, self.out, batch_invariant,
+                                            num_splits, config)
         return time_graph([call(i % self.copies) for i in range(max(self.copies, 20))])
 
 
@@ -119,9 +122,10 @@ def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> li
     rows = []
     print(f"\ndecode attention: {NUM_HEADS} q heads, {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, {DTYPE}, "
           f"block {BLOCK_SIZE}; % is of {REFERENCE_GBS:.0f} GB/s (torch copy_ here: {copy_gbs:.0f} GB/s)")
-    print("  invariant = default batch-invariant splits; throughput = batch_invariant=False")
+    print("  invariant = default batch-invariant splits; throughput = batch_invariant=False;")
+    print(f"  graph = invariant with the {GRAPH_BOUND}-token bound a CUDA graph passes (a grid sized for it)")
     columns = [("B", 5), ("ctx", 6), ("splits", 6), ("inv us", 8), ("GB/s", 6), ("%", 5), ("splits", 6),
-               ("thr us", 8), ("GB/s", 6), ("%", 5), ("sdpa us", 8), ("GB/s", 6)]
+               ("thr us", 8), ("GB/s", 6), ("%", 5), ("graph us", 8), ("sdpa us", 8), ("GB/s", 6)]
     print(" ".join(f"{name:>{width}}" for name, width in columns))
     sm_count = num_sms(torch.device("cuda"))
     for batch in batches:
@@ -137,6 +141,9 @@ def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> li
                 row[policy] = {"num_splits": splits, "us": round(seconds * 1e6, 2), "gbs": round(gbs, 1),
                                "pct_of_copy": round(pct, 1)}
                 cells += [f"{splits:>6}", f"{seconds * 1e6:>8.1f}", f"{gbs:>6.0f}", f"{pct:>5.1f}"]
+            graph = bench.seconds(bound=max(GRAPH_BOUND, context))
+            row["graph_bound"] = {"bound": max(GRAPH_BOUND, context), "us": round(graph * 1e6, 2)}
+            cells.append(f"{graph * 1e6:>8.1f}")
             sdpa = dense_sdpa_seconds(batch, context)
             if isinstance(sdpa, float):
                 row["sdpa"] = {"us": round(sdpa * 1e6, 2), "gbs": round(bench.kv_bytes / sdpa / 1e9, 1)}

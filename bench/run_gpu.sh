@@ -32,13 +32,15 @@ mkdir -p "$parts"
 run() { "$@" 2>&1 | tee -a "$log" || status=1; }
 
 if [[ $what == all || $what == tests ]]; then
-  run python3 -m pytest -q -p no:cacheprovider -m gpu tests/
+  # test_security.py holds no GPU tests and needs cryptography, which the GPU image lacks.
+  run python3 -m pytest -q -p no:cacheprovider -m gpu tests/ --ignore tests/test_security.py
 fi
 if [[ $what == all || $what == bench ]]; then
   for micro in kernels fused_ops sampling; do
     run python3 bench/$micro.py --out "$parts/$micro.json"
   done
   run python3 bench/step_profile.py --trace 10 --out "$parts/step_profile.json"
+  run python3 bench/step_profile.py --num-seqs 1 --trace 20 --out "$parts/step_profile_one_seq.json"
   run python3 bench/offline.py --out "$parts/offline.json"
   if (( $(python3 -c 'import torch; print(torch.cuda.device_count())') >= 2 )); then
     run python3 bench/offline.py --tensor-parallel-size 2 --out "$parts/offline_tp2.json"

@@ -11,7 +11,9 @@ on it. So the kernel is built around reading the cache once, at full bandwidth:
   writes the output directly and the reduce is skipped;
 - the grid depends only on host ints (batch size, KV heads, an upper bound on the context length), and
   the piece each split covers is computed inside the kernel from the real length, so the launch is
-  CUDA-graph capturable and never syncs with the host.
+  CUDA-graph capturable and never syncs with the host. Splits past a context's end return at once and
+  the reduce reads only the pieces a context has: a CUDA graph sizes the grid for ``max_model_len``, and
+  at 256 sequences of 512 tokens the empty splits had cost 65% on top of the real work (H200).
 
 Two split policies (see ``plan_splits``):
 
@@ -96,6 +98,13 @@ def plan_splits(
 
 
 @triton.jit
+def tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N: tl.constexpr):
+    """The length of each piece of a ``seq_len`` context: whole tiles, so only its last tile is partial."""
+    per_split = tl.cdiv(tl.cdiv(seq_len, split_divisor), BLOCK_N) * BLOCK_N
+    return tl.maximum(per_split, split_min_tokens)
+
+
+@triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """``tl.dot`` that stays exact for fp32 inputs (tests), instead of silently rounding them to tf32."""
     if IEEE:
@@ -130,10 +139,12 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Whole tiles per split, so only the context's last tile is ever partial.
-    per_split = tl.cdiv(tl.cdiv(seq_len, split_divisor), BLOCK_N) * BLOCK_N
-    per_split = tl.maximum(per_split, split_min_tokens)
+    per_split = tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N)
     start = split * per_split
+    # A split past the context's end (a short context in a grid sized for the longest) writes nothing:
+    # the reduce reads only the pieces the context has. Under CUDA graphs most of the grid is such splits.
+    if start >= seq_len:
+        return
     end = tl.minimum(start + per_split, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -160,11 +171,9 @@ def _decode_split_kernel(
         s = tl.where(valid[None, :], s, float("-inf"))
         row_max, row_sum, acc = softmax_step(s, v, row_max, row_sum, acc, IEEE)
 
-    # An empty split (start >= end: the context is shorter than the splits) leaves row_sum == 0.
-    sum_safe = tl.where(row_sum > 0, row_sum, 1.0)
-    acc = acc / sum_safe[:, None]
+    acc = acc / row_sum[:, None]
     if SPLIT:
-        lse = tl.where(row_sum > 0, row_max + tl.log2(sum_safe), float("-inf"))
+        lse = row_max + tl.log2(row_sum)
         # Partials are [batch, num_heads, num_splits] rows (of BLOCK_D floats for the output).
         row = (seq * num_heads + heads) * num_splits + split
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mask_hd)
@@ -176,17 +185,20 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_splits, num_heads, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, split_divisor, split_min_tokens, num_heads,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_pieces = tl.cdiv(seq_len, tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N))
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < num_splits
+    mask_s = offs_s < num_pieces
     row = (seq * num_heads + head) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + row, mask=mask_s, other=float("-inf"))
-    # Split 0 always holds the context's first token, so the max is finite.
+    # Every context has at least one token, so piece 0 exists and the max is finite.
     weight = tl.exp2(lse - tl.max(lse, 0))
     parts = tl.load(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :],
                     mask=mask_s[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -251,8 +263,9 @@ def decode_attention(
     )
     if split:
         _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out, num_splits, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=plan.reduce_width, BLOCK_D=block_d,
+            part_out, part_lse, out, seq_lens, num_splits, plan.divisor, plan.min_tokens, num_heads,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=plan.reduce_width, BLOCK_D=block_d, BLOCK_N=block_n,
             num_warps=4,
         )
     return out
