@@ -11,6 +11,10 @@ the offline number. TTFT, inter-token latency (ITL) and end-to-end latency are m
     python bench/serving.py --concurrency 1 --num-seqs 16          # one stream at a time: ITL
     python bench/serving.py --launch -- --model bench/configs/qwen3-0.6b --load-format dummy --max-model-len 4096
 
+``--clients N`` shares the workload out over N client processes, each with its own connection (request
+i goes to client i mod N), all starting at the same moment. One Python client tops out near 20,000
+messages a second, about what the engine sends: with one client the benchmark can measure itself.
+
 ``--launch`` starts ``python -m pagoda_engine`` on a free loopback port with the flags after ``--``,
 waits for it to report SERVING, runs the benchmark and stops it.
 
@@ -35,6 +39,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -42,7 +47,10 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import AsyncIterable, Callable
+from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 import grpc
@@ -134,31 +142,144 @@ async def measure(send: Sender, i: int, prompt_tokens: int) -> RequestResult:
     return result
 
 
-async def run_workload(send: Sender, prompt_lens: list[int], rate: float, concurrency: int | None) -> tuple[
-        list[RequestResult], float, float]:
-    """Send every request (Poisson arrivals at ``rate``, at most ``concurrency`` in flight).
+@dataclasses.dataclass
+class ClientJob:
+    """One client process's share of the workload: requests ``indices`` of the full list, sent to ``target``."""
 
-    Returns the results, the wall time and this process's CPU time over the run: a client that spends
-    most of the wall time on the CPU measures itself rather than the server.
-    """
-    limit = asyncio.Semaphore(concurrency or len(prompt_lens))
-    arrivals = random.Random(0)
-    progress = Progress(len(prompt_lens))
+    kind: str  # "engine" (token ids to pagoda.v1.Engine) or "front" (text to pagoda.v1.Tokenizer)
+    target: str
+    indices: list[int]
+    prompts: list  # per index: token ids for the engine, text for the front
+    params: list[SamplingParams]
+    prompt_lens: list[int]
+    arrivals: list[float]  # seconds after the common start at which each request is sent
+    concurrency: int | None
 
-    async def one(i: int) -> RequestResult:
+
+@dataclasses.dataclass
+class ClientReport:
+    results: list[RequestResult]
+    first_send: float  # time.time() of the first request and of the last stream's end
+    last_end: float
+    cpu_seconds: float  # this process's CPU time over the run
+
+
+def sender_for(job: ClientJob, channel: grpc.aio.Channel) -> Sender:
+    if job.kind == "engine":
+        return engine_sender(engine_pb2_grpc.EngineStub(channel), job.prompts, job.params)
+    return front_sender(tokenizer_pb2_grpc.TokenizerStub(channel), job.prompts, job.params)
+
+
+async def warm_up(job: ClientJob, channel: grpc.aio.Channel) -> None:
+    """One short request first, so the run does not pay for lazy initialisation on either side."""
+    send = sender_for(dataclasses.replace(job, params=[WARMUP]), channel)
+    await measure(send, 0, 0)
+
+
+async def run_client(job: ClientJob, channel: grpc.aio.Channel, start_at: float, done: Callable[[], None]
+                     ) -> ClientReport:
+    """Send the job's requests at their arrival times (at most ``concurrency`` in flight) and time them."""
+    limit = asyncio.Semaphore(job.concurrency or len(job.indices))
+    send = sender_for(job, channel)
+    ends: list[float] = []
+
+    async def one(slot: int) -> RequestResult:
+        await asyncio.sleep(max(0.0, start_at + job.arrivals[slot] - time.time()))
         async with limit:
-            result = await measure(send, i, prompt_lens[i])
-        progress.advance()
+            result = await measure(send, slot, job.prompt_lens[slot])
+        ends.append(time.time())
+        done()
         return result
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    tasks = []
-    for i in range(len(prompt_lens)):
-        if i and math.isfinite(rate):
-            await asyncio.sleep(arrivals.expovariate(rate))
-        tasks.append(asyncio.create_task(one(i)))
-    results = await asyncio.gather(*tasks)
-    return results, time.perf_counter() - start, time.process_time() - cpu_start
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    first_send, cpu_start = time.time(), time.process_time()
+    results = await asyncio.gather(*(one(slot) for slot in range(len(job.indices))))
+    return ClientReport(list(results), first_send, max(ends), time.process_time() - cpu_start)
+
+
+def client_process(job: ClientJob, conn: Connection, counter: Synchronized) -> None:
+    """A client process: warm up, say ready, wait for the start time, run, send the report back."""
+    def done() -> None:
+        with counter.get_lock():
+            counter.value += 1
+
+    async def main() -> ClientReport:
+        async with channel_to(job.target) as channel:
+            await warm_up(job, channel)
+            conn.send("ready")
+            return await run_client(job, channel, conn.recv(), done)
+
+    conn.send(asyncio.run(main()))
+
+
+def split_jobs(kind: str, target: str, prompts: list, params: list[SamplingParams], prompt_lens: list[int],
+               args: argparse.Namespace) -> list[ClientJob]:
+    """Request i goes to client i mod clients; a Poisson schedule and the concurrency cap are shared out."""
+    arrivals = random.Random(0)
+    offsets, now = [], 0.0
+    for i in range(len(prompts)):
+        if i and math.isfinite(args.request_rate):
+            now += arrivals.expovariate(args.request_rate)
+        offsets.append(now)
+    jobs = []
+    for k in range(args.clients):
+        indices = list(range(k, len(prompts), args.clients))
+        concurrency = None if args.concurrency is None else max(1, args.concurrency // args.clients)
+        jobs.append(ClientJob(kind, target, indices, [prompts[i] for i in indices], [params[i] for i in indices],
+                              [prompt_lens[i] for i in indices], [offsets[i] for i in indices], concurrency))
+    return jobs
+
+
+def run_workload(jobs: list[ClientJob]) -> tuple[list[RequestResult], float, float]:
+    """Run every job, each in its own client process (in this one when there is one job).
+
+    Returns the results in workload order, the wall time from the first request sent to the last stream
+    closed, and the clients' CPU time over the run: a client that spends most of the wall time on the CPU
+    measures itself rather than the server.
+    """
+    total = sum(len(job.indices) for job in jobs)
+    if len(jobs) == 1:
+        progress = Progress(total)
+
+        async def main() -> ClientReport:
+            async with channel_to(jobs[0].target) as channel:
+                await warm_up(jobs[0], channel)
+                return await run_client(jobs[0], channel, time.time(), progress.advance)
+
+        reports = [asyncio.run(main())]
+    else:
+        reports = run_client_processes(jobs, total)
+    results: list[RequestResult | None] = [None] * total
+    for job, report in zip(jobs, reports, strict=True):
+        for i, result in zip(job.indices, report.results, strict=True):
+            results[i] = result
+    seconds = max(r.last_end for r in reports) - min(r.first_send for r in reports)
+    return typing.cast(list[RequestResult], results), seconds, sum(r.cpu_seconds for r in reports)
+
+
+def run_client_processes(jobs: list[ClientJob], total: int) -> list[ClientReport]:
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 0)
+    pipes = [context.Pipe() for _ in jobs]
+    processes = [context.Process(target=client_process, args=(job, child, counter), daemon=True)
+                 for job, (_, child) in zip(jobs, pipes, strict=True)]
+    for process in processes:
+        process.start()
+    for parent, _ in pipes:
+        if parent.recv() != "ready":
+            raise SystemExit("a client process failed to warm up")
+    start_at = time.time() + 0.2  # every client sends its first request at the same moment
+    for parent, _ in pipes:
+        parent.send(start_at)
+    progress = Progress(total)
+    while progress.done < total:
+        time.sleep(0.1)
+        while progress.done < counter.value:
+            progress.advance()
+    reports = [parent.recv() for parent, _ in pipes]
+    for process in processes:
+        process.join()
+    return reports
 
 
 def percentiles_ms(values: list[float]) -> dict[str, float]:
@@ -206,18 +327,20 @@ def channel_to(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
 
 
-# One short request before each run, so it does not pay for lazy initialisation.
+# The warm-up request each client sends before the run.
 WARMUP = SamplingParams(max_tokens=8, ignore_eos=True)
 
 
-async def benchmark(args: argparse.Namespace, target: str) -> dict:
-    prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
+async def model_info(target: str) -> engine_pb2.ModelInfo:
     async with channel_to(target) as channel:
-        stub = engine_pb2_grpc.EngineStub(channel)
-        info = await stub.GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=30)
-        await measure(engine_sender(stub, [prompts[0]], [WARMUP]), 0, len(prompts[0]))
-        results, seconds, cpu = await run_workload(engine_sender(stub, prompts, params), [len(p) for p in prompts],
-                                                   args.request_rate, args.concurrency)
+        return await engine_pb2_grpc.EngineStub(channel).GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=30)
+
+
+def benchmark(args: argparse.Namespace, target: str) -> dict:
+    prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
+    info = asyncio.run(model_info(target))
+    jobs = split_jobs("engine", target, prompts, params, [len(p) for p in prompts], args)
+    results, seconds, cpu = run_workload(jobs)
     return {
         "target": target,
         "model": info.model_name,
@@ -226,34 +349,36 @@ async def benchmark(args: argparse.Namespace, target: str) -> dict:
         "kv_blocks": info.num_kv_blocks,
         # JSON has no infinity: a rate of null means every request at once.
         "mode": {"num_seqs": args.num_seqs, "request_rate": args.request_rate if math.isfinite(args.request_rate)
-                 else None, "concurrency": args.concurrency},
+                 else None, "concurrency": args.concurrency, "clients": args.clients},
         **summarize(results, seconds, cpu),
     }
 
 
-async def benchmark_front(args: argparse.Namespace, front: subprocess.Popen, target: str) -> dict:
+def benchmark_front(args: argparse.Namespace, front: subprocess.Popen, target: str) -> dict:
     """The workload as text through the tokenizer service at ``target``; adds the front's CPU time."""
     from tokenizers import Tokenizer
 
     prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
     tokenizer = Tokenizer.from_file(str(Path(args.front).expanduser() / "tokenizer.json"))
     texts = tokenizer.decode_batch(prompts, skip_special_tokens=True)
-    async with channel_to(target) as channel:
-        stub = tokenizer_pb2_grpc.TokenizerStub(channel)
-        await measure(front_sender(stub, [texts[0]], [WARMUP]), 0, 0)
-        cpu_before = cpu_seconds(front.pid)
-        results, seconds, client_cpu = await run_workload(front_sender(stub, texts, params), [0] * len(texts),
-                                                          args.request_rate, args.concurrency)
-        cpu = cpu_seconds(front.pid) - cpu_before
+    jobs = split_jobs("front", target, texts, params, [0] * len(texts), args)
+    cpu_before = cpu_seconds_of_tree(front.pid)
+    results, seconds, client_cpu = run_workload(jobs)
+    cpu = cpu_seconds_of_tree(front.pid) - cpu_before
     summary = summarize(results, seconds, client_cpu)
     return {"target": target, "tokenizer": str(args.front), **summary, "front_cpu_seconds": round(cpu, 3),
             "front_cpu_us_per_output_token": round(1e6 * cpu / max(summary["output_tokens"], 1), 2)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux)."""
+def cpu_seconds_of_tree(pid: int) -> float:
+    """User + system CPU time so far of a process and its live descendants (a front's workers; Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):  # it just exited
+                total += cpu_seconds_of_tree(int(child))
+    return total
 
 
 def free_port() -> int:
@@ -317,12 +442,18 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
                         "tokenizer files")
     parser.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second")
     parser.add_argument("--concurrency", type=int, default=None, help="most requests in flight")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="client processes sharing the workload, each with its own connection: one Python "
+                        "client tops out near 20k messages/s, so fast servers need several")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-input-len", type=int, default=1024)
     parser.add_argument("--max-output-len", type=int, default=1024)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving.json"))
-    return parser.parse_args(argv), engine_args
+    args = parser.parse_args(argv)
+    if args.clients < 1 or (args.concurrency is not None and args.clients > args.concurrency):
+        parser.error("--clients must be >= 1, and at most --concurrency")
+    return args, engine_args
 
 
 def main() -> None:
@@ -334,12 +465,12 @@ def main() -> None:
     try:
         if args.launch:
             engine, target = launch("pagoda_engine", engine_args, args.launch_timeout)
-        result = asyncio.run(benchmark(args, target))
+        result = benchmark(args, target)
         rows = {"engine": result}
         if args.front:
             front, front_target = launch("pagoda_tokenizer", ["--model", str(Path(args.front).expanduser()),
                                                               "--engines", target], args.launch_timeout)
-            result["front"] = rows["front"] = asyncio.run(benchmark_front(args, front, front_target))
+            result["front"] = rows["front"] = benchmark_front(args, front, front_target)
             result["front"]["throughput_vs_engine"] = round(
                 result["front"]["output_tokens_per_s"] / result["output_tokens_per_s"], 3)
     finally:
