@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pagoda_engine.kernels import decode_attention as decode_attention_module
 from pagoda_engine.kernels.decode_attention import decode_attention, num_sms, plan_splits
 from pagoda_engine.kernels.prefill_attention import prefill_attention
 
@@ -38,6 +39,7 @@ ROTATE_BYTES = 256 * 2**20  # 5x the H100's L2
 REFERENCE_GBS = 3010.0
 # The length bound of the default engine's CUDA graphs (max_model_len of the offline benchmark).
 GRAPH_BOUND = 4096
+PIECE_SIZES = (64, 128, 256)
 DECODE_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3), (16, 4, 3)]
 PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)]
 
@@ -180,6 +182,30 @@ def decode_sweep() -> list[dict]:
     return rows
 
 
+def piece_sweep() -> list[dict]:
+    """The batch-invariant policy's smallest piece (MIN_TOKENS_PER_SPLIT) against batch and context, under the
+    graph's length bound: small pieces spread one sequence over more SMs, but add partials to write and reduce."""
+    rows = []
+    default = decode_attention_module.MIN_TOKENS_PER_SPLIT
+    print(f"\ndecode piece sweep: invariant policy, {GRAPH_BOUND}-token bound, us per call")
+    print(f"  {'B':>4} {'ctx':>5} " + " ".join(f"{f'min {m}':>9}" for m in PIECE_SIZES))
+    try:
+        for batch in (1, 8, 32, 256):
+            for context in (256, 1024, 4096):
+                bench = PagedDecode(batch, context)
+                row: dict = {"batch": batch, "context": context}
+                for min_tokens in PIECE_SIZES:
+                    decode_attention_module.MIN_TOKENS_PER_SPLIT = min_tokens
+                    row[min_tokens] = round(bench.seconds(bound=GRAPH_BOUND) * 1e6, 2)
+                print(f"  {batch:>4} {context:>5} " + " ".join(f"{row[m]:>9.1f}" for m in PIECE_SIZES), flush=True)
+                rows.append(row)
+                del bench
+                torch.cuda.empty_cache()
+    finally:
+        decode_attention_module.MIN_TOKENS_PER_SPLIT = default
+    return rows
+
+
 def prefill_case(seqs: list[tuple[int, int]]) -> dict:
     """(context_len, query_len) per sequence, contiguous blocks; returns inputs for both implementations."""
     query_lens = [n for _, n in seqs]
@@ -253,6 +279,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--context", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--sweep", action="store_true", help="also sweep decode/prefill tile configs and splits")
+    parser.add_argument("--pieces", action="store_true", help="also sweep the invariant policy's smallest piece")
     parser.add_argument("--no-prefill", action="store_true")
     args = parser.parse_args()
 
@@ -269,6 +296,8 @@ def main() -> None:
     }
     if args.sweep:
         result["decode_sweep"] = decode_sweep()
+    if args.pieces:
+        result["piece_sweep"] = piece_sweep()
     if not args.no_prefill:
         result["prefill"] = prefill_table(args.sweep)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

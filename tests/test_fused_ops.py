@@ -112,6 +112,34 @@ def test_rotary(dtype, tokens, heads, kv_heads, head_dim, layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (14, 2, 64), (40, 8, 128)])
+def test_rotary_with_qk_norm(dtype, tokens, heads, kv_heads, head_dim):
+    """Qwen3's per-head q/k RMSNorm folded into the rotary kernel, in place on the qkv output's views."""
+    torch.manual_seed(tokens * heads + 1)
+    rope = RotaryEmbedding(head_dim, MAX_POSITION, theta=1e6).to("cuda")
+    norms = (make_norm(head_dim, dtype, "cuda"), make_norm(head_dim, dtype, "cuda"))
+    qkv, q, k = make_qkv(tokens, heads, kv_heads, head_dim, dtype, "cuda")
+    positions = random_positions(tokens, "cuda")
+    expected = reference_qk_norm_rotary(rope, norms, positions, q, k)
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    ours = rope(positions, q, k, norms)
+    assert ours[0].data_ptr() == q.data_ptr() and ours[1].data_ptr() == k.data_ptr(), "not in place"
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)
+
+
+def reference_qk_norm_rotary(rope: RotaryEmbedding, norms: tuple[RMSNorm, RMSNorm], positions: torch.Tensor,
+                             q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch layers one after the other: each head normalised, then rotated."""
+    per_head = [norm.forward_torch(x.unflatten(-1, (-1, rope.head_dim))).flatten(1)
+                for norm, x in zip(norms, (q, k), strict=True)]
+    return rope.forward_torch(positions, *per_head)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 7, 256])
 @pytest.mark.parametrize("intermediate", [1000, 3072, 11008])
 def test_silu_and_mul(dtype, tokens, intermediate):
@@ -201,6 +229,13 @@ def check_under_interpreter() -> None:
         torch.testing.assert_close(q, expected_q, **tolerance)
         torch.testing.assert_close(k, expected_k, **tolerance)
         assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)
+
+        norms = (q_norm, make_norm(head_dim, dtype, "cpu"))
+        expected_q, expected_k = reference_qk_norm_rotary(rope, norms, positions, q, k)
+        fused_ops.rotary_embedding_(positions, q, k, rope.cos_cache, rope.sin_cache,
+                                    (norms[0].weight, norms[1].weight), q_norm.eps)
+        torch.testing.assert_close(q, expected_q, **tolerance)
+        torch.testing.assert_close(k, expected_k, **tolerance)
 
         gate_up = 3 * torch.randn(3, 2 * 1100, dtype=dtype)
         torch.testing.assert_close(fused_ops.silu_and_mul(gate_up), SiluAndMul().forward_torch(gate_up), **tolerance)

@@ -1,5 +1,5 @@
 """Triton kernels for the memory-bound steps between the matmuls: RMSNorm with the residual add, rotary
-embedding, and SiLU-and-mul.
+embedding (with Qwen3's per-head q/k RMSNorm folded in), and SiLU-and-mul.
 
 Each kernel reads its inputs once and writes its outputs once. They repeat the torch code in layers/
 step for step: float32 arithmetic, rounded to the activation dtype exactly where torch's eager ops
@@ -94,9 +94,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rotary_kernel(
-    positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr,
-    q_stride, k_stride, cache_stride, n_q_heads, n_k_heads,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
+    positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr,
+    q_stride, k_stride, cache_stride, n_q_heads, n_k_heads, inv_head_dim, eps,
+    HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_K_HEADS: tl.constexpr,
 ):
     # One program per token: its cos/sin row is read once and used for every q and k head.
     token = tl.program_id(0).to(tl.int64)
@@ -107,19 +108,30 @@ def _rotary_kernel(
     # Hugging Face rounds cos/sin to the activation dtype before applying them.
     cos = tl.load(cos_ptr + position * cache_stride + d, mask=d_mask).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + position * cache_stride + d, mask=d_mask).to(dtype).to(tl.float32)
-    _rotate_heads(q_ptr + token * q_stride, n_q_heads, cos, sin, d, d_mask, HALF, BLOCK_Q_HEADS)
-    _rotate_heads(k_ptr + token * k_stride, n_k_heads, cos, sin, d, d_mask, HALF, BLOCK_K_HEADS)
+    _rotate_heads(q_ptr + token * q_stride, n_q_heads, cos, sin, d, d_mask, q_weight_ptr, inv_head_dim, eps,
+                  HAS_NORM, HALF, BLOCK_Q_HEADS)
+    _rotate_heads(k_ptr + token * k_stride, n_k_heads, cos, sin, d, d_mask, k_weight_ptr, inv_head_dim, eps,
+                  HAS_NORM, HALF, BLOCK_K_HEADS)
 
 
 @triton.jit
-def _rotate_heads(head_ptr, n_heads, cos, sin, d, d_mask, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+def _rotate_heads(head_ptr, n_heads, cos, sin, d, d_mask, weight_ptr, inv_head_dim, eps,
+                  HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
     heads = tl.arange(0, BLOCK_HEADS)
     mask = (heads < n_heads)[:, None] & d_mask[None, :]
     first = head_ptr + heads[:, None] * (2 * HALF) + d[None, :]
-    x1 = tl.load(first, mask=mask)
-    x2 = tl.load(first + HALF, mask=mask)
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
     dtype = x1.dtype
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:
+        # RMSNorm of each head first, rounded where the separate norm rounds (see _rms_norm_kernel).
+        mean_square = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) * inv_head_dim
+        scale = tl.math.rsqrt(mean_square + eps)[:, None]
+        w1 = tl.load(weight_ptr + d, mask=d_mask).to(tl.float32)[None, :]
+        w2 = tl.load(weight_ptr + HALF + d, mask=d_mask).to(tl.float32)[None, :]
+        x1 = ((x1 * scale).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * scale).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     # Each product is rounded to the activation dtype before the sum, as the separate torch ops do.
     out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
     out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
@@ -128,12 +140,15 @@ def _rotate_heads(head_ptr, n_heads, cos, sin, d, d_mask, HALF: tl.constexpr, BL
 
 
 def rotary_embedding_(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+    norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0,
 ) -> None:
     """Rotate ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] in place, neox style.
 
     ``cos_cache``/``sin_cache`` are float32 [max_position, head_dim // 2], looked up by ``positions`` [T].
     q and k may be row views (e.g. slices of the fused qkv output) whose last dimension is contiguous.
+    With ``norm_weights`` (q's and k's, [head_dim] each), every head is RMS-normalised first, as Qwen3's
+    q_norm/k_norm do: one kernel instead of three.
     """
     half = cos_cache.shape[1]
     head_dim = 2 * half
@@ -143,10 +158,11 @@ def rotary_embedding_(
     n_q_heads, n_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
     block_half = triton.next_power_of_2(half)
     block_q_heads = triton.next_power_of_2(n_q_heads)
+    q_weight, k_weight = norm_weights if norm_weights is not None else (q, k)  # unused without a norm
     _rotary_kernel[(positions.shape[0],)](
-        positions, q, k, cos_cache, sin_cache,
-        q.stride(0), k.stride(0), cos_cache.stride(0), n_q_heads, n_k_heads,
-        HALF=half, BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q_heads,
+        positions, q, k, cos_cache, sin_cache, q_weight, k_weight,
+        q.stride(0), k.stride(0), cos_cache.stride(0), n_q_heads, n_k_heads, 1.0 / head_dim, eps,
+        HAS_NORM=norm_weights is not None, HALF=half, BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q_heads,
         BLOCK_K_HEADS=triton.next_power_of_2(n_k_heads),
         num_warps=min(max(block_q_heads * block_half // 256, 1), 8), **_TORCH_FLOAT_SEMANTICS,
     )

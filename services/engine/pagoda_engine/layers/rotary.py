@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagoda_engine.layers.norm import RMSNorm
+
 try:  # CUDA builds of torch bring Triton; without it every device runs the torch code.
     from pagoda_engine.kernels import fused_ops
 except ImportError:
@@ -55,15 +57,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, norms: tuple[RMSNorm, RMSNorm] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate flat ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] by their positions.
+        """Rotate flat ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] by their positions,
+        after RMS-normalising each head with ``norms`` (q's and k's) when given (Qwen3).
 
-        On CUDA one Triton kernel rotates both in place and returns them; callers use the return value.
+        On CUDA one Triton kernel does it all in place and returns them; callers use the return value.
         """
         if fused_ops is not None and q.is_cuda:
-            fused_ops.rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache)
+            weights = None if norms is None else (norms[0].weight, norms[1].weight)
+            eps = 0.0 if norms is None else norms[0].eps
+            fused_ops.rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache, weights, eps)
             return q, k
+        if norms is not None:
+            q = norms[0].forward_torch(q.unflatten(-1, (-1, self.head_dim))).flatten(1)
+            k = norms[1].forward_torch(k.unflatten(-1, (-1, self.head_dim))).flatten(1)
         return self.forward_torch(positions, q, k)
 
     def forward_torch(

@@ -45,16 +45,14 @@ class LlamaAttention(nn.Module):
         if options.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.qk_norms: tuple[RMSNorm, RMSNorm] | None = (self.q_norm, self.k_norm)
         else:
-            self.q_norm = self.k_norm = None
+            self.q_norm = self.k_norm = self.qk_norms = None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(1)
-            k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(1)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(positions, q, k, self.qk_norms)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
