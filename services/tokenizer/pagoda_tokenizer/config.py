@@ -24,6 +24,11 @@ class TokenizerConfig:
     host: str = "0.0.0.0"
     # 0 picks a free port (the chosen one is logged).
     port: int = 50052
+    # Processes serving the port (SO_REUSEPORT: the kernel spreads client connections over them). One
+    # process's gRPC per-message work caps its streamed tokens/s below an engine's; more workers lift the cap.
+    # Each worker has its own engine connections, and max_concurrent_streams is per worker; Abort reaches
+    # the worker holding the stream when sent on the Generate call's channel (as the generated clients do).
+    workers: int = 1
     # Caps on a request's stop strings: how many, and how long each may be (in characters).
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
@@ -64,6 +69,10 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         if not self.engines:
             raise ValueError("at least one engine address is needed")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("workers > 1 needs a fixed port: with port 0 each worker would pick its own")
         if self.max_stop_strings < 0 or self.max_stop_string_chars < 1:
             raise ValueError("max_stop_strings must be >= 0 and max_stop_string_chars >= 1")
         if self.load_poll_interval_s <= 0 or self.reconnect_max_s <= 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -219,8 +220,11 @@ def _plain(value: struct_pb2.Value) -> object:
     return None  # null_value, or a Value with nothing set
 
 
-async def serve(config: TokenizerConfig) -> int:
-    """Run the service until SIGINT or SIGTERM, then drain for shutdown_grace_s; returns the exit code."""
+async def serve(config: TokenizerConfig, worker: int | None = None) -> int:
+    """Run the service until SIGINT or SIGTERM, then drain for shutdown_grace_s; returns the exit code.
+
+    ``worker``: this process's index among config.workers sharing the port (pagoda_tokenizer.workers); a
+    worker stops on SIGTERM only, as its supervisor forwards SIGINT."""
     try:
         token = configured_token(config)
         credentials = tls.server_credentials(config)
@@ -241,13 +245,14 @@ async def serve(config: TokenizerConfig) -> int:
     await health_updates.set(serving=False)
     await server.start()
     pool.start()
-    logger.info("pagoda tokenizer listening on %s:%d (%s), engines %s (%s)", config.host, port,
+    logger.info("pagoda tokenizer listening on %s:%d%s (%s), engines %s (%s)", config.host, port,
+                "" if worker is None else f" as worker {worker} of {config.workers} (pid {os.getpid()})",
                 _security(credentials is not None, config.tls_client_ca_file, token),
                 ",".join(config.engines), "TLS" if config.engine_tls_ca_file else "plaintext")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM) if worker is None else (signal.SIGTERM,):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("shutting down")
@@ -262,7 +267,10 @@ def _build_server(config: TokenizerConfig, token: str | None) -> grpc.aio.Server
         # The token first: a caller without it learns nothing, not even whether its request parsed.
         interceptors=([BearerTokenInterceptor(token)] if token is not None else []) + [DecodeGuard()],
         options=[("grpc.max_send_message_length", config.max_message_bytes),
-                 ("grpc.max_receive_message_length", config.max_message_bytes)],
+                 ("grpc.max_receive_message_length", config.max_message_bytes),
+                 # gRPC's default on Linux, set so that --workers does not depend on it: every worker binds
+                 # the same port and the kernel spreads connections over them.
+                 ("grpc.so_reuseport", 1)],
     )
 
 
