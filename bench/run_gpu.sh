@@ -51,7 +51,7 @@ if [[ $what == all || $what == serving ]]; then
   engine=(--model bench/configs/qwen3-0.6b --load-format dummy --max-model-len 4096 --max-num-batched-tokens 16384)
   # The text front needs a tokenizer: SmolLM2's files, carried in .carry/smollm2-tokenizer (bench/RESULTS.md).
   front=()
-  [[ -f .carry/smollm2-tokenizer/tokenizer.json ]] && front=(--front .carry/smollm2-tokenizer)
+  [[ -f .carry/smollm2-tokenizer/tokenizer.json ]] && front=(--front .carry/smollm2-tokenizer --front-workers 4)
   # Four client processes: one Python client saturates near the engine's message rate.
   run python3 bench/serving.py --clients 4 --out "$parts/serving.json" --launch "${front[@]}" -- "${engine[@]}"
   run python3 bench/serving.py --out "$parts/serving_one_stream.json" --concurrency 1 --num-seqs 16 --launch \

@@ -388,7 +388,8 @@ def free_port() -> int:
 
 
 def launch(module: str, service_args: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m module`` on a free loopback port and wait until it reports SERVING."""
+    """Start ``python -m module`` on a free loopback port and wait until it reports SERVING (with several
+    workers sharing the port, the first one that does)."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", module, *service_args, "--host", "127.0.0.1",
                                 "--port", str(port)])
@@ -440,6 +441,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--launch-timeout", type=float, default=900.0)
     parser.add_argument("--front", metavar="DIR", help="with --launch: also through a tokenizer service using DIR's "
                         "tokenizer files")
+    parser.add_argument("--front-workers", type=int, default=1, help="the tokenizer service's --workers")
     parser.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second")
     parser.add_argument("--concurrency", type=int, default=None, help="most requests in flight")
     parser.add_argument("--clients", type=int, default=1,
@@ -469,7 +471,8 @@ def main() -> None:
         rows = {"engine": result}
         if args.front:
             front, front_target = launch("pagoda_tokenizer", ["--model", str(Path(args.front).expanduser()),
-                                                              "--engines", target], args.launch_timeout)
+                                                              "--engines", target, "--workers",
+                                                              str(args.front_workers)], args.launch_timeout)
             result["front"] = rows["front"] = benchmark_front(args, front, front_target)
             result["front"]["throughput_vs_engine"] = round(
                 result["front"]["output_tokens_per_s"] / result["output_tokens_per_s"], 3)

@@ -36,6 +36,7 @@ def test_serving_benchmark_through_the_engine_and_the_tokenizer_front(tmp_path, 
     out = tmp_path / "serving.json"
     run_bench("serving.py", "--clients", "2", "--num-seqs", "6", "--min-len", "8", "--max-input-len", "24",
               "--max-output-len", "12", "--out", str(out), "--launch", "--front", str(smollm2_dir),
+              "--front-workers", "2",
               "--", "--model", str(model), "--device", "cpu", "--num-kv-blocks", "256", "--max-model-len", "512")
     result = json.loads(out.read_text())
     front = result["front"]
