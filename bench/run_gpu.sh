@@ -36,7 +36,7 @@ if [[ $what == all || $what == tests ]]; then
   run python3 -m pytest -q -p no:cacheprovider -m gpu tests/ --ignore tests/test_security.py
 fi
 if [[ $what == all || $what == bench ]]; then
-  for micro in kernels fused_ops sampling; do
+  for micro in kernels fused_ops linear sampling; do
     run python3 bench/$micro.py --out "$parts/$micro.json"
   done
   run python3 bench/step_profile.py --trace 10 --out "$parts/step_profile.json"
