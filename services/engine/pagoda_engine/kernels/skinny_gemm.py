@@ -92,18 +92,17 @@ def default_config(m: int, n: int, k: int) -> dict[str, int]:
     """Tile sizes and launch options for an [m, k] x [n, k]^T product.
 
     From bench/linear.py --sweep on an H200 (Qwen3-0.6B's shapes, bf16): one row wants long K tiles
-    over 16 features; padded rows want 32 features (64 on the LM head's 152k) over shorter K tiles,
-    which keeps tl.dot's operands in registers.
+    over 16 features; padded rows want 32 features (64 on the LM head's 152k) over K tiles of 256,
+    or 512 where a program's run of K is long (o_proj), which keeps tl.dot's operands in registers.
     """
-    if m == 1:
-        block_m, block_n, block_k = 1, 16, 512
-    else:
-        block_m, block_n, block_k = 16, (64 if n >= 32768 else 32), (128 if n >= 32768 else 256)
-    # Few output features (o, down: N = 1024) leave SMs idle: split K, in pieces of at least 768, until
-    # there are about two programs per SM (132 on an H200). The sweep put down (K = 3072) at 4 pieces.
+    block_m, block_n = (1, 16) if m == 1 else (16, 64 if n >= 32768 else 32)
+    # Long rows of few output features (down: N = 1024, K = 3072) leave SMs idle: split K, in pieces of at
+    # least 768, until there are about two programs per SM (132 on an H200). o_proj (K = 2048) ran
+    # faster unsplit.
     split_k = 1
-    while triton.cdiv(n, block_n) * split_k < 256 and k // (2 * split_k) >= 768:
+    while k > 2048 and triton.cdiv(n, block_n) * split_k < 256 and k // (2 * split_k) >= 768:
         split_k *= 2
+    block_k = 512 if m == 1 or k // split_k >= 2048 else 256
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
 
