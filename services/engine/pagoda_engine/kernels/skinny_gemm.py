@@ -28,9 +28,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Up to this many rows the kernel replaces F.linear; above it cuBLAS's tiles reuse W across rows and
-# win. To be tuned from bench/linear.py on the GPU.
-MAX_ROWS = 16
+# Up to this many rows linear() takes the kernel (it handles up to 16). One row for now: on an H200 it
+# took batch-1 decode of Qwen3-0.6B from 1.58 to 1.26 ms/token, but with MAX_ROWS = 16, 16 concurrent
+# sequences ran 17% slower end to end (bench/offline.py), although bench/linear.py times M = 2..16 at or
+# under cuBLAS. Raise it once that gap is understood.
+MAX_ROWS = 1
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
