@@ -37,7 +37,7 @@ if [[ $what == all || $what == tests ]]; then
 fi
 if [[ $what == all || $what == bench ]]; then
   run python3 bench/kernels.py --pieces --out "$parts/kernels.json"
-  for micro in fused_ops sampling; do
+  for micro in fused_ops linear sampling; do
     run python3 bench/$micro.py --out "$parts/$micro.json"
   done
   run python3 bench/step_profile.py --trace 10 --out "$parts/step_profile.json"

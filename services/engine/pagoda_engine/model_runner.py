@@ -247,6 +247,10 @@ class ModelRunner:
         # temperature draw runs once as well so its kernel is compiled before serving.
         num_rows = min(self.config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:num_rows])
+        # The LM head's skinny-GEMM kernels (one row; a few where skinny_gemm.MAX_ROWS allows) compile here
+        # instead of in the first requests.
+        for rows in (1, 2):
+            self.model.compute_logits(hidden[:rows])
         for params in (SamplingParams(top_k=50, top_p=0.9, repetition_penalty=1.1), SamplingParams()):
             requests = [SamplerRequest(params, 0, [0], 1, []) for _ in range(num_rows)]
             self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))

@@ -7,4 +7,5 @@ caller imports the one module it needs.
 - ``decode_attention``: one query token per sequence over a long paged context (split-KV).
 - ``prefill_attention``: causal varlen prefill whose earlier tokens already sit in the paged cache.
 - ``fused_ops``, ``sampling``: RMSNorm/rotary/SiLU and the sampler's fused draw.
+- ``skinny_gemm``: linear layers over a few rows (decode), reading the weight once at full bandwidth.
 """

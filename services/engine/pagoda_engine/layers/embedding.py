@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda_engine.distributed import all_gather, all_reduce, tp_rank, tp_size
-from pagoda_engine.layers.linear import copy_weight
+from pagoda_engine.layers.linear import copy_weight, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -46,7 +46,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states to logits over the whole vocabulary; every rank gets the full logits."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        logits = linear(hidden_states, self.weight)
         if self.tp_size == 1:
             return logits
         return all_gather(logits, dim=-1)[..., : self.num_embeddings]

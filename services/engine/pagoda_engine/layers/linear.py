@@ -15,6 +15,11 @@ from torch import nn
 
 from pagoda_engine.distributed import all_reduce, divide, tp_rank, tp_size
 
+try:  # CUDA builds of torch bring Triton; without it every device runs F.linear.
+    from pagoda_engine.kernels.skinny_gemm import linear
+except ImportError:
+    linear = F.linear
+
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` with a readable error instead of a broadcast or a torch shape error."""
@@ -47,7 +52,8 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        # A few rows (decode) take the skinny-GEMM kernel on CUDA, which reads the weight at full bandwidth.
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -133,4 +139,4 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Rank 0 alone adds the bias, so the all-reduce sums it once.
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(F.linear(x, self.weight, bias))
+        return all_reduce(linear(x, self.weight, bias))
