@@ -1,4 +1,4 @@
-"""RMSNorm+residual, per-head q/k norm, rotary and SiLU-and-mul: eager torch vs Triton vs torch.compile.
+"""RMSNorm+residual, per-head q/k norm with rotary, rotary and SiLU-and-mul: eager torch vs Triton vs torch.compile.
 
 Shapes come from a model config (default: Qwen3-0.6B, hidden 1024, intermediate 3072, 16 q / 8 kv heads
 of 128); T tokens per call. "torch.compile" compiles the layers' torch code (``forward_torch``) for each
@@ -60,16 +60,18 @@ def make_ops(config: dict, tokens: int, dtype: torch.dtype) -> list[Op]:
         positions = torch.randint(0, 4096, (tokens,))
         gate_up = torch.randn(tokens, 2 * intermediate, dtype=dtype)
     q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q_heads, k_heads = q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim))
     act = SiluAndMul()
 
-    def qk_norm(q_fn, k_fn):
-        return lambda: (q_fn(q_heads), k_fn(k_heads))
+    def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Qwen3's order with the torch layers: each head normalised, then rotated."""
+        q = q_norm.forward_torch(q.unflatten(-1, (heads, head_dim))).flatten(1)
+        k = k_norm.forward_torch(k.unflatten(-1, (kv_heads, head_dim))).flatten(1)
+        return rope.forward_torch(positions, q, k)
 
     def compiled(fn):
         return torch.compile(fn, dynamic=False)
 
-    compiled_q_norm, compiled_k_norm = compiled(q_norm.forward_torch), compiled(k_norm.forward_torch)
+    compiled_qk_norm_rotary = compiled(qk_norm_rotary)
     compiled_norm, compiled_rope, compiled_act = (
         compiled(norm.forward_torch), compiled(rope.forward_torch), compiled(act.forward_torch))
     qk_elements = tokens * (heads + kv_heads) * head_dim
@@ -79,12 +81,12 @@ def make_ops(config: dict, tokens: int, dtype: torch.dtype) -> list[Op]:
             "triton": lambda: fused_ops.rms_norm(x, norm.weight, eps, residual),
             "compile": lambda: compiled_norm(x, residual),
         }, nbytes=4 * tokens * hidden * size),
-        Op("qk_norm (per head)", {
-            "eager": qk_norm(q_norm.forward_torch, k_norm.forward_torch),
-            "triton": qk_norm(lambda t: fused_ops.rms_norm(t, q_norm.weight, eps),
-                              lambda t: fused_ops.rms_norm(t, k_norm.weight, eps)),
-            "compile": qk_norm(compiled_q_norm, compiled_k_norm),
-        }, nbytes=2 * qk_elements * size),
+        Op("qk_norm+rotary", {
+            "eager": lambda: qk_norm_rotary(positions, q, k),
+            "triton": lambda: fused_ops.rotary_embedding_(positions, q, k, rope.cos_cache, rope.sin_cache,
+                                                          (q_norm.weight, k_norm.weight), eps),
+            "compile": lambda: compiled_qk_norm_rotary(positions, q, k),
+        }, nbytes=2 * qk_elements * size + tokens * head_dim * 4),
         # Triton rotates in place; the torch code returns new tensors. Either way q, k are read and written once.
         Op("rotary", {
             "eager": lambda: rope.forward_torch(positions, q, k),
