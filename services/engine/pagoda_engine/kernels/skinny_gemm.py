@@ -1,10 +1,11 @@
 """Skinny GEMM ("GEMV"): ``y = x @ W^T + b`` for a few rows of ``x`` (decode steps: one row per token).
 
 With M <= 16 rows, a linear layer does 2*M FLOP per weight element it reads: it is bound by reading W
-once, and cuBLAS's choice of tiles for such shapes reaches only about a quarter of the H200's
-bandwidth (Qwen3-0.6B's gate_up, 12.6 MB, in 11.7 us = 1.08 TB/s). Here each program owns BLOCK_N
-output features and streams their rows of W over K, BLOCK_K at a time, applying every tile to all M
-rows while it is in registers; so W is read exactly once, in long contiguous runs along its rows.
+once, and cuBLAS's kernels for one row reach well under the H200's bandwidth: Qwen3-0.6B's o_proj
+(4.2 MB) takes 12.9 us, 325 GB/s, and its gate_up (12.6 MB) 6.0 us, 2.1 TB/s (bench/linear.py).
+Here each program owns BLOCK_N output features and streams their rows of W over K, BLOCK_K at a time,
+applying every tile to all M rows while it is in registers; so W is read exactly once, in long
+contiguous runs along its rows.
 
 Two inner products, chosen by BLOCK_M:
 
