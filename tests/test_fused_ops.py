@@ -2,7 +2,7 @@
 
 GPU tests run the compiled kernels on random inputs, including inside a CUDA graph. The CPU test runs
 the same kernels under the Triton interpreter in a subprocess, since TRITON_INTERPRET must be set before
-triton is first imported. Without triton (CI) the whole module is skipped.
+triton is first imported. Without triton (it is in the dev extra) the whole module is skipped.
 """
 
 from __future__ import annotations
