@@ -10,6 +10,8 @@ period - (forward + sample) is time the device sat idle. No extra synchronisatio
 once a later step has waited past them.
 
 ``--trace N`` also records N decode steps with torch.profiler and prints the kernels by device time.
+``--skinny-max-rows M`` lets linear layers of up to M rows take the skinny-GEMM kernel (the engine's
+default is kernels.skinny_gemm.MAX_ROWS), to compare both in one call.
 
     python bench/step_profile.py --out bench/results/step_profile.json
 """
@@ -140,8 +142,13 @@ def main() -> None:
     parser.add_argument("--max-output-len", type=int, default=1024)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--trace", type=int, default=0, help="also profile this many decode steps' kernels")
+    parser.add_argument("--skinny-max-rows", type=int, default=None, help="override skinny_gemm.MAX_ROWS")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_profile.json"))
     args = parser.parse_args()
+    if args.skinny_max_rows is not None:
+        from pagoda_engine.kernels import skinny_gemm
+
+        skinny_gemm.MAX_ROWS = args.skinny_max_rows
     llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len,
               max_num_batched_tokens=16384)
     prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
