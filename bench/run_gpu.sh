@@ -5,14 +5,16 @@
 # one results.json (two files: the lent machine returns few), under $OUT when set, else bench/results.
 #
 #   bash bench/run_gpu.sh            # everything
-#   bash bench/run_gpu.sh tests      # only the GPU tests (also: bench, serving)
+#   bash bench/run_gpu.sh tests      # only the GPU tests; stages: tests, bench, serving
+#   bash bench/run_gpu.sh bench serving
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="services/engine:services/tokenizer:clients/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 results=${OUT:-bench/results}
 mkdir -p "$results"
-what=${1:-all}
+stages=" ${*:-tests bench serving} "  # any of: tests bench serving (default all three)
+want() { [[ $stages == *" $1 "* ]]; }
 status=0
 
 # Wheels the GPU image lacks (grpcio-health-checking, grpcio-reflection), carried in .whl/ when present.
@@ -31,11 +33,11 @@ parts="$results/parts"  # one JSON per benchmark, merged into results.json at th
 mkdir -p "$parts"
 run() { "$@" 2>&1 | tee -a "$log" || status=1; }
 
-if [[ $what == all || $what == tests ]]; then
+if want tests; then
   # test_security.py holds no GPU tests and needs cryptography, which the GPU image lacks.
   run python3 -m pytest -q -p no:cacheprovider -m gpu tests/ --ignore tests/test_security.py
 fi
-if [[ $what == all || $what == bench ]]; then
+if want bench; then
   run python3 bench/kernels.py --pieces --out "$parts/kernels.json"
   for micro in fused_ops linear sampling; do
     run python3 bench/$micro.py --out "$parts/$micro.json"
@@ -52,7 +54,7 @@ if [[ $what == all || $what == bench ]]; then
     run python3 bench/offline.py --tensor-parallel-size 2 --out "$parts/offline_tp2.json"
   fi
 fi
-if [[ $what == all || $what == serving ]]; then
+if want serving; then
   engine=(--model bench/configs/qwen3-0.6b --load-format dummy --max-model-len 4096 --max-num-batched-tokens 16384)
   # The text front needs a tokenizer: SmolLM2's files, carried in .carry/smollm2-tokenizer (bench/RESULTS.md).
   front=()
