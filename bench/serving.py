@@ -22,7 +22,9 @@ waits for it to report SERVING, runs the benchmark and stops it.
 tokenizer files of DIR (tokenizer.json, tokenizer_config.json), and runs the same workload through it
 as text: each prompt's ids decoded to a string, sent to ``pagoda.v1.Tokenizer/Generate`` without special
 tokens. It reports that run beside the engine's, their throughput ratio, and the front's CPU time per
-output token (from /proc), so the front's overhead is measured in the same invocation.
+output token (from /proc, its workers included), so the front's overhead is measured in the same
+invocation. With ``--launch``, both runs also report the CPU the engine service's gRPC server process
+spent per output token (its engine core, a child process, not counted): the server must keep up too.
 
     python bench/serving.py --launch --front ~/.cache/pagoda/models/SmolLM2-135M-Instruct \
         -- --model bench/configs/qwen3-0.6b --load-format dummy --max-model-len 4096
@@ -336,11 +338,27 @@ async def model_info(target: str) -> engine_pb2.ModelInfo:
         return await engine_pb2_grpc.EngineStub(channel).GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=30)
 
 
-def benchmark(args: argparse.Namespace, target: str) -> dict:
+def run_measuring_servers(jobs: list[ClientJob], servers: dict[str, Callable[[], float]]
+                          ) -> tuple[list[RequestResult], float, float, dict[str, float]]:
+    """``run_workload``, plus each server's CPU seconds over the run (``servers``: name -> CPU clock)."""
+    before = {name: clock() for name, clock in servers.items()}
+    results, seconds, client_cpu = run_workload(jobs)
+    return results, seconds, client_cpu, {name: clock() - before[name] for name, clock in servers.items()}
+
+
+def cpu_per_token(cpu: dict[str, float], output_tokens: int) -> dict:
+    """The servers' CPU seconds, and microseconds of CPU per output token."""
+    return {key: value for name, seconds in cpu.items() for key, value in (
+        (f"{name}_cpu_seconds", round(seconds, 3)),
+        (f"{name}_cpu_us_per_output_token", round(1e6 * seconds / max(output_tokens, 1), 2)))}
+
+
+def benchmark(args: argparse.Namespace, target: str, engine_pid: int | None) -> dict:
     prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
     info = asyncio.run(model_info(target))
     jobs = split_jobs("engine", target, prompts, params, [len(p) for p in prompts], args)
-    results, seconds, cpu = run_workload(jobs)
+    results, seconds, cpu, servers = run_measuring_servers(jobs, engine_server_clock(engine_pid))
+    summary = summarize(results, seconds, cpu)
     return {
         "target": target,
         "model": info.model_name,
@@ -350,11 +368,17 @@ def benchmark(args: argparse.Namespace, target: str) -> dict:
         # JSON has no infinity: a rate of null means every request at once.
         "mode": {"num_seqs": args.num_seqs, "request_rate": args.request_rate if math.isfinite(args.request_rate)
                  else None, "concurrency": args.concurrency, "clients": args.clients},
-        **summarize(results, seconds, cpu),
+        **summary,
+        **cpu_per_token(servers, summary["output_tokens"]),
     }
 
 
-def benchmark_front(args: argparse.Namespace, front: subprocess.Popen, target: str) -> dict:
+def engine_server_clock(engine_pid: int | None) -> dict[str, Callable[[], float]]:
+    """The engine service's gRPC server process alone (its engine core is a child process), when launched."""
+    return {} if engine_pid is None else {"engine_server": lambda: process_cpu_seconds(engine_pid)}
+
+
+def benchmark_front(args: argparse.Namespace, front: subprocess.Popen, target: str, engine_pid: int | None) -> dict:
     """The workload as text through the tokenizer service at ``target``; adds the front's CPU time."""
     from tokenizers import Tokenizer
 
@@ -362,22 +386,26 @@ def benchmark_front(args: argparse.Namespace, front: subprocess.Popen, target: s
     tokenizer = Tokenizer.from_file(str(Path(args.front).expanduser() / "tokenizer.json"))
     texts = tokenizer.decode_batch(prompts, skip_special_tokens=True)
     jobs = split_jobs("front", target, texts, params, [0] * len(texts), args)
-    cpu_before = cpu_seconds_of_tree(front.pid)
-    results, seconds, client_cpu = run_workload(jobs)
-    cpu = cpu_seconds_of_tree(front.pid) - cpu_before
+    clocks = {"front": lambda: tree_cpu_seconds(front.pid), **engine_server_clock(engine_pid)}
+    results, seconds, client_cpu, servers = run_measuring_servers(jobs, clocks)
     summary = summarize(results, seconds, client_cpu)
-    return {"target": target, "tokenizer": str(args.front), **summary, "front_cpu_seconds": round(cpu, 3),
-            "front_cpu_us_per_output_token": round(1e6 * cpu / max(summary["output_tokens"], 1), 2)}
+    return {"target": target, "tokenizer": str(args.front), **summary,
+            **cpu_per_token(servers, summary["output_tokens"])}
 
 
-def cpu_seconds_of_tree(pid: int) -> float:
-    """User + system CPU time so far of a process and its live descendants (a front's workers; Linux)."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """The same for a process and its live descendants (a front's workers)."""
+    total = process_cpu_seconds(pid)
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
             with contextlib.suppress(FileNotFoundError):  # it just exited
-                total += cpu_seconds_of_tree(int(child))
+                total += tree_cpu_seconds(int(child))
     return total
 
 
@@ -467,13 +495,14 @@ def main() -> None:
     try:
         if args.launch:
             engine, target = launch("pagoda_engine", engine_args, args.launch_timeout)
-        result = benchmark(args, target)
+        engine_pid = engine.pid if engine is not None else None
+        result = benchmark(args, target, engine_pid)
         rows = {"engine": result}
         if args.front:
             front, front_target = launch("pagoda_tokenizer", ["--model", str(Path(args.front).expanduser()),
                                                               "--engines", target, "--workers",
                                                               str(args.front_workers)], args.launch_timeout)
-            result["front"] = rows["front"] = benchmark_front(args, front, front_target)
+            result["front"] = rows["front"] = benchmark_front(args, front, front_target, engine_pid)
             result["front"]["throughput_vs_engine"] = round(
                 result["front"]["output_tokens_per_s"] / result["output_tokens_per_s"], 3)
     finally:
@@ -486,6 +515,10 @@ def main() -> None:
         f = result["front"]
         print(f"front: {f['throughput_vs_engine']:.1%} of the engine's throughput; "
               f"{f['front_cpu_us_per_output_token']} us of its CPU per output token")
+    for name, run in rows.items():
+        if "engine_server_cpu_us_per_output_token" in run:
+            print(f"{name} run: the engine's gRPC server process spent {run['engine_server_cpu_us_per_output_token']} "
+                  f"us of CPU per output token ({run['engine_server_cpu_seconds'] / run['seconds']:.0%} of a core)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

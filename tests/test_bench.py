@@ -45,6 +45,7 @@ def test_serving_benchmark_through_the_engine_and_the_tokenizer_front(tmp_path, 
     # ignore_eos and the same max_tokens: both targets generate exactly the workload's tokens.
     assert front["output_tokens"] == result["output_tokens"] > 6
     assert front["front_cpu_seconds"] > 0 and front["throughput_vs_engine"] > 0
+    assert result["engine_server_cpu_seconds"] > 0 and front["engine_server_cpu_seconds"] > 0
 
 
 def test_offline_and_step_profile_benchmarks(tmp_path, model):
