@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import triton
+from cuda_timing import graph_seconds_per_call  # bench/cuda_timing.py, beside this script
 
 from pagoda_engine.kernels import fused_ops
 from pagoda_engine.layers.activation import SiluAndMul
@@ -114,19 +115,7 @@ def time_eager(fn: Callable[[], object]) -> float:
 
 def time_graph(fn: Callable[[], object]) -> float:
     """Microseconds per call, replayed from a CUDA graph holding GRAPH_CALLS calls."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(GRAPH_REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    del graph
-    return 1000 * start.elapsed_time(end) / (GRAPH_CALLS * GRAPH_REPLAYS)
+    return 1e6 * graph_seconds_per_call([fn] * GRAPH_CALLS, GRAPH_REPLAYS)
 
 
 def main() -> None:

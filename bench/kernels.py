@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import graph_seconds_per_call  # bench/cuda_timing.py, beside this script
 
 from pagoda_engine.kernels import decode_attention as decode_attention_module
 from pagoda_engine.kernels.decode_attention import decode_attention, num_sms, plan_splits
@@ -44,30 +45,11 @@ DECODE_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (1
 PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)]
 
 
-def time_graph(calls: list[Callable[[], object]], repeats: int = 5) -> float:
-    """Seconds per call: ``calls`` (one per data copy) are captured in one graph, replayed ``repeats`` times."""
-    for call in calls[:2]:
-        call()  # compile and warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / (repeats * len(calls))
-
-
 def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 1 GiB: (read + write bytes) / time."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    seconds = time_graph([lambda: dst.copy_(src)] * 10)
+    seconds = graph_seconds_per_call([lambda: dst.copy_(src)] * 10)
     return 2 * src.numel() / seconds / 1e9
 
 
@@ -100,7 +82,7 @@ class PagedDecode:
             return lambda: decode_attention(self.q, self.k_cache, self.v_cache, self.tables[i], self.seq_lens,
                                             HEAD_DIM**-0.5, bound or self.context, self.out, batch_invariant,
                                             num_splits, config)
-        return time_graph([call(i % self.copies) for i in range(max(self.copies, 20))])
+        return graph_seconds_per_call([call(i % self.copies) for i in range(max(self.copies, 20))])
 
 
 def dense_sdpa_seconds(batch: int, context: int) -> float | str:
@@ -114,7 +96,7 @@ def dense_sdpa_seconds(batch: int, context: int) -> float | str:
     def call(i: int) -> Callable[[], object]:
         return lambda: F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
     try:
-        return time_graph([call(i % copies) for i in range(max(copies, 20))])
+        return graph_seconds_per_call([call(i % copies) for i in range(max(copies, 20))])
     except Exception as error:  # a backend that refuses GQA or capture: report, don't abort the table
         return f"{type(error).__name__}: {error}"[:120]
 
@@ -248,7 +230,7 @@ def prefill_table(sweep: bool) -> list[dict]:
         c = prefill_case(seqs)
         out = torch.empty_like(c["q"])
         for config in PREFILL_CONFIGS if sweep else [None]:
-            seconds = time_graph([prefill_call(c, out, len(seqs), config)] * 10)
+            seconds = graph_seconds_per_call([prefill_call(c, out, len(seqs), config)] * 10)
             rows.append({"case": name, "impl": "triton", "config": config, "us": round(seconds * 1e6, 1),
                          "tflops": round(c["flops"] / seconds / 1e12, 1)})
             print(f"  {name:<28} triton {str(config or 'default'):<18} {seconds * 1e6:9.1f} us "
@@ -262,8 +244,8 @@ def varlen_row(name: str, c: dict) -> dict:
     try:
         from torch.nn.attention.varlen import varlen_attn
 
-        seconds = time_graph([lambda: varlen_attn(c["q"], c["k"], c["v"], c["cu"], c["cu"], c["max_q"], c["max_q"],
-                                                  window_size=(-1, 0))] * 10)
+        seconds = graph_seconds_per_call([lambda: varlen_attn(c["q"], c["k"], c["v"], c["cu"], c["cu"], c["max_q"],
+                                                              c["max_q"], window_size=(-1, 0))] * 10)
     except Exception as error:
         print(f"  {name:<28} varlen_attn failed: {error}")
         return {"case": name, "impl": "varlen_attn", "error": str(error)[:200]}

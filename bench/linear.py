@@ -14,6 +14,7 @@ shape and prints the best, to choose skinny_gemm.default_config from one GPU run
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import triton
+from cuda_timing import graph_seconds_per_call  # bench/cuda_timing.py, beside this script
 
 from pagoda_engine.kernels import skinny_gemm
 
@@ -41,22 +43,8 @@ def projections(config: dict) -> dict[str, tuple[int, int]]:
 
 def time_graph(call: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) -> float:
     """Microseconds per call, replayed from a CUDA graph of GRAPH_CALLS calls over the rotating weights."""
-    for weight in weights[:2]:  # compiles, and warms the allocator
-        call(weight)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(GRAPH_CALLS):
-            call(weights[i % len(weights)])
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(GRAPH_REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    del graph
-    return 1000 * start.elapsed_time(end) / (GRAPH_CALLS * GRAPH_REPLAYS)
+    calls = [functools.partial(call, weights[i % len(weights)]) for i in range(GRAPH_CALLS)]
+    return 1e6 * graph_seconds_per_call(calls, GRAPH_REPLAYS)
 
 
 def sweep_configs(m: int, k: int) -> list[dict[str, int]]:
