@@ -415,24 +415,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(module: str, service_args: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m module`` on a free loopback port and wait until it reports SERVING (with several
-    workers sharing the port, the first one that does)."""
+def launch(module: str, service_args: list[str], timeout: float, workers: int = 1) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m module`` on a free loopback port and wait until it serves: with ``workers``
+    processes sharing the port, until every one has bound it and fresh connections, which the kernel
+    spreads over them, all find it SERVING (else the first clients would all land on the first worker)."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", module, *service_args, "--host", "127.0.0.1",
                                 "--port", str(port)])
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    serving = health_pb2.HealthCheckResponse.SERVING
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(grpc.RpcError):  # not listening yet
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == serving:
-                    return process, target
-            time.sleep(0.5)
+    while process.poll() is None and time.monotonic() < deadline:
+        if listening_sockets(port) >= workers and all(serving(target) for _ in range(4 * workers)):
+            return process, target
+        time.sleep(0.5)
     process.kill()
     raise SystemExit(f"{module} did not start serving within {timeout:.0f} s")
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on ``port`` on this host (one per worker under SO_REUSEPORT; Linux)."""
+    suffix = f":{port:04X}"
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                count += local.endswith(suffix) and state == "0A"  # 0A: LISTEN
+    return count
+
+
+def serving(target: str) -> bool:
+    """Health over a connection of its own, not one shared with earlier checks."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(target, options=options) as channel, contextlib.suppress(grpc.RpcError):
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+    return False  # not listening yet
 
 
 def stop(process: subprocess.Popen | None) -> None:
@@ -501,7 +519,8 @@ def main() -> None:
         if args.front:
             front, front_target = launch("pagoda_tokenizer", ["--model", str(Path(args.front).expanduser()),
                                                               "--engines", target, "--workers",
-                                                              str(args.front_workers)], args.launch_timeout)
+                                                              str(args.front_workers)], args.launch_timeout,
+                                         workers=args.front_workers)
             result["front"] = rows["front"] = benchmark_front(args, front, front_target, engine_pid)
             result["front"]["throughput_vs_engine"] = round(
                 result["front"]["output_tokens_per_s"] / result["output_tokens_per_s"], 3)
