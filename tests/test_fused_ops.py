@@ -76,7 +76,7 @@ def test_rms_norm(dtype, tokens, hidden, with_residual):
 @pytest.mark.parametrize("tokens", [1, 9, 300])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rms_norm_per_head_views(dtype, tokens, head_dim):
-    """Qwen3's q/k norm: [T, heads, head_dim] views into the qkv output, which have no flat row stride."""
+    """[T, heads, head_dim] views into the qkv output, normalised per head: copied to rows first."""
     torch.manual_seed(tokens)
     heads, kv_heads = 16, 8
     norm = make_norm(head_dim, dtype, "cuda")

@@ -26,25 +26,18 @@ _TORCH_FLOAT_SEMANTICS = {"enable_fp_fusion": False, "enable_reflect_ftz": False
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-    n_rows, n_inner, n_cols,
-    x_stride_outer, x_stride_inner, residual_stride_outer, residual_stride_inner,
-    inv_n_cols, eps,
+    n_rows, n_cols, x_stride, residual_stride, inv_n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_COLS)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    # Rows are addressed as (outer, inner) because Qwen3's per-head q/k norm hands us a [T, heads, head_dim]
-    # view into the qkv output, which has no single row stride.
-    outer = (rows // n_inner).to(tl.int64)
-    inner = rows % n_inner
+    rows = rows.to(tl.int64)
     # Padding lanes load 0 so that they add nothing to the sum of squares.
-    x = tl.load(x_ptr + (outer * x_stride_outer + inner * x_stride_inner)[:, None] + cols[None, :], mask=mask,
-                other=0.0)
-    out_offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    x = tl.load(x_ptr + (rows * x_stride)[:, None] + cols[None, :], mask=mask, other=0.0)
+    out_offsets = rows[:, None] * n_cols + cols[None, :]
     if HAS_RESIDUAL:
-        residual_offsets = (outer * residual_stride_outer + inner * residual_stride_inner)[:, None] + cols[None, :]
-        residual = tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0)
+        residual = tl.load(residual_ptr + (rows * residual_stride)[:, None] + cols[None, :], mask=mask, other=0.0)
         # The sum is rounded to the activation dtype before it is normalised, as Hugging Face's is.
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
         tl.store(residual_out_ptr + out_offsets, x, mask=mask)
@@ -62,22 +55,20 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``RMSNorm.forward`` in one pass over the last dimension (up to 8192 wide).
 
-    ``x`` (and ``residual``) may be [..., n] or a [T, heads, n] view whose last dimension is
-    contiguous. Returns new contiguous tensors: ``norm(x)``, or ``(norm(x + residual), x + residual)``.
+    ``x`` (and ``residual``) are [..., n]; rows may be strided (a slice of a wider tensor), other layouts
+    are copied first. Returns new contiguous tensors: ``norm(x)``, or ``(norm(x + residual), x + residual)``.
     """
     x_rows = _rows(x)
-    n_outer, n_inner, n_cols = x_rows.shape
+    n_rows, n_cols = x_rows.shape
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
     residual_rows = _rows(residual) if residual is not None else x_rows
     block_cols = triton.next_power_of_2(n_cols)
-    # Per-head norms have rows of 64-128: a program takes several so that each still moves a few KB.
+    # Narrow rows (a per-head norm's 64-128): a program takes several so that each still moves a few KB.
     block_rows = max(1, 2048 // block_cols)
-    _rms_norm_kernel[(triton.cdiv(n_outer * n_inner, block_rows),)](
+    _rms_norm_kernel[(triton.cdiv(n_rows, block_rows),)](
         x_rows, residual_rows, weight, out, residual_out,
-        n_outer * n_inner, n_inner, n_cols,
-        x_rows.stride(0), x_rows.stride(1), residual_rows.stride(0), residual_rows.stride(1),
-        1.0 / n_cols, eps,
+        n_rows, n_cols, x_rows.stride(0), residual_rows.stride(0), 1.0 / n_cols, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         num_warps=min(max(block_rows * block_cols // 512, 1), 16), **_TORCH_FLOAT_SEMANTICS,
     )
@@ -85,11 +76,9 @@ def rms_norm(
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as [outer, inner, n]; a [T, n] or [T, heads, n] view becomes this without a copy."""
-    rows = t if t.dim() == 3 else t.reshape(-1, 1, t.shape[-1])
-    if rows.stride(2) != 1:
-        raise ValueError(f"the last dimension must be contiguous, got strides {tuple(t.stride())}")
-    return rows
+    """``t`` as [rows, n] with contiguous rows: a view when its layout allows, else a copy."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 @triton.jit
