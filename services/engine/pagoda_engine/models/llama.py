@@ -45,14 +45,14 @@ class LlamaAttention(nn.Module):
         if options.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
-            self.qk_norms: tuple[RMSNorm, RMSNorm] | None = (self.q_norm, self.k_norm)
         else:
-            self.q_norm = self.k_norm = self.qk_norms = None
+            self.q_norm = self.k_norm = None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k, self.qk_norms)
+        norms = None if self.q_norm is None else (self.q_norm, self.k_norm)
+        q, k = self.rotary_emb(positions, q, k, norms)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
