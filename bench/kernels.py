@@ -40,7 +40,7 @@ ROTATE_BYTES = 256 * 2**20  # 5x the H100's L2
 REFERENCE_GBS = 3010.0
 # The length bound of the default engine's CUDA graphs (max_model_len of the offline benchmark).
 GRAPH_BOUND = 4096
-PIECE_SIZES = (64, 128, 256)
+PIECE_SIZES = (64, 128, 256, 512)
 DECODE_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3), (16, 4, 3)]
 PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)]
 

@@ -18,6 +18,7 @@ from random import randint, seed
 import torch
 
 from pagoda_engine import LLM, SamplingParams
+from pagoda_engine.kernels.compile_watch import triton_compiles
 
 
 def workload(num_seqs: int, min_len: int, max_input_len: int, max_output_len: int):
@@ -39,10 +40,13 @@ def measure_throughput(llm: LLM, args) -> dict:
     prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))  # warm-up
     sync()
-    start = time.perf_counter()
-    llm.generate(prompts, params)
-    sync()
-    elapsed = time.perf_counter() - start
+    with triton_compiles() as compiled:
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        sync()
+        elapsed = time.perf_counter() - start
+    if compiled:
+        print(f"Triton compiled {len(compiled)} kernel(s) during the timed run: {', '.join(compiled)}")
     output_tokens = sum(p.max_tokens for p in params)
     return {
         "num_seqs": args.num_seqs,
@@ -50,6 +54,7 @@ def measure_throughput(llm: LLM, args) -> dict:
         "output_tokens": output_tokens,
         "seconds": round(elapsed, 3),
         "output_tokens_per_s": round(output_tokens / elapsed, 1),
+        "kernels_compiled_while_timed": compiled,
     }
 
 

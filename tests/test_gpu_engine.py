@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from pagoda_engine import LLM, SamplingParams
+from pagoda_engine.kernels.compile_watch import triton_compiles
 from tests.conftest import make_tiny_model
 from tests.test_engine import hf_greedy, prompts_of
 
@@ -90,3 +93,17 @@ def test_kv_cache_is_sized_from_free_memory(gpu_model_dirs):
     cache_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
     total = torch.cuda.get_device_properties(0).total_memory
     assert 0.1 * total < cache_bytes < 0.3 * total
+
+
+def test_warm_up_leaves_no_kernel_to_compile(gpu_model_dirs):
+    """After the engine's own warm-up, serving compiles no Triton kernel: a batch that shrinks through many
+    sizes, contexts of several decode pieces, chunked prefill beside decodes (eager steps with block
+    tables of many widths), greedy and sampled rows, with and without filters."""
+    llm = gpu_llm(gpu_model_dirs["qwen3"], dtype="bfloat16", num_kv_blocks=1024, max_num_batched_tokens=256)
+    lengths = [17, 280, 33, 300, 420, 5, 260, 390, 64, 310, 129, 450]
+    samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.6),
+                SamplingParams(temperature=0.8, top_k=20, top_p=0.9)]
+    params = [replace(samplers[i % 3], max_tokens=4 + 5 * i, ignore_eos=True) for i in range(len(lengths))]
+    with triton_compiles() as compiled:
+        llm.generate(prompts_of(lengths), params)
+    assert compiled == []

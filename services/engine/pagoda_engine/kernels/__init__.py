@@ -8,4 +8,5 @@ caller imports the one module it needs.
 - ``prefill_attention``: causal varlen prefill whose earlier tokens already sit in the paged cache.
 - ``fused_ops``, ``sampling``: RMSNorm/rotary/SiLU and the sampler's fused draw.
 - ``skinny_gemm``: linear layers over a few rows (decode), reading the weight once at full bandwidth.
+- ``compile_watch``: which kernels compile inside a block (warm-up must leave none for serving).
 """

@@ -123,8 +123,9 @@ def softmax_step(s, v, row_max, row_sum, acc, IEEE: tl.constexpr):
     return max_new, row_sum, acc
 
 
-# Not specialised on num_splits, which changes from step to step: one compile serves every batch.
-@triton.jit(do_not_specialize=["num_splits"])
+# Not specialised on num_splits or the block-table stride, which change from step to step (eager steps
+# build tables as wide as their longest context): one compile serves every batch.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,

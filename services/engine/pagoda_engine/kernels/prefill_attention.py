@@ -48,8 +48,9 @@ def _attend_keys(
     return row_max, row_sum, acc
 
 
-# Not specialised on first_seq, which changes from step to step: one compile serves every batch.
-@triton.jit(do_not_specialize=["first_seq"])
+# Not specialised on first_seq or the block-table stride (as wide as the step's longest context), which
+# change from step to step: one compile serves every batch.
+@triton.jit(do_not_specialize=["first_seq", "stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     first_seq, qk_scale,

@@ -80,7 +80,9 @@ def _log(x, USE_LIBDEVICE: tl.constexpr):
         return tl.log(x)
 
 
-@triton.jit
+# Neither kernel is specialised on num_splits, which follows the batch size: the batch shrinks as
+# sequences finish, and each new specialisation would compile in the middle of serving.
+@triton.jit(do_not_specialize=["num_splits"])
 def _gumbel_argmax_kernel(
     logits_ptr,
     row_stride,
@@ -137,7 +139,7 @@ def _gumbel_argmax_kernel(
     tl.store(partial_idx_ptr + out, top_idx.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(partial_max_ptr, partial_idx_ptr, out_ptr, num_splits, BLOCK_SPLITS: tl.constexpr):
     row = tl.program_id(0)
     offsets = tl.arange(0, BLOCK_SPLITS)
@@ -155,12 +157,15 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _max_num_splits(vocab_size: int, block: int) -> int:
+    return max(1, triton.cdiv(vocab_size, block * _MIN_BLOCKS_PER_PROGRAM))
+
+
 def _default_num_splits(batch: int, vocab_size: int, block: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     wanted = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device.index or 0), batch)
-    most = max(1, triton.cdiv(vocab_size, block * _MIN_BLOCKS_PER_PROGRAM))
-    return max(1, min(wanted, most))
+    return max(1, min(wanted, _max_num_splits(vocab_size, block)))
 
 
 def gumbel_argmax(
@@ -215,7 +220,7 @@ def gumbel_argmax(
         num_warps=num_warps,
     )
     if num_splits > 1:
-        _reduce_splits_kernel[(batch,)](
-            partial_max, partial_idx, out, num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits)
-        )
+        # One width for every split count the vocabulary allows, so one compile serves every batch.
+        width = triton.next_power_of_2(max(num_splits, _max_num_splits(vocab_size, block)))
+        _reduce_splits_kernel[(batch,)](partial_max, partial_idx, out, num_splits, BLOCK_SPLITS=width)
     return out

@@ -29,11 +29,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Up to this many rows linear() takes the kernel (it handles up to 16). One row for now: on an H200 it
-# took batch-1 decode of Qwen3-0.6B from 1.58 to 1.26 ms/token, but with MAX_ROWS = 16, 16 concurrent
-# sequences ran 17% slower end to end (bench/offline.py), although bench/linear.py times M = 2..16 at or
-# under cuBLAS. Raise it once that gap is understood.
-MAX_ROWS = 1
+# Up to this many rows linear() takes the kernel. On an H200 it took batch-1 decode of Qwen3-0.6B from
+# 1.58 to 1.26 ms/token, and 16 concurrent sequences ran 2-4% faster than with cuBLAS from 2 rows up
+# (bench/offline.py --num-seqs 16, two A/B pairs; bench/RESULTS.md).
+MAX_ROWS = 16
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
