@@ -75,13 +75,25 @@ def test_logprobs_zero_gives_chosen_only():
     assert out.logprobs.shape == (2,) and out.top_ids.shape == (2, 0)
 
 
-def test_bf16_logits_match_float32():
+@pytest.mark.parametrize("params", [
+    dict(top_p=0.9, logprobs=2),
+    dict(),  # unfiltered: the GPU's fused draw reads the 16-bit logits as they are
+    dict(repetition_penalty=1.5, presence_penalty=0.5, logprobs=1),
+    dict(min_tokens=3, top_k=5),
+], ids=["top_p+logprobs", "plain", "penalties", "suppress+top_k"])
+def test_bf16_logits_give_what_their_float32_copy_gives(params):
+    """The sampler keeps logits in the model's dtype until it needs float32 arithmetic: same tokens and
+    logprobs as when handed the float32 copy."""
     logits = random_logits(6).bfloat16()
-    requests = [req(seed=i, temperature=t, top_p=0.9, logprobs=2) for i, t in enumerate([0.0, 0.7, 1.0] * 2)]
+    requests = [req(seed=i, temperature=t, output=(5, 7), stop=(9,), **params)
+                for i, t in enumerate([0.0, 0.7, 1.0] * 2)]
     out16, out32 = run(logits, requests), run(logits.float(), requests)
     assert torch.equal(out16.sampled_token_ids, out32.sampled_token_ids)
-    assert out16.logprobs.dtype == torch.float32
-    torch.testing.assert_close(out16.top_logprobs, out32.top_logprobs)
+    if out32.logprobs is not None:
+        assert out16.logprobs.dtype == torch.float32
+        assert torch.equal(out16.logprobs, out32.logprobs) and torch.equal(out16.top_logprobs, out32.top_logprobs)
+    greedy = [req(seed=i, temperature=0.0) for i in range(6)]
+    assert torch.equal(run(logits, greedy).sampled_token_ids, logits.float().argmax(-1))
 
 
 def test_float32_input_is_not_modified():

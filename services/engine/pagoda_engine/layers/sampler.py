@@ -204,12 +204,14 @@ class SamplerOutput:
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        raw = logits.float()  # no copy for float32 input: every step below is out of place
-        logits = raw
+        # Logits stay in the model's dtype until arithmetic needs float32: suppressing, argmax and the
+        # fused draw are exact on 16-bit values, and a float32 copy of [256, 152k] logits took about
+        # 0.1 ms of a 6.6 ms decode step on the H200. Every step below is out of place.
+        raw = logits
         if meta.suppress_index is not None:
             logits = logits.flatten().index_fill(0, meta.suppress_index, float("-inf")).view_as(raw)
         if meta.any_penalties:
-            logits = apply_penalties(logits, meta)
+            logits = apply_penalties(logits.float(), meta)
 
         if meta.all_greedy:
             token_ids = logits.argmax(dim=-1)
@@ -219,7 +221,7 @@ class Sampler(nn.Module):
 
         if meta.max_num_logprobs is None:
             return SamplerOutput(token_ids)
-        logprobs = raw.log_softmax(dim=-1)
+        logprobs = raw.float().log_softmax(dim=-1)
         top_logprobs, top_ids = logprobs.topk(meta.max_num_logprobs, dim=-1)
         chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
@@ -245,8 +247,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     fused = _fused_gumbel_argmax() if logits.is_cuda else None
     filtered = meta.any_min_p or meta.any_top_k or meta.any_top_p
     if fused is not None and not filtered:
-        return fused(logits, meta.seeds, meta.positions, meta.temperature)  # divides as it reads
-    logits = logits / meta.temperature.unsqueeze(1)
+        return fused(logits, meta.seeds, meta.positions, meta.temperature)  # divides as it reads, in float32
+    logits = logits.float() / meta.temperature.unsqueeze(1)
     if meta.any_min_p:
         logits = apply_min_p(logits, meta.min_p)
     if meta.any_top_k or meta.any_top_p:
