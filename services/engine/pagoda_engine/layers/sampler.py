@@ -205,8 +205,8 @@ class SamplerOutput:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         # Logits stay in the model's dtype until arithmetic needs float32: suppressing, argmax and the
-        # fused draw are exact on 16-bit values, and a float32 copy of [256, 152k] logits took about
-        # 0.1 ms of a 6.6 ms decode step on the H200. Every step below is out of place.
+        # fused draw are exact on 16-bit values, and a float32 copy of [256, 152k] logits moves 230 MB
+        # (about 0.1 ms of a 6.6 ms decode step on the H200). Every step below is out of place.
         raw = logits
         if meta.suppress_index is not None:
             logits = logits.flatten().index_fill(0, meta.suppress_index, float("-inf")).view_as(raw)
