@@ -42,13 +42,8 @@ if want bench; then
   for micro in fused_ops linear sampling; do
     run python3 bench/$micro.py --out "$parts/$micro.json"
   done
-  run python3 bench/step_profile.py --trace 10 --out "$parts/step_profile.json"
+  run python3 bench/step_profile.py --trace 10 --trace-prefill 3 --out "$parts/step_profile.json"
   run python3 bench/step_profile.py --num-seqs 1 --trace 20 --out "$parts/step_profile_one_seq.json"
-  # Skinny GEMM up to 16 rows made 16 sequences slower end to end: the same profile both ways, to see where.
-  for rows in 1 16; do
-    run python3 bench/step_profile.py --num-seqs 16 --max-output-len 512 --trace 10 --skinny-max-rows $rows \
-      --out "$parts/step_profile_16_seqs_skinny_$rows.json"
-  done
   run python3 bench/offline.py --out "$parts/offline.json"
   if (( $(python3 -c 'import torch; print(torch.cuda.device_count())') >= 2 )); then
     run python3 bench/offline.py --tensor-parallel-size 2 --out "$parts/offline_tp2.json"

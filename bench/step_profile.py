@@ -10,6 +10,8 @@ period - (forward + sample) is time the device sat idle. No extra synchronisatio
 once a later step has waited past them.
 
 ``--trace N`` also records N decode steps with torch.profiler and prints the kernels by device time.
+``--trace-prefill N`` records the first N steps of a fresh workload (its prefill chunks) and prints the
+calls by host time, where a wait for the device (a synchronising copy, allocation or free) shows up.
 ``--skinny-max-rows M`` lets linear layers of up to M rows take the skinny-GEMM kernel (the engine's
 default is kernels.skinny_gemm.MAX_ROWS), to compare both in one call.
 
@@ -113,15 +115,16 @@ class StepProfiler:
         return out
 
 
-def trace_decode_steps(llm: LLM, num_steps: int, num_seqs: int) -> str:
-    """torch.profiler over ``num_steps`` pure-decode steps of ``num_seqs`` sequences: kernels by device time."""
+def trace_steps(llm: LLM, num_steps: int, num_seqs: int, prefill: bool = False) -> str:
+    """torch.profiler over ``num_steps`` steps of ``num_seqs`` sequences: pure-decode steps, kernels by device
+    time; or with ``prefill`` the first steps (the prompts' chunks), calls by host time."""
     from torch.profiler import ProfilerActivity, profile
 
     prompts, params = workload(num_seqs, 100, 1024, 1024)
     engine = llm.engine
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
         engine.add_request(f"trace-{i}", prompt, p)
-    while engine.scheduler.waiting or engine.scheduler.running[-1].num_output_tokens < 2:
+    while not prefill and (engine.scheduler.waiting or engine.scheduler.running[-1].num_output_tokens < 2):
         engine.step()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(num_steps):
@@ -129,7 +132,7 @@ def trace_decode_steps(llm: LLM, num_steps: int, num_seqs: int) -> str:
         torch.cuda.synchronize()
     for request_id in list(engine.requests):
         engine.abort_request(request_id)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    return prof.key_averages().table(sort_by="cpu_time_total" if prefill else "cuda_time_total", row_limit=30)
 
 
 def main() -> None:
@@ -142,6 +145,7 @@ def main() -> None:
     parser.add_argument("--max-output-len", type=int, default=1024)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--trace", type=int, default=0, help="also profile this many decode steps' kernels")
+    parser.add_argument("--trace-prefill", type=int, default=0, help="also profile this many prefill steps' calls")
     parser.add_argument("--skinny-max-rows", type=int, default=None, help="override skinny_gemm.MAX_ROWS")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_profile.json"))
     args = parser.parse_args()
@@ -164,10 +168,10 @@ def main() -> None:
     for kind, s in summary["steps"].items():
         print(f"| {kind:<8} | {s['steps']:>5} | " + " | ".join(f"{s.get(c, 0.0):>11.3f}" for c in columns)
               + f" | {s['total s']:>7.2f} |")
-    if args.trace and torch.cuda.is_available():
-        table = trace_decode_steps(llm, args.trace, args.num_seqs)
-        print(table)
-        summary["trace"] = table
+    for key, steps, prefill in (("trace", args.trace, False), ("trace_prefill", args.trace_prefill, True)):
+        if steps and torch.cuda.is_available():
+            summary[key] = trace_steps(llm, steps, args.num_seqs, prefill)
+            print(summary[key])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
 
