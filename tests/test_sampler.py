@@ -277,6 +277,20 @@ def test_flags_skip_unused_work():
     assert meta.greedy.tolist() == [False, False, True] and meta.temperature.tolist() == [1.0, 1.0, 1.0]
 
 
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_every_metadata_tensor_starts_16_byte_aligned(batch):
+    """The sampling kernels would compile a second variant at the first batch of the other parity."""
+    requests = [req(seed=i, output=(4,) * i, stop=(5,), top_k=3, top_p=0.5, min_p=0.1, repetition_penalty=1.2,
+                    temperature=0.0 if i == 1 else 0.7, min_tokens=4) for i in range(batch)]
+    meta = SamplingMetadata.build(requests, V, "cpu")
+    views = [meta.seeds, meta.positions, meta.top_k, meta.prompt_index, meta.output_index, meta.suppress_index]
+    assert all(v is not None for v in views)
+    assert [v.storage_offset() * v.element_size() % 16 for v in views] == [0] * len(views)
+    assert meta.seeds.tolist() == list(range(batch))
+    assert meta.top_k.tolist() == [0 if i == 1 else 3 for i in range(batch)]  # row 1 is greedy
+
+
 # ---- penalties and min_tokens ----
 
 

@@ -81,7 +81,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-@triton.jit
+# positions_ptr is a view into the step's one flat input array, 16-byte aligned or not by the parity of
+# the step's token count; each program loads one position, so alignment buys nothing and must not
+# decide the compiled variant.
+@triton.jit(do_not_specialize_on_alignment=["positions_ptr"])
 def _rotary_kernel(
     positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr,
     q_stride, k_stride, cache_stride, n_q_heads, n_k_heads, inv_head_dim, eps,

@@ -177,12 +177,16 @@ class _HostArrays:
         self.floats[name] = True
 
     def to(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        buffer = torch.from_numpy(np.concatenate(self.parts)).to(device, non_blocking=True)
+        # Every part starts on a 16-byte boundary (an even int64 offset). Triton specialises a kernel on
+        # whether each pointer is 16-byte aligned, so an offset following the batch size's parity would
+        # compile a second variant of the sampling kernel in the middle of serving, at the first odd batch.
+        padded = [np.pad(part, (0, len(part) % 2)) for part in self.parts]
+        buffer = torch.from_numpy(np.concatenate(padded)).to(device, non_blocking=True)
         out, start = {}, 0
-        for (name, is_float), part in zip(self.floats.items(), self.parts, strict=True):
+        for (name, is_float), part, room in zip(self.floats.items(), self.parts, padded, strict=True):
             view = buffer[start : start + len(part)]
             out[name] = view.view(torch.float64) if is_float else view
-            start += len(part)
+            start += len(room)
         return out
 
 
