@@ -76,7 +76,7 @@ class PagedDecode:
         self.out = torch.empty_like(self.q)
 
     def seconds(self, num_splits: int | None = None, config: tuple[int, int, int] | None = None,
-                batch_invariant: bool = True, bound: int | None = None) -> float:
+                batch_invariant: bool = False, bound: int | None = None) -> float:
         """``bound`` is the length bound passed to the kernel (the runner's CUDA graphs pass max_model_len)."""
         def call(i: int) -> Callable[[], object]:
             return lambda: decode_attention(self.q, self.k_cache, self.v_cache, self.tables[i], self.seq_lens,
@@ -102,14 +102,16 @@ def dense_sdpa_seconds(batch: int, context: int) -> float | str:
 
 
 def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> list[dict]:
-    """Both split policies (batch-invariant, the default, and throughput), and dense SDPA for reference."""
+    """Both split policies (throughput, the default, and batch-invariant), and dense SDPA for reference."""
     rows = []
     print(f"\ndecode attention: {NUM_HEADS} q heads, {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, {DTYPE}, "
           f"block {BLOCK_SIZE}; % is of {REFERENCE_GBS:.0f} GB/s (torch copy_ here: {copy_gbs:.0f} GB/s)")
-    print("  invariant = default batch-invariant splits; throughput = batch_invariant=False;")
-    print(f"  graph = invariant with the {GRAPH_BOUND}-token bound a CUDA graph passes (a grid sized for it)")
-    columns = [("B", 5), ("ctx", 6), ("splits", 6), ("inv us", 8), ("GB/s", 6), ("%", 5), ("splits", 6),
-               ("thr us", 8), ("GB/s", 6), ("%", 5), ("graph us", 8), ("sdpa us", 8), ("GB/s", 6)]
+    print("  thr = the default throughput splits; inv = batch_invariant=True; graph = the same policy with the")
+    print(f"  {GRAPH_BOUND}-token bound a CUDA graph passes (a grid sized for it), as the engine runs decode")
+    columns = [("B", 5), ("ctx", 6)]
+    for policy in ("thr", "inv"):
+        columns += [("splits", 6), (f"{policy} us", 8), ("GB/s", 6), ("%", 5), ("graph us", 8)]
+    columns += [("sdpa us", 8), ("GB/s", 6)]
     print(" ".join(f"{name:>{width}}" for name, width in columns))
     sm_count = num_sms(torch.device("cuda"))
     for batch in batches:
@@ -117,17 +119,16 @@ def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> li
             bench = PagedDecode(batch, context)
             row: dict = {"batch": batch, "context": context, "kv_bytes": bench.kv_bytes}
             cells = [f"{batch:>5}", f"{context:>6}"]
-            for policy, invariant in (("invariant", True), ("throughput", False)):
+            for policy, invariant in (("throughput", False), ("invariant", True)):
                 splits = plan_splits(batch, NUM_KV_HEADS, context, sm_count, invariant).num_splits
                 seconds = bench.seconds(batch_invariant=invariant)
+                graph = bench.seconds(batch_invariant=invariant, bound=max(GRAPH_BOUND, context))
                 gbs = bench.kv_bytes / seconds / 1e9
                 pct = 100 * gbs / REFERENCE_GBS
                 row[policy] = {"num_splits": splits, "us": round(seconds * 1e6, 2), "gbs": round(gbs, 1),
-                               "pct_of_copy": round(pct, 1)}
-                cells += [f"{splits:>6}", f"{seconds * 1e6:>8.1f}", f"{gbs:>6.0f}", f"{pct:>5.1f}"]
-            graph = bench.seconds(bound=max(GRAPH_BOUND, context))
-            row["graph_bound"] = {"bound": max(GRAPH_BOUND, context), "us": round(graph * 1e6, 2)}
-            cells.append(f"{graph * 1e6:>8.1f}")
+                               "pct_of_copy": round(pct, 1), "graph_bound_us": round(graph * 1e6, 2)}
+                cells += [f"{splits:>6}", f"{seconds * 1e6:>8.1f}", f"{gbs:>6.0f}", f"{pct:>5.1f}",
+                          f"{graph * 1e6:>8.1f}"]
             sdpa = dense_sdpa_seconds(batch, context)
             if isinstance(sdpa, float):
                 row["sdpa"] = {"us": round(sdpa * 1e6, 2), "gbs": round(bench.kv_bytes / sdpa / 1e9, 1)}
@@ -165,26 +166,29 @@ def decode_sweep() -> list[dict]:
 
 
 def piece_sweep() -> list[dict]:
-    """The batch-invariant policy's smallest piece (MIN_TOKENS_PER_SPLIT) against batch and context, under the
-    graph's length bound: small pieces spread one sequence over more SMs, but add partials to write and reduce."""
+    """Each policy's smallest piece against batch and context, under the graph's length bound: small pieces
+    spread one sequence over more SMs, but add partials to write and reduce."""
     rows = []
-    default = decode_attention_module.MIN_TOKENS_PER_SPLIT
-    print(f"\ndecode piece sweep: invariant policy, {GRAPH_BOUND}-token bound, us per call")
-    print(f"  {'B':>4} {'ctx':>5} " + " ".join(f"{f'min {m}':>9}" for m in PIECE_SIZES))
-    try:
-        for batch in (1, 8, 32, 256):
-            for context in (256, 1024, 4096):
-                bench = PagedDecode(batch, context)
-                row: dict = {"batch": batch, "context": context}
-                for min_tokens in PIECE_SIZES:
-                    decode_attention_module.MIN_TOKENS_PER_SPLIT = min_tokens
-                    row[min_tokens] = round(bench.seconds(bound=GRAPH_BOUND) * 1e6, 2)
-                print(f"  {batch:>4} {context:>5} " + " ".join(f"{row[m]:>9.1f}" for m in PIECE_SIZES), flush=True)
-                rows.append(row)
-                del bench
-                torch.cuda.empty_cache()
-    finally:
-        decode_attention_module.MIN_TOKENS_PER_SPLIT = default
+    for policy, invariant, knob in (("throughput", False, "THROUGHPUT_MIN_TOKENS"),
+                                    ("invariant", True, "MIN_TOKENS_PER_SPLIT")):
+        default = getattr(decode_attention_module, knob)
+        print(f"\ndecode piece sweep: {policy} policy ({knob}, now {default}), {GRAPH_BOUND}-token bound, us per call")
+        print(f"  {'B':>4} {'ctx':>5} " + " ".join(f"{f'min {m}':>9}" for m in PIECE_SIZES))
+        try:
+            for batch in (1, 8, 32, 256):
+                for context in (256, 1024, 4096):
+                    bench = PagedDecode(batch, context)
+                    row: dict = {"policy": policy, "batch": batch, "context": context}
+                    for min_tokens in PIECE_SIZES:
+                        setattr(decode_attention_module, knob, min_tokens)
+                        row[min_tokens] = round(bench.seconds(batch_invariant=invariant, bound=GRAPH_BOUND) * 1e6, 2)
+                    print(f"  {batch:>4} {context:>5} " + " ".join(f"{row[m]:>9.1f}" for m in PIECE_SIZES),
+                          flush=True)
+                    rows.append(row)
+                    del bench
+                    torch.cuda.empty_cache()
+        finally:
+            setattr(decode_attention_module, knob, default)
     return rows
 
 
@@ -261,7 +265,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--context", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--sweep", action="store_true", help="also sweep decode/prefill tile configs and splits")
-    parser.add_argument("--pieces", action="store_true", help="also sweep the invariant policy's smallest piece")
+    parser.add_argument("--pieces", action="store_true", help="also sweep each split policy's smallest piece")
     parser.add_argument("--no-prefill", action="store_true")
     args = parser.parse_args()
 

@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--batch-invariant", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--latency-tokens", type=int, default=256)
     parser.add_argument("--skip-latency", action="store_true")
@@ -95,6 +96,7 @@ def main() -> None:
         args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+        batch_invariant=args.batch_invariant,
     )
     engine = llm.engine
     result = {
@@ -103,6 +105,7 @@ def main() -> None:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention_backend": engine.runner.backend_name,
         "cuda_graphs": engine.runner.graphs is not None,
+        "batch_invariant": args.batch_invariant,
         "tensor_parallel_size": args.tensor_parallel_size,
         "kv_blocks": engine.block_manager.num_blocks,
         "throughput": measure_throughput(llm, args),

@@ -40,6 +40,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # "auto" (Triton on CUDA, else torch), "torch" (the reference) or "triton".
     attention_backend: str = "auto"
+    # Decode attention that gives a sequence bitwise the same output whatever batch it runs in (opt-in,
+    # as vLLM's VLLM_BATCH_INVARIANT): 15% slower decode attention at 256 sequences. Off, results may
+    # change by rounding as the batch grows; CUDA graphs match eager steps either way.
+    batch_invariant: bool = False
     # Caps a request may ask for.
     max_logprobs: int = 20
     max_n: int = 16

@@ -152,7 +152,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = load_model(model_config, config.model, config.load_format, dtype, device, config.seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        backend = select_backend(config.attention_backend, device)
+        backend = select_backend(config.attention_backend, device, config.batch_invariant)
         for layer in self.attention_layers:
             layer.backend = backend
         self.backend_name = backend.name

@@ -15,17 +15,20 @@ on it. So the kernel is built around reading the cache once, at full bandwidth:
   the reduce reads only the pieces a context has: a CUDA graph sizes the grid for ``max_model_len``, and
   at 256 sequences of 512 tokens the empty splits had cost 65% on top of the real work (H200).
 
-Two split policies (see ``plan_splits``):
+Two split policies (see ``plan_splits``), chosen by ``EngineConfig.batch_invariant``:
 
-- batch-invariant (the default): a sequence's pieces depend on its own length only (``INVARIANT_SPLITS``
-  pieces of at least ``MIN_TOKENS_PER_SPLIT`` tokens), and the reduce always sums ``INVARIANT_SPLITS``
-  slots. A sequence's output is then bitwise the same whatever batch it sits in and whatever bound the
-  caller passes, so a decode step replayed from a CUDA graph (padded batch, ``max_model_len`` bound)
-  matches the eager step token for token, in bf16 too. Big batches pay for splits they would not need:
-  on the H100 at 256 sequences, 2.66-2.90 TB/s instead of 2.94-3.05 TB/s (bench/kernels.py reports
-  both policies); from one to 32 sequences the two policies measure the same;
-- throughput (``batch_invariant=False``): the split count is chosen from the batch size so the grid just
-  fills the GPU (``choose_num_splits``); 256 sequences run unsplit. Results then depend on the batch.
+- throughput (the default, as in vLLM and SGLang): the split count follows the batch size so that the
+  grid just fills the GPU (``choose_num_splits``): one sequence is cut into up to 64 pieces of at least
+  ``THROUGHPUT_MIN_TOKENS``, 256 sequences run unsplit (no partials, no reduce). The count depends on
+  the batch size rounded up to a power of two, which every CUDA-graph size pads to at most, so an eager
+  step and the graph replaying the same batch agree bitwise; a sequence's output may change, by
+  rounding, when its batch crosses a power of two;
+- batch-invariant (``batch_invariant=True``, as vLLM's ``VLLM_BATCH_INVARIANT``): a sequence's pieces
+  depend on its own length only (``INVARIANT_SPLITS`` pieces of at least ``MIN_TOKENS_PER_SPLIT``
+  tokens), and the reduce always sums ``INVARIANT_SPLITS`` slots. A sequence's output is then bitwise the
+  same whatever batch it sits in and whatever bound the caller passes. Big batches pay for the splits:
+  at 256 sequences of 1K tokens under the graph bound, 287 us per layer instead of 245 (H200,
+  bench/kernels.py prints both policies).
 """
 
 from __future__ import annotations
@@ -40,13 +43,16 @@ import triton.language as tl
 
 from pagoda_engine.kernels.kv_cache import load_paged_tile
 
-# A split must cover enough tokens to amortise its partial write and the reduce (a multiple of every
-# BLOCK_N, so splits hold whole tiles).
+# The batch-invariant policy's smallest piece, a multiple of every BLOCK_N so that pieces hold whole
+# tiles: 256 tokens amortise a piece's partial write and its share of the reduce at every batch size.
 MIN_TOKENS_PER_SPLIT = 256
-MAX_SPLITS = 64
 # The batch-invariant policy cuts every context into at most this many pieces: 32 x 256 tokens covers
 # 8K contexts with 256-token pieces, enough programs for one long sequence to spread over the SMs.
 INVARIANT_SPLITS = 32
+# The throughput policy splits only batches too small to fill the GPU, where pieces of one tile win:
+# one sequence of 1K tokens attends in 8.0 us per layer with 64-token pieces, 12.5 with 256 (H200).
+THROUGHPUT_MIN_TOKENS = 64
+MAX_SPLITS = 64
 # Programs per SM that keep enough loads in flight to saturate HBM.
 TARGET_PROGRAMS_PER_SM = 4
 DEFAULT_NUM_SMS = 132  # H100 SXM; used for CPU tensors under the Triton interpreter
@@ -63,15 +69,16 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def choose_num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, sm_count: int) -> int:
-    """Enough (sequence, KV head, split) programs to fill the GPU, but no split shorter than worthwhile.
+def choose_num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU: the throughput policy's split count.
 
-    Only host ints go in, so one captured CUDA graph per batch size has one fixed split count.
+    The batch size is rounded up to a power of two first. A CUDA graph pads a batch to the next size of
+    its ladder, which holds every power of two (cuda_graph.batch_size_ladder), so the padded size rounds
+    to the same power: the eager step and the graph replaying it pick one count and agree bitwise.
+    Lengths do not enter: the kernel gives each context as many pieces as it has ``THROUGHPUT_MIN_TOKENS``.
     """
-    programs = batch_size * num_kv_heads
-    wanted = -(-TARGET_PROGRAMS_PER_SM * sm_count // programs)
-    worthwhile = -(-max_seq_len // MIN_TOKENS_PER_SPLIT)
-    return max(1, min(wanted, worthwhile, MAX_SPLITS))
+    programs = triton.next_power_of_2(batch_size) * num_kv_heads
+    return max(1, min(-(-TARGET_PROGRAMS_PER_SM * sm_count // programs), MAX_SPLITS))
 
 
 @dataclass(frozen=True)
@@ -88,13 +95,18 @@ def plan_splits(
     batch_size: int, num_kv_heads: int, max_seq_len: int, sm_count: int, batch_invariant: bool,
     num_splits: int | None = None,
 ) -> SplitPlan:
-    """The split plan for one launch; ``num_splits`` forces a count (tests and the benchmark sweep)."""
-    if num_splits is None and batch_invariant:
+    """The split plan for one launch; ``num_splits`` forces a count (tests and the benchmark sweep).
+
+    The reduce's width is one per policy, not per count, so that no batch size compiles a variant of its
+    own in the middle of serving.
+    """
+    if num_splits is not None:
+        return SplitPlan(num_splits, num_splits, 0, triton.next_power_of_2(num_splits))
+    if batch_invariant:
         grid = max(1, min(INVARIANT_SPLITS, -(-max_seq_len // MIN_TOKENS_PER_SPLIT)))
         return SplitPlan(grid, INVARIANT_SPLITS, MIN_TOKENS_PER_SPLIT, INVARIANT_SPLITS)
-    if num_splits is None:
-        num_splits = choose_num_splits(batch_size, num_kv_heads, max_seq_len, sm_count)
-    return SplitPlan(num_splits, num_splits, 0, triton.next_power_of_2(num_splits))
+    num_splits = choose_num_splits(batch_size, num_kv_heads, sm_count)
+    return SplitPlan(num_splits, num_splits, THROUGHPUT_MIN_TOKENS, MAX_SPLITS)
 
 
 @triton.jit
@@ -226,7 +238,7 @@ def decode_attention(
     scale: float,
     max_seq_len: int,
     out: torch.Tensor,
-    batch_invariant: bool = True,
+    batch_invariant: bool = False,
     num_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:

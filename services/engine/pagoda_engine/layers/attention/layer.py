@@ -10,8 +10,9 @@ from pagoda_engine.layers.attention.metadata import AttentionMetadata
 from pagoda_engine.layers.attention.torch_backend import TorchAttentionBackend
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` is Triton on CUDA, else the torch reference.
+def select_backend(name: str, device: torch.device, batch_invariant: bool = False) -> AttentionBackend:
+    """``auto`` is Triton on CUDA, else the torch reference (batch-invariant by construction: it attends one
+    sequence at a time).
 
     flash-attn is not used even when installed: its paged KV cache takes pages of 256 tokens, a
     multiple our 16-64-token blocks are not, and its unpaged kernels would need a gather per step.
@@ -23,7 +24,7 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton":
         from pagoda_engine.layers.attention.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(batch_invariant)
     raise ValueError(f"unknown attention backend {name!r} (expected auto, torch or triton)")
 
 

@@ -1,0 +1,40 @@
+"""The decode kernel's split plans: host arithmetic, so these run on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from pagoda_engine.cuda_graph import batch_size_ladder  # noqa: E402
+from pagoda_engine.kernels.decode_attention import (  # noqa: E402
+    INVARIANT_SPLITS,
+    MAX_SPLITS,
+    THROUGHPUT_MIN_TOKENS,
+    choose_num_splits,
+    plan_splits,
+)
+
+
+def test_split_policy_fills_the_gpu_only_when_worthwhile():
+    assert choose_num_splits(1, 8, 132) > 16  # one long sequence spreads over many SMs
+    assert choose_num_splits(256, 8, 132) == 1  # big batches fill the GPU on their own
+    assert choose_num_splits(1, 1, 132) == MAX_SPLITS
+    plan = plan_splits(1, 8, 100, 132, batch_invariant=False)
+    assert plan.divisor == plan.num_splits and plan.min_tokens == THROUGHPUT_MIN_TOKENS  # short contexts: few pieces
+    # The invariant plan ignores the batch; its grid only bounds the pieces of the longest context.
+    plan = plan_splits(256, 8, 8192, 132, batch_invariant=True)
+    assert plan == plan_splits(1, 8, 8192, 132, batch_invariant=True)
+    assert plan.num_splits == 8192 // 256 and plan.reduce_width == INVARIANT_SPLITS
+    assert plan_splits(4, 8, 100, 132, batch_invariant=True).num_splits == 1
+
+
+def test_throughput_plan_is_the_same_for_a_batch_and_its_cuda_graph_size():
+    """A decode batch replays the smallest captured size holding it: its plan must not change on the way."""
+    for max_batch in (256, 200, 48, 1):
+        ladder = batch_size_ladder(max_batch)
+        for batch in range(1, max_batch + 1):
+            padded = next(size for size in ladder if size >= batch)
+            for max_seq_len, bound in ((37, 4096), (3000, 32768)):  # eager passes its longest context
+                eager = plan_splits(batch, 8, max_seq_len, 132, batch_invariant=False)
+                assert eager == plan_splits(padded, 8, bound, 132, batch_invariant=False), (batch, padded)
