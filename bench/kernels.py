@@ -58,11 +58,13 @@ def num_copies(nbytes: int, cap: int = 128) -> int:
 
 
 class PagedDecode:
-    """``copies`` independent batches of ``batch`` sequences of ``context`` tokens in one paged pool."""
+    """``copies`` independent batches of ``batch`` sequences of ``context`` tokens in one paged pool;
+    ``lengths`` (each at most ``context``) makes the contexts ragged."""
 
-    def __init__(self, batch: int, context: int):
+    def __init__(self, batch: int, context: int, lengths: list[int] | None = None):
         self.batch, self.context = batch, context
-        self.kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
+        tokens = sum(lengths) if lengths else batch * context
+        self.kv_bytes = 2 * tokens * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
         self.copies = num_copies(self.kv_bytes)
         blocks_per_seq = context // BLOCK_SIZE
         num_blocks = self.copies * batch * blocks_per_seq
@@ -71,7 +73,8 @@ class PagedDecode:
         self.v_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
         perm = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
         self.tables = perm.view(self.copies, batch, blocks_per_seq)
-        self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        self.seq_lens = (torch.tensor(lengths, dtype=torch.int32, device="cuda") if lengths
+                         else torch.full((batch,), context, dtype=torch.int32, device="cuda"))
         self.q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
         self.out = torch.empty_like(self.q)
 
@@ -140,6 +143,31 @@ def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> li
             rows.append(row)
             del bench
             torch.cuda.empty_cache()
+    return rows
+
+
+def ragged_table() -> list[dict]:
+    """Contexts of 100-1,024 tokens in random order, as the offline workload's first decode steps have them:
+    an unsplit sequence's program is as long as its context, so the grid needs programs to spare."""
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(100, 1025, (256,), generator=generator).tolist()
+    print(f"\nragged decode: contexts 100-1024, {GRAPH_BOUND}-token bound, us per call (GB/s)")
+    sm_count = num_sms(torch.device("cuda"))
+    for batch in (256, 128, 64, 32):
+        bench = PagedDecode(batch, 1024, lengths[:batch])
+        row: dict = {"batch": batch, "kv_bytes": bench.kv_bytes}
+        cells = []
+        for policy, invariant in (("throughput", False), ("invariant", True)):
+            splits = plan_splits(batch, NUM_KV_HEADS, GRAPH_BOUND, sm_count, invariant).num_splits
+            seconds = bench.seconds(batch_invariant=invariant, bound=GRAPH_BOUND)
+            gbs = bench.kv_bytes / seconds / 1e9
+            row[policy] = {"num_splits": splits, "us": round(seconds * 1e6, 2), "gbs": round(gbs, 1)}
+            cells.append(f"{policy} {splits:>2} splits {seconds * 1e6:7.1f} us ({gbs:4.0f})")
+        print(f"  B={batch:<4} " + "   ".join(cells), flush=True)
+        rows.append(row)
+        del bench
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -279,6 +307,7 @@ def main() -> None:
         "reference_copy_gbs": REFERENCE_GBS,
         "torch_copy_gbs": round(copy_gbs, 1),
         "decode": decode_table(args.batch, args.context, copy_gbs),
+        "ragged_decode": ragged_table(),
     }
     if args.sweep:
         result["decode_sweep"] = decode_sweep()
