@@ -148,23 +148,27 @@ def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> li
 
 def ragged_table() -> list[dict]:
     """Contexts of 100-1,024 tokens in random order, as the offline workload's first decode steps have them:
-    an unsplit sequence's program is as long as its context, so the grid needs programs to spare."""
+    an unsplit sequence's program is as long as its context, so the grid needs programs to spare. At 256
+    sequences the same contexts also run longest first, and evened out at their mean (the same bytes)."""
     rows = []
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(100, 1025, (256,), generator=generator).tolist()
+    mean = round(sum(lengths) / len(lengths))
+    cases = [(f"B={batch}", lengths[:batch]) for batch in (256, 128, 64, 32)]
+    cases += [("B=256 longest first", sorted(lengths, reverse=True)), (f"B=256 all at {mean}", [mean] * 256)]
     print(f"\nragged decode: contexts 100-1024, {GRAPH_BOUND}-token bound, us per call (GB/s)")
     sm_count = num_sms(torch.device("cuda"))
-    for batch in (256, 128, 64, 32):
-        bench = PagedDecode(batch, 1024, lengths[:batch])
-        row: dict = {"batch": batch, "kv_bytes": bench.kv_bytes}
+    for label, case in cases:
+        bench = PagedDecode(len(case), 1024, case)
+        row: dict = {"case": label, "batch": len(case), "kv_bytes": bench.kv_bytes}
         cells = []
         for policy, invariant in (("throughput", False), ("invariant", True)):
-            splits = plan_splits(batch, NUM_KV_HEADS, GRAPH_BOUND, sm_count, invariant).num_splits
+            splits = plan_splits(len(case), NUM_KV_HEADS, GRAPH_BOUND, sm_count, invariant).num_splits
             seconds = bench.seconds(batch_invariant=invariant, bound=GRAPH_BOUND)
             gbs = bench.kv_bytes / seconds / 1e9
             row[policy] = {"num_splits": splits, "us": round(seconds * 1e6, 2), "gbs": round(gbs, 1)}
             cells.append(f"{policy} {splits:>2} splits {seconds * 1e6:7.1f} us ({gbs:4.0f})")
-        print(f"  B={batch:<4} " + "   ".join(cells), flush=True)
+        print(f"  {label:<20} " + "   ".join(cells), flush=True)
         rows.append(row)
         del bench
         torch.cuda.empty_cache()

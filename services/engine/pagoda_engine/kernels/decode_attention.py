@@ -27,7 +27,7 @@ Two split policies (see ``plan_splits``), chosen by ``EngineConfig.batch_invaria
   depend on its own length only (``INVARIANT_SPLITS`` pieces of at least ``MIN_TOKENS_PER_SPLIT``
   tokens), and the reduce always sums ``INVARIANT_SPLITS`` slots. A sequence's output is then bitwise the
   same whatever batch it sits in and whatever bound the caller passes. Big batches pay for the splits:
-  at 256 sequences of 1K tokens under the graph bound, 287 us per layer instead of 245 (H200,
+  at 256 sequences of 1K tokens under the graph bound, 291 us per layer instead of 251 (H200,
   bench/kernels.py prints both policies).
 """
 
@@ -53,8 +53,9 @@ INVARIANT_SPLITS = 32
 # one sequence of 1K tokens attends in 8.0 us per layer with 64-token pieces, 12.5 with 256 (H200).
 THROUGHPUT_MIN_TOKENS = 64
 MAX_SPLITS = 64
-# Programs per SM the throughput policy aims at, rounded down: on ragged contexts 2,048 unsplit programs
-# (256 sequences x 8 KV heads) read 3.9-4.1 TB/s, 1,024 (128 sequences) only 3.4 (H200).
+# Programs per SM the throughput policy aims at, rounded down so that 256 sequences x 8 KV heads stay
+# unsplit. Batches of 33-128 sequences (416 of the offline workload's 1,024 decode steps) get 2-4 splits,
+# where 4 per SM rounded up gave them 1-2: +1.8% offline on the H200 (bench/RESULTS.md, run J).
 TARGET_PROGRAMS_PER_SM = 16
 DEFAULT_NUM_SMS = 132  # H100 SXM; used for CPU tensors under the Triton interpreter
 
