@@ -16,12 +16,13 @@ from pagoda_engine.kernels.decode_attention import (  # noqa: E402
 )
 
 
-def test_split_policy_fills_the_gpu_only_when_worthwhile():
+def test_split_counts_fill_the_gpu_and_the_invariant_plan_ignores_the_batch():
     assert choose_num_splits(1, 8, 132) > 16  # one long sequence spreads over many SMs
     assert choose_num_splits(256, 8, 132) == 1  # big batches fill the GPU on their own
     assert choose_num_splits(1, 1, 132) == MAX_SPLITS
     plan = plan_splits(1, 8, 100, 132, batch_invariant=False)
-    assert plan.divisor == plan.num_splits and plan.min_tokens == THROUGHPUT_MIN_TOKENS  # short contexts: few pieces
+    # Lengths do not enter the count: a short context gets few pieces from the smallest piece size.
+    assert plan.divisor == plan.num_splits and plan.min_tokens == THROUGHPUT_MIN_TOKENS
     # The invariant plan ignores the batch; its grid only bounds the pieces of the longest context.
     plan = plan_splits(256, 8, 8192, 132, batch_invariant=True)
     assert plan == plan_splits(1, 8, 8192, 132, batch_invariant=True)
