@@ -10,9 +10,10 @@ torch's bundled FlashAttention-2 ``varlen_attn`` on unpaged K/V (bench/kernels.p
 separate path. ``varlen_attn`` serves only the profiling pass, where no cache exists yet.
 
 Nothing here syncs with the host or branches on device data, and the decode split count depends only
-on the batch size and ``meta.max_seq_len``, so a pure-decode step can be captured in a CUDA graph as
-is; the split kernel's scratch buffers come from the graph's memory pool, no workspace is needed.
-With the default batch-invariant split policy a graph replay gives bitwise the eager step's outputs.
+on the batch size (rounded up to a power of two) or, batch-invariant, on ``meta.max_seq_len``, so a
+pure-decode step can be captured in a CUDA graph as is; the split kernel's scratch buffers come from
+the graph's memory pool, no workspace is needed. Under either split policy a graph replay gives
+bitwise the eager step's outputs.
 """
 
 from __future__ import annotations
