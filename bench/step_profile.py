@@ -12,6 +12,8 @@ once a later step has waited past them.
 ``--trace N`` also records N decode steps with torch.profiler and prints the kernels by device time.
 ``--trace-prefill N`` records the first N steps of a fresh workload (its prefill chunks) and prints the
 calls by host time, where a wait for the device (a synchronising copy, allocation or free) shows up.
+Decode steps are also summed per batch size, rounded up to a power of two (the buckets the decode
+kernel's split count follows), to show which batch sizes the run's time goes to.
 ``--skinny-max-rows M`` lets linear layers of up to M rows take the skinny-GEMM kernel (the engine's
 default is kernels.skinny_gemm.MAX_ROWS), to compare both in one call.
 
@@ -41,9 +43,12 @@ class StepProfiler:
         self.host: dict[str, float] = {}
         self.events: list[torch.cuda.Event] = []
         self.kind: str | None = None
-        # Launches whose events are not read yet: (kind, host row, [before forward, after forward, after sampler]).
-        self.pending: list[tuple[str, dict[str, float], list]] = []
+        self.batch_size = 0
+        # Launches whose events are not read yet: (kind, batch size, host row, [before forward, after forward,
+        # after sampler]).
+        self.pending: list[tuple[str, int, dict[str, float], list]] = []
         self.rows: dict[str, list[dict[str, float]]] = defaultdict(list)
+        self.decode_rows: dict[int, list[dict[str, float]]] = defaultdict(list)  # by batch size bucket
         self._time(self.engine.scheduler, "schedule", "schedule", after=self._note_kind)
         self._time(self.runner, "prepare_inputs", "prepare")
         self._time(self.runner, "forward", "forward", events=True)
@@ -54,6 +59,7 @@ class StepProfiler:
 
     def _note_kind(self, batch) -> None:
         self.kind = "decode" if batch.num_decodes == len(batch) else "prefill"
+        self.batch_size = len(batch)
 
     def _time(self, obj, name: str, phase: str, events: bool = False, before: bool = True, after=None) -> None:
         inner = getattr(obj, name)
@@ -89,7 +95,7 @@ class StepProfiler:
             row["step"] = 1000 * (time.perf_counter() - start)
             self._read_finished_launches()
             if self.kind is not None:
-                self.pending.append((self.kind, row, self.events))
+                self.pending.append((self.kind, self.batch_size, row, self.events))
             return outputs
 
         self.engine.step = step
@@ -97,22 +103,29 @@ class StepProfiler:
     def _read_finished_launches(self) -> None:
         """Launches before the newest have been waited for: their events can be read."""
         while len(self.pending) > 1 or (self.pending and not self.engine.has_unfinished_requests()):
-            kind, row, events = self.pending.pop(0)
+            kind, batch_size, row, events = self.pending.pop(0)
             if len(events) == 3:
                 events[2].synchronize()
                 row["gpu forward"] = events[0].elapsed_time(events[1])
                 row["gpu sample"] = events[1].elapsed_time(events[2])
-                if self.pending and len(self.pending[0][2]) == 3:
-                    row["gpu period"] = events[0].elapsed_time(self.pending[0][2][0])
+                if self.pending and len(self.pending[0][3]) == 3:
+                    row["gpu period"] = events[0].elapsed_time(self.pending[0][3][0])
             self.rows[kind].append(row)
+            if kind == "decode":
+                self.decode_rows[1 << (batch_size - 1).bit_length()].append(row)
 
     def summary(self) -> dict:
-        out = {}
-        for kind, rows in self.rows.items():
-            keys = sorted({k for r in rows for k in r})
-            means = {k: round(sum(r.get(k, 0.0) for r in rows if k in r) / sum(k in r for r in rows), 3) for k in keys}
-            out[kind] = {"steps": len(rows), **means, "total s": round(sum(r["step"] for r in rows) / 1000, 3)}
-        return out
+        return {kind: _means(rows) for kind, rows in self.rows.items()}
+
+    def decode_by_batch(self) -> dict[int, dict]:
+        """Decode steps per batch size bucket (up to 1, 2, 4, ... sequences), largest first."""
+        return {bucket: _means(self.decode_rows[bucket]) for bucket in sorted(self.decode_rows, reverse=True)}
+
+
+def _means(rows: list[dict[str, float]]) -> dict:
+    keys = sorted({k for r in rows for k in r})
+    means = {k: round(sum(r.get(k, 0.0) for r in rows if k in r) / sum(k in r for r in rows), 3) for k in keys}
+    return {"steps": len(rows), **means, "total s": round(sum(r["step"] for r in rows) / 1000, 3)}
 
 
 def trace_steps(llm: LLM, num_steps: int, num_seqs: int, prefill: bool = False) -> str:
@@ -164,9 +177,12 @@ def main() -> None:
     summary = {"seconds": round(elapsed, 3), "steps": profiler.summary()}
     columns = HOST_PHASES + ["step", "gpu forward", "gpu sample", "gpu period"]
     print(f"{args.num_seqs} sequences in {elapsed:.2f} s; mean ms per step (host phases, then device times)")
-    print(f"| {'kind':<8} | {'steps':>5} | " + " | ".join(f"{c:>11}" for c in columns) + f" | {'total s':>7} |")
-    for kind, s in summary["steps"].items():
-        print(f"| {kind:<8} | {s['steps']:>5} | " + " | ".join(f"{s.get(c, 0.0):>11.3f}" for c in columns)
+    print(f"| {'kind':<9} | {'steps':>5} | " + " | ".join(f"{c:>11}" for c in columns) + f" | {'total s':>7} |")
+    summary["decode_by_batch"] = profiler.decode_by_batch()
+    rows = [(kind, s) for kind, s in summary["steps"].items()]
+    rows += [(f"dec <={bucket}", s) for bucket, s in summary["decode_by_batch"].items()]
+    for kind, s in rows:
+        print(f"| {kind:<9} | {s['steps']:>5} | " + " | ".join(f"{s.get(c, 0.0):>11.3f}" for c in columns)
               + f" | {s['total s']:>7.2f} |")
     for key, steps, prefill in (("trace", args.trace, False), ("trace_prefill", args.trace_prefill, True)):
         if steps and torch.cuda.is_available():

@@ -57,7 +57,12 @@ def test_offline_and_step_profile_benchmarks(tmp_path, model):
     assert offline["throughput"]["seconds"] > 0 and offline["decode_latency"]["ms_per_token"] > 0
     run_bench("step_profile.py", "--model", str(model), *sizes, "--max-model-len", "512", "--out",
               str(tmp_path / "steps.json"))
-    steps = json.loads((tmp_path / "steps.json").read_text())["steps"]
+    profile = json.loads((tmp_path / "steps.json").read_text())
+    steps = profile["steps"]
     # Four prompts of 8..16 tokens fit one prefill step; every later step is a pure decode.
     assert steps["prefill"]["steps"] >= 1 and steps["decode"]["steps"] >= 7
+    # The same decode steps, by batch size rounded up to a power of two: four sequences, then fewer.
+    by_batch = profile["decode_by_batch"]
+    assert sum(s["steps"] for s in by_batch.values()) == steps["decode"]["steps"] and "4" in by_batch
+    assert set(by_batch) <= {"1", "2", "4"}
     assert all(steps["decode"][phase] > 0 for phase in ("schedule", "prepare", "forward", "wait", "step"))
