@@ -210,6 +210,36 @@ def test_invalid_requests_are_rejected_with_a_reason(tiny_model_dirs, prompt, pa
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_generate_with_a_bad_prompt_queues_nothing(tiny_model_dirs):
+    """A bad prompt among good ones: generate raises, and the next call sees only its own requests."""
+    llm = make_llm(tiny_model_dirs["llama"])
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 3], [1, 9999]], params)
+    assert not llm.engine.has_unfinished_requests()
+    outputs = llm.generate([[4, 5, 6]], params)
+    assert len(outputs) == 1 and len(outputs[0].outputs[0].token_ids) == 4
+    assert_all_blocks_free(llm)
+
+
+def test_generate_interrupted_part_way_leaves_nothing_running(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    real_step, calls = llm.engine.step, []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    llm.engine.step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts_of([30, 50]), SamplingParams(max_tokens=20, ignore_eos=True))
+    llm.engine.step = real_step
+    assert not llm.engine.has_unfinished_requests()
+    assert_all_blocks_free(llm)
+
+
 def test_duplicate_request_id_is_rejected(tiny_model_dirs):
     llm = make_llm(tiny_model_dirs["llama"])
     llm.engine.add_request("same", [1, 2, 3], SamplingParams())

@@ -62,17 +62,22 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
-        results: dict[str, RequestOutput] = {}
+        # Every prompt is checked before any is queued, so a bad one leaves nothing behind in the engine.
+        requests = []
         for prompt, p in zip(prompts, params_list, strict=True):
-            request_id = f"offline-{next(self._ids)}"
-            token_ids = self._encode(prompt)
-            self.engine.add_request(request_id, token_ids, p)
-            results[request_id] = RequestOutput(
-                request_id, token_ids, [CompletionOutput(i) for i in range(p.n)]
-            )
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                self._collect(results[out.request_id], out)
+            request_id, token_ids = f"offline-{next(self._ids)}", self._encode(prompt)
+            self.engine.validate(request_id, token_ids, p)
+            requests.append((request_id, token_ids, p))
+        results = {rid: RequestOutput(rid, ids, [CompletionOutput(i) for i in range(p.n)]) for rid, ids, p in requests}
+        try:
+            for request_id, token_ids, p in requests:
+                self.engine.add_request(request_id, token_ids, p)
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    self._collect(results[out.request_id], out)
+        finally:  # an error or Ctrl-C part-way: the next call must not receive this call's requests
+            for request_id in results:
+                self.engine.abort_request(request_id)
         self._finalise(results.values())
         return list(results.values())
 
@@ -87,7 +92,8 @@ class LLM:
         completion = result.outputs[out.index]
         completion.token_ids.extend(out.token_ids)
         if out.logprobs is not None:
-            completion.logprobs = (completion.logprobs or []) + out.logprobs
+            completion.logprobs = completion.logprobs or []
+            completion.logprobs.extend(out.logprobs)
         completion.finish_reason = out.finish_reason
         result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
         if result.time_to_first_token is None and out.first_token_time is not None:
