@@ -240,6 +240,20 @@ def test_generate_interrupted_part_way_leaves_nothing_running(tiny_model_dirs):
     assert_all_blocks_free(llm)
 
 
+def test_max_model_len_past_the_models_positions_is_refused(tiny_model_dirs):
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        make_llm(tiny_model_dirs["llama"], max_model_len=1024)
+
+
+def test_without_chunked_prefill_the_step_budget_holds_a_whole_prompt(tiny_model_dirs):
+    """Settled before the runner is built, so its memory-profiling pass runs the step the scheduler will."""
+    llm = make_llm(tiny_model_dirs["llama"], enable_chunked_prefill=False, max_num_batched_tokens=64,
+                   max_model_len=300)
+    assert llm.engine.config.max_num_batched_tokens == 300 == llm.engine.scheduler.max_num_batched_tokens
+    prompt = prompts_of([250])[0]
+    assert len(llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids) == 2
+
+
 def test_duplicate_request_id_is_rejected(tiny_model_dirs):
     llm = make_llm(tiny_model_dirs["llama"])
     llm.engine.add_request("same", [1, 2, 3], SamplingParams())

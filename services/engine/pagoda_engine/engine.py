@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -71,6 +71,25 @@ class RequestLimits:
             )
 
 
+def resolve_limits(config: EngineConfig, model_config: ModelConfig) -> EngineConfig:
+    """``config`` with ``max_model_len`` and the step's token budget settled from the model.
+
+    Settled before any rank builds its model runner: the memory-profiling pass runs a step of the full
+    budget, in step on every rank. Without chunked prefill a whole prompt must fit one step, so the
+    budget grows to ``max_model_len``. The KV cache may cap ``max_model_len`` further (ModelRunner).
+    """
+    limit = model_config.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > limit:
+        # Positions past the rotary tables would read past their end (the Triton kernel has no mask).
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {limit} positions "
+                         "(max_position_embeddings, or its sliding window)")
+    max_model_len = config.max_model_len or limit
+    budget = config.max_num_batched_tokens
+    if not config.enable_chunked_prefill:
+        budget = max(budget, max_model_len)
+    return replace(config, max_model_len=max_model_len, max_num_batched_tokens=budget)
+
+
 @dataclass
 class EngineLoad:
     running: int
@@ -89,8 +108,8 @@ class LLMEngine:
             # The layers split over the process's default process group, whoever made it.
             raise RuntimeError(f"this process already belongs to a process group of {tp_size()} ranks (another "
                                "tensor-parallel engine still open?): close it before building an engine")
-        self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
+        self.config = config = resolve_limits(config, self.model_config)
         self.device = resolve_device(config.device, 0, config.tensor_parallel_size)
         self.dtype = resolve_dtype(config.dtype, self.model_config)
         torch.manual_seed(config.seed)
@@ -106,11 +125,8 @@ class LLMEngine:
             raise
         num_blocks = self.runner.num_kv_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        max_batched = config.max_num_batched_tokens
-        if not config.enable_chunked_prefill:
-            max_batched = max(max_batched, self.max_model_len)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_batched, self.max_model_len,
-                                   config.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, config.enable_chunked_prefill)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, config.max_logprobs, config.max_n)
         self.requests: dict[str, list[Sequence]] = {}

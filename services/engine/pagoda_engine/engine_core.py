@@ -87,7 +87,7 @@ def run_engine_core(config: EngineConfig, conn: Connection) -> None:
     broken = threading.Event()
     engine.call_on_failure(broken.set)
     try:
-        conn.send(Ready(model_info(config, engine).SerializeToString(), engine.limits, engine.get_load()))
+        conn.send(Ready(model_info(engine).SerializeToString(), engine.limits, engine.get_load()))
         _serve(engine, conn, broken)
     except Exception as error:  # noqa: BLE001 - reported to every waiting stream by the parent
         logger.exception("the engine failed")
@@ -135,8 +135,9 @@ def _apply_commands(engine: LLMEngine, conn: Connection) -> tuple[list, bool]:
     return items, True
 
 
-def model_info(config: EngineConfig, engine: LLMEngine) -> engine_pb2.ModelInfo:
-    model = engine.model_config
+def model_info(engine: LLMEngine) -> engine_pb2.ModelInfo:
+    """What the engine serves, with its settled limits (engine.resolve_limits), not the flags as given."""
+    config, model = engine.config, engine.model_config
     num_blocks = engine.block_manager.num_blocks
     return engine_pb2.ModelInfo(
         model_name=Path(config.model).name,

@@ -175,9 +175,12 @@ class ModelRunner:
 
         Every tensor-parallel rank runs this in step with the others: it contains collectives.
         """
-        max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
+        max_model_len = self.config.max_model_len  # settled by engine.resolve_limits
         num_blocks = self.allocate_kv_cache(max_model_len)
-        max_model_len = min(max_model_len, num_blocks * self.block_size)
+        if num_blocks * self.block_size < max_model_len:
+            logger.warning("max_model_len %d capped at %d tokens: the KV cache holds no more", max_model_len,
+                           num_blocks * self.block_size)
+            max_model_len = num_blocks * self.block_size
         self.capture_cuda_graphs(max_model_len)
         return max_model_len
 
