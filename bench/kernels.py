@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from cuda_timing import graph_seconds_per_call  # bench/cuda_timing.py, beside this script
 
 from pagoda_engine.kernels import decode_attention as decode_attention_module
-from pagoda_engine.kernels.decode_attention import decode_attention, num_sms, plan_splits
+from pagoda_engine.kernels.decode_attention import decode_attention, plan_splits
 from pagoda_engine.kernels.prefill_attention import prefill_attention
+from pagoda_engine.kernels.sm_count import num_sms
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 16, 8, 128, 16, torch.bfloat16
 ROTATE_BYTES = 256 * 2**20  # 5x the H100's L2

@@ -254,6 +254,19 @@ def test_without_chunked_prefill_the_step_budget_holds_a_whole_prompt(tiny_model
     assert len(llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids) == 2
 
 
+def test_warm_up_steps_write_nothing(tiny_model_dirs):
+    """The GPU warm-up's dummy steps and draws, run here on the CPU: valid inputs, and the cache untouched."""
+    llm = make_llm(tiny_model_dirs["qwen3"], max_num_seqs=8)
+    prompts, params = prompts_of([5, 17, 30]), SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    runner = llm.engine.runner
+    before = runner.kv_cache.clone()  # holds the prompts' cached prefix blocks
+    runner._warm_up_cached_step()
+    runner._warm_up_sampling()
+    assert torch.equal(runner.kv_cache, before)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+
+
 def test_duplicate_request_id_is_rejected(tiny_model_dirs):
     llm = make_llm(tiny_model_dirs["llama"])
     llm.engine.add_request("same", [1, 2, 3], SamplingParams())

@@ -34,6 +34,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# One request of each kind whose logits reach a different variant of the draw kernel (_warm_up_sampling):
+# filtered (float32, already divided by the temperature), plain (16-bit, divided as read) and penalised
+# only (float32, divided as read). The first, with every filter on, is also the profiling pass's.
+_WARM_UP_SAMPLING = (
+    SamplingParams(top_k=50, top_p=0.9, repetition_penalty=1.1),
+    SamplingParams(),
+    SamplingParams(repetition_penalty=1.1),
+)
+
 
 @dataclass
 class StepResult:
@@ -206,6 +215,8 @@ class ModelRunner:
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
         if self.device.type == "cuda":
             self._warm_up_cached_step()
+            self._warm_up_sampling()
+            torch.cuda.synchronize()  # a kernel that fails to compile or launch fails here, before serving
         return num_blocks
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:
@@ -246,40 +257,64 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         hidden = self.model(input_ids, positions, meta)
-        # The sampler's buffers at the largest batch, with every filter on, count too; the plain
-        # temperature draw runs once as well so its kernel is compiled before serving.
-        num_rows = min(self.config.max_num_seqs, num_tokens)
-        logits = self.model.compute_logits(hidden[:num_rows])
-        # The LM head's skinny-GEMM kernels (one row; a few where skinny_gemm.MAX_ROWS allows) compile here
-        # instead of in the first requests.
-        for rows in (1, 2):
-            self.model.compute_logits(hidden[:rows])
-        for params in (SamplingParams(top_k=50, top_p=0.9, repetition_penalty=1.1), SamplingParams()):
-            requests = [SamplerRequest(params, 0, [0], 1, []) for _ in range(num_rows)]
-            self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
+        # The sampler's buffers at the largest batch, with every filter on, count too.
+        logits = self.model.compute_logits(hidden[: min(self.config.max_num_seqs, num_tokens)])
+        self._sample_dummy(logits, _WARM_UP_SAMPLING[0])
         torch.cuda.synchronize()
         del hidden, logits
 
+    def _sample_dummy(self, logits: torch.Tensor, params: SamplingParams) -> None:
+        requests = [SamplerRequest(params, 0, [0], 1, []) for _ in range(logits.shape[0])]
+        self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
+
+    @torch.inference_mode()
+    def _warm_up_sampling(self) -> None:
+        """Compile every LM-head and draw kernel variant serving can meet, however the cache was sized.
+
+        The LM head takes the skinny GEMM for one and a few rows, cuBLAS beyond. The draw kernel
+        specialises on the logits' dtype and on whether it divides by the temperature: each entry of
+        ``_WARM_UP_SAMPLING`` reaches one variant. One row also slices the vocabulary over many programs,
+        which compiles the draw's reduce even when the largest batch needs no slicing.
+        """
+        largest = self._largest_batch()
+        hidden = torch.zeros(largest, self.model_config.hidden_size, dtype=self.dtype, device=self.device)
+        for rows in sorted({1, 2, largest}):
+            logits = self.model.compute_logits(hidden[:rows])
+            for params in _WARM_UP_SAMPLING:
+                self._sample_dummy(logits, params)
+
     @torch.inference_mode()
     def _warm_up_cached_step(self) -> None:
-        """One eager step through the cache: a decode beside a prefill after a cached prefix.
+        """Eager steps through the cache: a decode beside a prefill after a cached prefix, then the largest
+        decode batch alone.
 
         The profiling pass has no cache, so without this the first request would wait while the
-        paged prefill and eager decode kernels compile. Nothing is written (every slot is -1).
+        paged prefill and eager decode kernels compile. The largest batch may split no context, a variant
+        of its own (it writes its output directly) that eager decodes past the graphs' sizes need.
+        Nothing is written (every slot is -1).
         """
-        query_lens, seq_lens = [1, 24], [33, 48]
-        starts = [0, 1, 25]
+        self._dummy_step([1, 24], [33, 48], num_decodes=1)
+        largest = self._largest_batch()
+        self._dummy_step([1] * largest, [33] * largest, num_decodes=largest)
+
+    def _dummy_step(self, query_lens: list[int], seq_lens: list[int], num_decodes: int) -> None:
+        """A forward over block 0's garbage: sequence i's last ``query_lens[i]`` of ``seq_lens[i]`` tokens."""
+        starts = [0, *np.cumsum(query_lens).tolist()]
         meta = AttentionMetadata(
-            slot_mapping=torch.full((25,), -1, dtype=torch.int64, device=self.device),
+            slot_mapping=torch.full((starts[-1],), -1, dtype=torch.int64, device=self.device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros((2, -(-48 // self.block_size)), dtype=torch.int32, device=self.device),
-            num_decodes=1, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            block_tables=torch.zeros((len(seq_lens), -(-max(seq_lens) // self.block_size)), dtype=torch.int32,
+                                     device=self.device),
+            num_decodes=num_decodes, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_start_loc_host=starts, seq_lens_host=seq_lens,
         )
-        positions = torch.tensor([32, *range(24, 48)], device=self.device)
-        self.model(torch.zeros(25, dtype=torch.int64, device=self.device), positions, meta)
-        torch.cuda.synchronize()
+        positions = [p for q, n in zip(query_lens, seq_lens, strict=True) for p in range(n - q, n)]
+        self.model(torch.zeros(starts[-1], dtype=torch.int64, device=self.device),
+                   torch.tensor(positions, device=self.device), meta)
+
+    def _largest_batch(self) -> int:
+        return min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
 
     # ---- the per-step path ----
 

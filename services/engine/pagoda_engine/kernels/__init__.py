@@ -8,5 +8,6 @@ caller imports the one module it needs.
 - ``prefill_attention``: causal varlen prefill whose earlier tokens already sit in the paged cache.
 - ``fused_ops``, ``sampling``: RMSNorm/rotary/SiLU and the sampler's fused draw.
 - ``skinny_gemm``: linear layers over a few rows (decode), reading the weight once at full bandwidth.
+- ``sm_count``: the SM count grids are sized by.
 - ``compile_watch``: which kernels compile inside a block (warm-up must leave none for serving).
 """

@@ -33,7 +33,6 @@ Two split policies (see ``plan_splits``), chosen by ``EngineConfig.batch_invaria
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ import triton
 import triton.language as tl
 
 from pagoda_engine.kernels.kv_cache import load_paged_tile
+from pagoda_engine.kernels.sm_count import num_sms
 
 # The batch-invariant policy's smallest piece, a multiple of every BLOCK_N so that pieces hold whole
 # tiles: 256 tokens amortise a piece's partial write and its share of the reduce at every batch size.
@@ -57,19 +57,6 @@ MAX_SPLITS = 64
 # unsplit. Batches of 33-128 sequences (416 of the offline workload's 1,024 decode steps) get 2-4 splits,
 # where 4 per SM rounded up gave them 1-2: +1.8% offline on the H200 (bench/RESULTS.md, run J).
 TARGET_PROGRAMS_PER_SM = 16
-DEFAULT_NUM_SMS = 132  # H100 SXM; used for CPU tensors under the Triton interpreter
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_NUM_SMS
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
     """Enough (sequence, KV head, split) programs to fill the GPU: the throughput policy's split count.
@@ -137,9 +124,9 @@ def softmax_step(s, v, row_max, row_sum, acc, IEEE: tl.constexpr):
     return max_new, row_sum, acc
 
 
-# Not specialised on num_splits or the block-table stride, which change from step to step (eager steps
-# build tables as wide as their longest context): one compile serves every batch.
-@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+# Not specialised on the split count and divisor, which follow the batch size, or the block-table stride
+# (eager steps build tables as wide as their longest context): one compile serves every batch.
+@triton.jit(do_not_specialize=["num_splits", "split_divisor", "stride_bt"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -198,7 +185,7 @@ def _decode_split_kernel(
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_hd)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "split_divisor"])
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, split_divisor, split_min_tokens, num_heads,
     stride_ot, stride_oh,

@@ -15,7 +15,6 @@ a CUDA graph (after one warm-up call, so that the compilation happens outside th
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -23,6 +22,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from pagoda_engine.kernels.sm_count import num_sms
 from pagoda_engine.layers import sampler
 
 # The hash constants are the sampler's own, so the two paths cannot drift apart.
@@ -152,11 +152,6 @@ def _reduce_splits_kernel(partial_max_ptr, partial_idx_ptr, out_ptr, num_splits,
     tl.store(out_ptr + row, tl.min(tl.where(values == top, indices, 2147483647), axis=0))
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _max_num_splits(vocab_size: int, block: int) -> int:
     return max(1, triton.cdiv(vocab_size, block * _MIN_BLOCKS_PER_PROGRAM))
 
@@ -164,7 +159,7 @@ def _max_num_splits(vocab_size: int, block: int) -> int:
 def _default_num_splits(batch: int, vocab_size: int, block: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device.index or 0), batch)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms(device), batch)
     return max(1, min(wanted, _max_num_splits(vocab_size, block)))
 
 

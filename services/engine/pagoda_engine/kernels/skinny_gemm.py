@@ -122,9 +122,11 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     cfg = {**default_config(m, n, k), **(config or {})}
-    split_k = cfg.pop("SPLIT_K")
     # A constant trip count: fixed per layer (K and the config are), so it costs no extra compiles.
-    tiles_per_split = triton.cdiv(triton.cdiv(k, cfg["BLOCK_K"]), split_k)
+    num_tiles = triton.cdiv(k, cfg["BLOCK_K"])
+    tiles_per_split = triton.cdiv(num_tiles, cfg.pop("SPLIT_K"))
+    # Only splits that hold a tile: one row of down_proj (K = 3072, 6 tiles of 512) asked for 4 splits of 2.
+    split_k = triton.cdiv(num_tiles, tiles_per_split)
     # The M = 1 path multiplies elementwise, so one row needs no padding; more rows go through tl.dot.
     cfg["BLOCK_M"] = 1 if m == 1 and cfg["BLOCK_M"] == 1 else 16
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
