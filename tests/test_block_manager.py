@@ -67,7 +67,7 @@ def test_shared_blocks_are_reference_counted():
     bm.check_invariants()
 
 
-def test_freed_cached_blocks_stay_findable_until_evicted_lru():
+def test_freed_cached_blocks_stay_findable_until_evicted_lru_after_uncached_ones():
     bm = BlockManager(num_blocks=6, block_size=4)
     old, new = make_seq(list(range(100, 109))), make_seq(list(range(200, 209)))
     compute(bm, old)
@@ -75,11 +75,15 @@ def test_freed_cached_blocks_stay_findable_until_evicted_lru():
     bm.free(old)
     bm.free(new)
     assert len(bm.find_cached_prefix(make_seq(list(range(100, 109))))) == 2
-    # Taking three blocks evicts what was freed longest ago: all of ``old``'s blocks.
+    # Taking three blocks hands out the two partial tail blocks first (nothing in them can be reused), then
+    # the cached block freed longest ago: ``old``'s second. Its first block, which more prompts would share,
+    # and all of ``new`` stay findable.
     filler = make_seq(list(range(12)))
     assert bm.allocate(filler, 12)
-    assert bm.find_cached_prefix(make_seq(list(range(100, 109)))) == []
+    assert len(bm.find_cached_prefix(make_seq(list(range(100, 109))))) == 1
     assert len(bm.find_cached_prefix(make_seq(list(range(200, 209))))) == 2
+    assert bm.allocate(make_seq(list(range(300, 304))), 4)  # the next eviction: old's first block
+    assert bm.find_cached_prefix(make_seq(list(range(100, 109)))) == []
     bm.check_invariants()
 
 

@@ -267,6 +267,21 @@ def test_warm_up_steps_write_nothing(tiny_model_dirs):
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
 
 
+def test_prefix_statistics_count_each_prompt_once(tiny_model_dirs):
+    """Counted at first admission: not per step a prompt waits, nor when a preempted one comes back."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    # Twelve blocks of 4 tokens: the second prompt waits for the first to finish, looked up at every step.
+    llm = make_llm(tiny_model_dirs["llama"], num_kv_blocks=12)
+    llm.generate(prompts_of([30, 30]), params)
+    assert (llm.engine.get_load().prefix_query_tokens, llm.engine.get_load().prefix_hit_tokens) == (60, 0)
+    llm = make_llm(tiny_model_dirs["llama"], max_num_seqs=1)
+    shared = prompts_of([24])[0]
+    llm.generate([shared + [7], shared + [8], shared + [9]], params)
+    load = llm.engine.get_load()
+    assert load.prefix_query_tokens == 3 * 25
+    assert load.prefix_hit_tokens == 2 * 24  # six shared blocks of 4 tokens, found by the second and third
+
+
 def test_duplicate_request_id_is_rejected(tiny_model_dirs):
     llm = make_llm(tiny_model_dirs["llama"])
     llm.engine.add_request("same", [1, 2, 3], SamplingParams())

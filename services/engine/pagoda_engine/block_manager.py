@@ -3,17 +3,23 @@
 Invariants (checked by ``check_invariants`` in tests):
 - every block is either referenced (``ref_count > 0``, in some sequence's block table) or in the
   free queue, never both;
-- the free queue is ordered least-recently-freed first: allocation takes from the front, so cached
-  content that was used recently survives longest (LRU eviction);
+- the free queue is ordered by eviction: allocation takes from the front. Blocks with nothing to reuse
+  (no hash) go to the front when freed, cached ones to the back, so the cached content used most
+  recently survives longest (LRU eviction);
 - ``cached_blocks`` maps a block hash to a block whose content is exactly that chain of tokens; a free
   block keeps its hash (and stays findable) until it is handed out again.
 
-A block's hash chains over every token before it: ``hash((parent_hash, tokens_of_this_block))``, so
-equal hashes mean equal prefixes (up to 64-bit collisions of Python's tuple hash).
+A block's hash chains over every token before it: SHA-256 of the parent's digest and this block's
+token ids, so equal hashes mean equal prefixes. A cryptographic hash because the cache is shared
+between callers: with Python's 64-bit tuple hash, a caller could craft a prompt whose block collides
+with another's (a known system prompt, say) and poison its outputs, the attack of vLLM's
+CVE-2025-25183. It costs about 1 us per full block.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -24,7 +30,7 @@ from pagoda_engine.sequence import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
 
 
 class BlockManager:
@@ -33,10 +39,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached_blocks: dict[int, int] = {}
-        # Prefix-cache statistics, in prompt tokens looked up and found.
-        self.query_tokens = 0
-        self.hit_tokens = 0
+        self.cached_blocks: dict[bytes, int] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -45,9 +48,6 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_queue)
-
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -67,8 +67,6 @@ class BlockManager:
             if block_id is None:
                 break
             found.append(block_id)
-        self.query_tokens += seq.num_tokens
-        self.hit_tokens += len(found) * self.block_size
         return found
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_prefix: list[int] | None = None) -> bool:
@@ -91,12 +89,15 @@ class BlockManager:
         return True
 
     def free(self, seq: Sequence) -> None:
-        """Release ``seq``'s blocks; the tail goes to the front of the queue, to be evicted first."""
+        """Release ``seq``'s blocks: uncached ones to the front of the queue, to be handed out first; cached
+        ones to the back, tail first, so that a prefix's head, which more prompts share, is evicted last."""
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
+                if block.hash is None:
+                    self.free_queue.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_published_blocks = 0
 
@@ -120,11 +121,6 @@ class BlockManager:
                 self.cached_blocks[block_hash] = block.block_id
         seq.num_published_blocks = max(seq.num_published_blocks, num_full)
 
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            block.hash = None
-        self.cached_blocks.clear()
-
     def check_invariants(self) -> None:
         for block in self.blocks:
             in_queue = block.block_id in self.free_queue
@@ -137,8 +133,9 @@ class BlockManager:
         size = self.block_size
         num_blocks = min(num_blocks, len(seq.token_ids) // size)  # a pending token has no id yet
         for i in range(len(seq.block_hashes), num_blocks):
-            parent = seq.block_hashes[i - 1] if i else None
-            seq.block_hashes.append(hash((parent, tuple(seq.token_ids[i * size : (i + 1) * size]))))
+            parent = seq.block_hashes[i - 1] if i else b""
+            tokens = array("q", seq.token_ids[i * size : (i + 1) * size]).tobytes()
+            seq.block_hashes.append(hashlib.sha256(parent + tokens).digest())
 
     def _take_fresh(self) -> int:
         """The least recently freed block, its cached content evicted."""

@@ -230,8 +230,8 @@ class LLMEngine:
             waiting_tokens=self.scheduler.waiting_tokens,
             kv_blocks_total=bm.num_blocks,
             kv_blocks_free=bm.num_free_blocks,
-            prefix_query_tokens=bm.query_tokens,
-            prefix_hit_tokens=bm.hit_tokens,
+            prefix_query_tokens=self.scheduler.prefix_query_tokens,
+            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             preemptions=self.scheduler.num_preemptions,
         )
 

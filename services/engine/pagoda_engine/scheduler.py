@@ -61,6 +61,9 @@ class Scheduler:
         self.waiting_tokens = 0
         # Sequences preempted so far (a full KV cache shows here before it shows in latency).
         self.num_preemptions = 0
+        # Prefix-cache statistics, in prompt tokens at first admission: looked up, and found cached.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -158,8 +161,10 @@ class Scheduler:
                 num_new = budget
             if not self.block_manager.allocate(seq, num_new, cached):
                 break
-            if seq.num_preemptions == 0:
+            if seq.num_preemptions == 0:  # a re-admission finds its own recomputed blocks: not a hit
                 seq.num_cached_tokens = num_cached
+                self.prefix_query_tokens += seq.num_tokens
+                self.prefix_hit_tokens += num_cached
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()

@@ -61,7 +61,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.block_table: list[int] = []
         # Chained hashes of the leading full blocks of token_ids, extended as blocks fill.
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         # Leading blocks already offered to the prefix cache (so each step publishes only new ones).
         self.num_published_blocks = 0
         self.status = SequenceStatus.WAITING
