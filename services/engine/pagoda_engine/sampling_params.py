@@ -40,7 +40,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 are greedy, as in vLLM: dividing by them would overflow float32 logits."""
+        return self.temperature < 1e-5
 
     @property
     def has_penalties(self) -> bool:
@@ -52,7 +53,7 @@ class SamplingParams:
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0,
              f"temperature must be a finite number >= 0, got {self.temperature}"),
-            (self.top_k == -1 or self.top_k >= 1 or self.top_k == 0,
+            (self.top_k >= -1,
              f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}"),
             (math.isfinite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (math.isfinite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),

@@ -33,10 +33,6 @@ class ScheduledBatch:
     num_decodes: int
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens)
-
     def __len__(self) -> int:
         return len(self.seqs)
 

@@ -36,8 +36,6 @@ _MASK32 = 0xFFFFFFFF
 # 32-bit value times it stays below 2**63 and int64 arithmetic never overflows, on any device.
 _MUL = 0x045D9F3B
 _GOLDEN = 0x9E3779B9
-# Temperatures below this are greedy (as in vLLM): dividing by them would overflow float32 logits.
-_MIN_TEMPERATURE = 1e-5
 
 
 class SamplerRequest(NamedTuple):
@@ -97,7 +95,7 @@ class SamplingMetadata:
     @classmethod
     def build(cls, requests: list[SamplerRequest], vocab_size: int, device: torch.device | str) -> SamplingMetadata:
         params = [r.params for r in requests]
-        greedy = [p.temperature < _MIN_TEMPERATURE for p in params]
+        greedy = [p.greedy for p in params]
         sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
         # Filters only matter on sampled rows; a top_k at or past the vocabulary keeps everything.
         top_k = [0 if g or not 0 < p.top_k < vocab_size else p.top_k for p, g in zip(params, greedy, strict=True)]
