@@ -40,9 +40,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # "auto" (Triton on CUDA, else torch), "torch" (the reference) or "triton".
     attention_backend: str = "auto"
-    # Decode attention that gives a sequence bitwise the same output whatever batch it runs in (opt-in,
-    # as vLLM's VLLM_BATCH_INVARIANT): 15% slower decode attention at 256 sequences. Off, results may
-    # change by rounding as the batch grows; CUDA graphs match eager steps either way.
+    # Decode attention that gives a sequence bitwise the same output whatever batch it runs in: 15% slower
+    # decode attention at 256 sequences. Attention only: the linear layers' kernels still change with the
+    # number of rows (unlike vLLM's VLLM_BATCH_INVARIANT, which covers them too), so tokens may still
+    # change with the batch. CUDA graphs match eager steps either way.
     batch_invariant: bool = False
     # Caps a request may ask for.
     max_logprobs: int = 20

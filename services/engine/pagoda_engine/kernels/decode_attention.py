@@ -23,10 +23,11 @@ Two split policies (see ``plan_splits``), chosen by ``EngineConfig.batch_invaria
   the batch size rounded up to a power of two, which every CUDA-graph size pads to at most, so an eager
   step and the graph replaying the same batch agree bitwise; a sequence's output may change, by
   rounding, when its batch crosses a power of two;
-- batch-invariant (``batch_invariant=True``, as vLLM's ``VLLM_BATCH_INVARIANT``): a sequence's pieces
-  depend on its own length only (``INVARIANT_SPLITS`` pieces of at least ``MIN_TOKENS_PER_SPLIT``
-  tokens), and the reduce always sums ``INVARIANT_SPLITS`` slots. A sequence's output is then bitwise the
-  same whatever batch it sits in and whatever bound the caller passes. Big batches pay for the splits:
+- batch-invariant (``batch_invariant=True``, attention's part of vLLM's ``VLLM_BATCH_INVARIANT``): a
+  sequence's pieces depend on its own length only (``INVARIANT_SPLITS`` pieces of at least
+  ``MIN_TOKENS_PER_SPLIT`` tokens), and the reduce always sums ``INVARIANT_SPLITS`` slots. A sequence's
+  output is then bitwise the same whatever batch it sits in and whatever bound the caller passes. Big
+  batches pay for the splits:
   at 256 sequences of 1K tokens under the graph bound, 291 us per layer instead of 251 (H200,
   bench/kernels.py prints both policies).
 """
