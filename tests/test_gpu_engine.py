@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from pagoda_engine import LLM, SamplingParams
-from pagoda_engine.kernels.compile_watch import triton_compiles
 from tests.conftest import make_tiny_model
 from tests.test_engine import hf_greedy, prompts_of
 
@@ -44,12 +47,15 @@ def test_fp32_gpu_matches_transformers(gpu_model_dirs, name):
     assert ours == hf_greedy(model_dir, prompts, 32)
 
 
-@pytest.mark.parametrize(("dtype", "batch_invariant"), [("float32", False), ("bfloat16", False), ("bfloat16", True)])
-def test_cuda_graphs_match_eager(gpu_model_dirs, dtype, batch_invariant):
-    """Token for token, as the batch shrinks through graph sizes it pads up to (7 rows replay size 8, ...)."""
+@pytest.mark.parametrize(("dtype", "batch_invariant", "num_prompts"),
+                         [("float32", False, 7), ("bfloat16", False, 7), ("bfloat16", True, 7),
+                          ("bfloat16", False, 40)])
+def test_cuda_graphs_match_eager(gpu_model_dirs, dtype, batch_invariant, num_prompts):
+    """Token for token, as the batch shrinks through graph sizes it pads up to (7 rows replay size 8, ...).
+    Forty prompts take the linear layers past the skinny GEMM to cuBLAS, at padded and unpadded row counts."""
     model_dir = gpu_model_dirs["qwen3"]
-    prompts = prompts_of([3, 20, 37, 50, 9, 11, 70])
-    params = [replace(GREEDY, max_tokens=12 + 5 * i) for i in range(len(prompts))]
+    prompts = prompts_of([3 + (17 * i) % 67 for i in range(num_prompts)])
+    params = [replace(GREEDY, max_tokens=12 + 3 * i) for i in range(len(prompts))]
     eager = gpu_llm(model_dir, dtype=dtype, enforce_eager=True, batch_invariant=batch_invariant)
     graphs = gpu_llm(model_dir, dtype=dtype, batch_invariant=batch_invariant)
     assert graphs.engine.runner.graphs is not None
@@ -97,15 +103,39 @@ def test_kv_cache_is_sized_from_free_memory(gpu_model_dirs):
     assert 0.1 * total < cache_bytes < 0.3 * total
 
 
-def test_warm_up_leaves_no_kernel_to_compile(gpu_model_dirs):
+# Run in a fresh process: kernels earlier tests compiled would otherwise hide what warm-up misses (the hook
+# reports a kernel the process has not compiled or loaded yet; a load from the disk cache counts too).
+_SERVE_AND_REPORT = """
+import json, sys
+from dataclasses import replace
+from pagoda_engine import LLM, SamplingParams
+from pagoda_engine.kernels.compile_watch import triton_compiles
+from tests.test_engine import prompts_of
+llm = LLM(sys.argv[1], device="cuda", dtype="bfloat16", block_size=16, max_num_batched_tokens=256,
+          num_kv_blocks=int(sys.argv[2]) or None, gpu_memory_utilization=0.3)
+lengths = [17, 280, 33, 300, 420, 5, 260, 390, 64, 310, 129, 450, 40, 8, 600, 77, 150, 3, 500, 222]
+samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.6),
+            SamplingParams(temperature=0.8, top_k=20, top_p=0.9), SamplingParams(repetition_penalty=1.2),
+            SamplingParams(min_p=0.1, logprobs=2), SamplingParams(temperature=0.7, n=2)]
+params = [replace(samplers[i % len(samplers)], max_tokens=4 + 5 * i, ignore_eos=True) for i in range(len(lengths))]
+with triton_compiles() as compiled:
+    llm.generate(prompts_of(lengths), params)
+print(json.dumps(compiled))
+"""
+
+
+@pytest.mark.parametrize("num_kv_blocks", [1024, 0], ids=["explicit-cache", "sized-from-memory"])
+def test_warm_up_leaves_no_kernel_to_compile(tmp_path_factory, num_kv_blocks):
     """After the engine's own warm-up, serving compiles no Triton kernel: a batch that shrinks through many
-    sizes, contexts of several decode pieces, chunked prefill beside decodes (eager steps with block
-    tables of many widths), greedy and sampled rows, with and without filters."""
-    llm = gpu_llm(gpu_model_dirs["qwen3"], dtype="bfloat16", num_kv_blocks=1024, max_num_batched_tokens=256)
-    lengths = [17, 280, 33, 300, 420, 5, 260, 390, 64, 310, 129, 450]
-    samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.6),
-                SamplingParams(temperature=0.8, top_k=20, top_p=0.9)]
-    params = [replace(samplers[i % 3], max_tokens=4 + 5 * i, ignore_eos=True) for i in range(len(lengths))]
-    with triton_compiles() as compiled:
-        llm.generate(prompts_of(lengths), params)
-    assert compiled == []
+    sizes and split counts (8 KV heads), contexts of several decode pieces, chunked prefill beside decodes
+    (eager steps with block tables of many widths), greedy, sampled, filtered and penalised rows, a
+    vocabulary the draw slices over several programs; with the cache sized either way (an explicit size
+    skips the memory-profiling pass)."""
+    model = make_tiny_model(tmp_path_factory.mktemp("warm_up"), "Qwen3ForCausalLM", hidden_size=256,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=8192,
+                            max_position_embeddings=2048)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", _SERVE_AND_REPORT, str(model), str(num_kv_blocks)], cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []

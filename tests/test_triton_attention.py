@@ -164,6 +164,10 @@ DECODE_CASES = [
     (torch.float32, 128, 16, 1),
     (torch.float32, 64, 64, 4),
     (torch.float32, 128, 32, 8),
+    # Head dims the tile pads (80, 96), a group that is no power of two (Qwen2.5's 14 / 2), pages smaller
+    # and larger than a tile.
+    (torch.float32, 96, 128, 7),
+    (torch.bfloat16, 80, 8, 3),
 ]
 
 
@@ -276,6 +280,8 @@ PREFILL_CASES = [
     (torch.float16, 64, 16, 8),
     (torch.float32, 64, 32, 2),
     (torch.float32, 128, 16, 4),
+    (torch.float32, 80, 128, 7),
+    (torch.bfloat16, 96, 8, 3),
 ]
 
 

@@ -1,8 +1,9 @@
 """The GPU attention backend: Triton kernels over the paged KV cache.
 
-One step runs at most three kernels: store this step's K/V, decode attention for the first
-``num_decodes`` sequences (split-KV, CUDA-graph capturable), then causal prefill for the rest (prefix
-hits and chunked prefill read their earlier tokens through the block table). The torch backend is the
+One step runs at most four kernels: store this step's K/V, decode attention for the first
+``num_decodes`` sequences (split-KV, CUDA-graph capturable) and the reduce of its splits, then causal
+prefill for the rest (prefix hits and chunked prefill read their earlier tokens through the block
+table). The torch backend is the
 oracle these are tested against (tests/test_triton_attention.py).
 
 Fresh prompts (no prefix) go through the same paged prefill kernel: on the H100 it measured faster than
