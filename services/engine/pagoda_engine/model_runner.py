@@ -12,7 +12,7 @@ samples, and the other ranks rebuild the same inputs from the flat array and its
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -109,9 +109,9 @@ class LaunchedStep:
 
     batch: ScheduledBatch
     sample_seqs: list[Sequence]
-    output: SamplerOutput | None  # on the device
-    host_token_ids: torch.Tensor | None  # filled by an asynchronous copy of output.sampled_token_ids
-    copied: torch.cuda.Event | None  # recorded after that copy (None on the CPU, where it is synchronous)
+    # The sampler's output in host memory, filled by asynchronous copies (None when nothing samples).
+    output: SamplerOutput | None
+    copied: torch.cuda.Event | None  # recorded after those copies (None on the CPU, where there are none)
 
     @property
     def needs_tokens_before_next_step(self) -> bool:
@@ -331,7 +331,7 @@ class ModelRunner:
         seqs = inputs.sample_seqs
         self._last_sampled, self._last_rows = None, {}
         if logits is None:
-            return LaunchedStep(batch, [], None, None, None)
+            return LaunchedStep(batch, [], None, None)
         # The scheduler already counts this step's token as pending: the draw is one position before.
         requests = [
             SamplerRequest(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens, seq.stop_ids,
@@ -342,12 +342,12 @@ class ModelRunner:
         self._last_sampled = out.sampled_token_ids
         self._last_rows = {seq.seq_id: row for row, seq in enumerate(seqs)}
         if self.device.type != "cuda":
-            return LaunchedStep(batch, seqs, out, out.sampled_token_ids, None)
-        host = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
-        host.copy_(out.sampled_token_ids, non_blocking=True)
+            return LaunchedStep(batch, seqs, out, None)
+        # Logprobs too: a synchronous copy in finish() would wait for the step launched after this one.
+        host = _host_copy(out)
         copied = torch.cuda.Event()
         copied.record()
-        return LaunchedStep(batch, seqs, out, host, copied)
+        return LaunchedStep(batch, seqs, host, copied)
 
     def finish(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step's tokens (and logprobs) on the host."""
@@ -355,7 +355,7 @@ class ModelRunner:
             return StepResult([], [], [])
         if step.copied is not None:
             step.copied.synchronize()
-        token_ids = step.host_token_ids.tolist()
+        token_ids = step.output.sampled_token_ids.tolist()
         return StepResult(step.sample_seqs, token_ids, self._logprobs(step.output, step.sample_seqs))
 
     @torch.inference_mode()
@@ -426,3 +426,15 @@ class ModelRunner:
             else:
                 result.append((chosen[i], list(zip(top_ids[i][:n], top_logprobs[i][:n], strict=True))))
         return result
+
+
+def _host_copy(out: SamplerOutput) -> SamplerOutput:
+    """``out``'s tensors copied into pinned host memory, asynchronously: read them after an event."""
+    def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    return replace(out, **{f.name: pinned(getattr(out, f.name)) for f in fields(out)})
