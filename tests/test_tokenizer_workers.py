@@ -157,3 +157,10 @@ def test_worker_counts_that_cannot_work_are_refused(flags, match, capsys):
         TokenizerConfig.from_args(["--model", "m", *flags], env={})
     assert match in capsys.readouterr().err
     assert TokenizerConfig(model="m", workers=2).workers == 2
+
+
+def test_a_bad_environment_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        TokenizerConfig.from_args(["--model", "m"], env={"PAGODA_PORT": "abc"})
+    assert "--port: invalid" in capsys.readouterr().err
+    assert TokenizerConfig.from_args(["--model", "m"], env={"PAGODA_PORT": "7000"}).port == 7000

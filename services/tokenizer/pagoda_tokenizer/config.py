@@ -108,7 +108,8 @@ class TokenizerConfig:
                 "--" + f.name.replace("_", "-"),
                 dest=f.name,
                 type=_parser_for(hints[f.name]),
-                default=_parser_for(hints[f.name])(env[env_name]) if env_name in env else None,
+                # A string default goes through `type` like a flag's value, so a bad env value is a usage error.
+                default=env.get(env_name),
                 required=required and env_name not in env,
                 help=f"env {env_name}; {default}",
             )
