@@ -1,9 +1,10 @@
 """The engine's gRPC service end to end: `python -m pagoda_engine` in a subprocess on a loopback port,
-driven through the generated stubs. One server serves most tests; the waiting cap and the
-start/drain lifecycle each get their own."""
+driven through the generated stubs. One server serves most tests; the waiting cap, the step watchdog and
+the start/drain lifecycle each get their own."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +293,31 @@ def test_a_duplicate_request_id_is_invalid(server):
     server.wait_idle()
 
 
+def reopen(stub: engine_pb2_grpc.EngineStub, request_: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
+    """Generate `request_` once its id is free: the stream that used it last may still be closing."""
+    deadline = time.monotonic() + 5
+    while True:
+        call = stub.Generate(request_, timeout=10)
+        try:
+            return itertools.chain([next(call)], call)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in use" in error.details()
+            assert time.monotonic() < deadline, "the id stayed in use"
+
+
+def test_a_request_id_reused_right_after_a_cancel_gets_a_stream_of_its_own(server):
+    """The cancelled request's abort comes back after its id is free again. It once reached the new stream,
+    which ended ABORT while its request ran on in the engine, out of reach of Abort."""
+    for trial in range(10):
+        cancelled = server.stub.Generate(greedy([9, 9, 8], 400, request_id="reused"))
+        next(cancelled)
+        cancelled.cancel()
+        sample = collect(reopen(server.stub, greedy([9, 9, 8], 5 + trial, request_id="reused")))[0]
+        assert sample.finish_reason == pb.FINISH_REASON_LENGTH, f"trial {trial}"
+        assert len(sample.tokens) == sample.usage.completion_tokens == 5 + trial
+    server.wait_idle()
+
+
 def test_logprobs_over_the_wire(server, offline):
     prompt = prompts_of([12], seed=5)[0]
     expected = offline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3))
@@ -375,6 +402,10 @@ def test_the_waiting_cap_answers_resource_exhausted(tmp_path):
                     "--max-num-seqs", "1", "--max-waiting-requests", "1")
     try:
         server.health_statuses_until_serving()
+        # Each sample is a sequence, and all of a request's wait together: n past the cap never fits.
+        with pytest.raises(grpc.RpcError) as error:
+            collect(server.stub.Generate(greedy([1, 2], 4, n=2), timeout=10))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "n=2" in error.value.details()
         running = server.stub.Generate(greedy([3, 4, 5], 8000))
         next(running)
         waiting = server.stub.Generate(greedy([6, 7, 8], 8000))
@@ -389,6 +420,30 @@ def test_the_waiting_cap_answers_resource_exhausted(tmp_path):
         waiting.cancel()
         server.wait_idle()
     finally:
+        assert server.stop() == 0
+
+
+def test_a_client_that_stops_reading_does_not_trip_the_step_watchdog(model_dir):
+    """The stream stays open, waiting on its client, while the engine core has finished and idles without
+    step reports. The watchdog once took that for a stuck engine and stopped the service."""
+    server = Server(model_dir, "--num-kv-blocks", "1024", "--engine-step-timeout-s", "1")
+    # Without BDP probing the receive window stays at its initial 64 KiB, which this stream overflows.
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        server.health_statuses_until_serving()
+        stalled = engine_pb2_grpc.EngineStub(channel).Generate(
+            request([5, 6, 7, 8], temperature=1.0, seed=1, n=16, max_tokens=100, ignore_eos=True, logprobs=20))
+        first = next(stalled)
+        server.wait_idle()  # the core has finished every sample
+        time.sleep(3)  # three timeouts
+        assert not stalled.done(), "the server got the whole stream out: the test proves nothing"
+        assert server.process.poll() is None and server.health_status() == SERVING
+        assert collect(server.stub.Generate(greedy([1, 2, 3], 4)))[0].finish_reason == pb.FINISH_REASON_LENGTH
+        samples = collect(itertools.chain([first], stalled))
+        assert sorted(samples) == list(range(16))
+        assert all(s.finish_reason == pb.FINISH_REASON_LENGTH and len(s.tokens) == 100 for s in samples.values())
+    finally:
+        channel.close()
         assert server.stop() == 0
 
 

@@ -21,6 +21,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 MAX_MODEL_LEN = 4096
 MESSAGE_BYTES = 64 * 1024
+MAX_WAITING = 2
 # Long enough to outlast each test that holds it; cancelled as soon as it has served its purpose.
 ENDLESS = epb.SamplingParams(max_tokens=MAX_MODEL_LEN - 100, ignore_eos=True)
 
@@ -34,10 +35,10 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir, tmp_path_factory) -> Iterator[Engine]:
-    """One sequence runs at a time and one may wait, so that two requests fill the engine."""
+    """One sequence runs at a time and two may wait, so that three requests fill the engine."""
     engine = Engine(tiny_dir, tmp_path_factory.mktemp("engine-logs") / "engine.log", "--max-num-seqs", "1",
-                    "--max-waiting-requests", "1", "--max-n", "2", "--max-logprobs", "3", "--max-model-len",
-                    str(MAX_MODEL_LEN), "--max-message-bytes", str(MESSAGE_BYTES))
+                    "--max-waiting-requests", str(MAX_WAITING), "--max-n", "2", "--max-logprobs", "3",
+                    "--max-model-len", str(MAX_MODEL_LEN), "--max-message-bytes", str(MESSAGE_BYTES))
     try:
         engine.wait_serving()
         yield engine
@@ -73,12 +74,14 @@ def generate(front: Front, prompt: str = "hi", stop: tuple[str, ...] = (), **par
 
 
 def fill_engine(front: Front, engine: Engine) -> list:
-    """One request running on the engine and one waiting; returns their calls, for the caller to cancel."""
+    """One request running on the engine and as many waiting as may; returns their calls, for the caller to
+    cancel."""
     running = front.stub.Generate(tpb.TextGenerateRequest(prompt="running", sampling_params=ENDLESS))
     next(running)
-    waiting = front.stub.Generate(tpb.TextGenerateRequest(prompt="waiting", sampling_params=ENDLESS))
-    wait_for(lambda: engine.load().num_waiting == 1, 10, "the second request to wait")
-    return [running, waiting]
+    waiting = [front.stub.Generate(tpb.TextGenerateRequest(prompt=f"waiting {i}", sampling_params=ENDLESS))
+               for i in range(MAX_WAITING)]
+    wait_for(lambda: engine.load().num_waiting == MAX_WAITING, 10, "the queue to fill")
+    return [running, *waiting]
 
 
 def cancel(calls: list, engine: Engine) -> None:
@@ -135,6 +138,51 @@ def test_a_full_engine_queue_is_resource_exhausted(front, engine):
         assert error.code() == EXHAUSTED and "already waiting" in error.details()
     finally:
         cancel(calls, engine)
+
+
+def test_the_waiting_cap_holds_for_a_burst_of_requests(engine):
+    """Requests sent at once all arrive before the engine reports any of them waiting: the cap must count
+    those admitted since its last report too (it once read that report's count alone, and let bursts in whole)."""
+    burst = 16
+    calls = [engine.stub.Generate(epb.GenerateRequest(prompt_token_ids=[5, 6, 7 + i], sampling_params=ENDLESS))
+             for i in range(burst)]
+    try:
+        peak_waiting = 0
+
+        def settled() -> bool:  # every call refused, or on the engine (nothing finishes this soon)
+            nonlocal peak_waiting
+            load = engine.load()
+            peak_waiting = max(peak_waiting, load.num_waiting)
+            return sum(call.done() for call in calls) + load.num_running + load.num_waiting == burst
+
+        wait_for(settled, 10, "every request to be refused or queued")
+        refused = [call for call in calls if call.done()]
+        assert all(call.code() == EXHAUSTED and "already waiting" in call.details() for call in refused)
+        assert peak_waiting <= MAX_WAITING
+        # Admitted: up to MAX_WAITING before the engine's first report, then one more once the first runs.
+        assert MAX_WAITING <= burst - len(refused) <= 1 + MAX_WAITING
+    finally:
+        cancel(calls, engine)
+
+
+def test_request_ids_are_capped_at_256_bytes(front, engine):
+    """Every message of a stream echoes its request id, so both services refuse one past 256 bytes of UTF-8."""
+    def text(request_id: str) -> tpb.TextGenerateRequest:
+        return tpb.TextGenerateRequest(request_id=request_id, prompt="hi",
+                                       sampling_params=epb.SamplingParams(max_tokens=2))
+
+    def ids(request_id: str) -> epb.GenerateRequest:
+        return epb.GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6],
+                                   sampling_params=epb.SamplingParams(max_tokens=2))
+
+    for too_long in ("x" * 257, "é" * 129):  # 257 bytes; 129 characters of 2 bytes each
+        for call in (front.stub.Generate(text(too_long), timeout=10), engine.stub.Generate(ids(too_long), timeout=10)):
+            error = refusal(call)
+            size = len(too_long.encode())
+            assert error.code() == INVALID and f"request_id is {size} bytes; at most 256" in error.details()
+    longest = "é" * 128
+    answers = [*front.stub.Generate(text(longest), timeout=10), *engine.stub.Generate(ids(longest), timeout=10)]
+    assert {answer.request_id for answer in answers} == {longest}
 
 
 def test_streams_beyond_the_concurrency_cap_are_resource_exhausted(tiny_dir, engine, tmp_path):

@@ -6,11 +6,16 @@ and hands them, in one batch per step (``loop.call_soon_threadsafe``), to per-re
 A consumer slower than the engine finds several steps' tokens waiting and sends them as one message.
 The event loop never waits on the engine: a long prompt's command can fill the pipe while the core is
 busy with a step, and only the sender thread waits for it.
+
+Each admission gets a key of its own (``request_id#counter``), which its commands and outputs carry: a
+request id may be reused the moment its stream ends, while the old request's last output (its abort)
+is still on its way back, and that output must not reach the new stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import queue
@@ -34,14 +39,21 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine core failed or exited; no request can be served (gRPC UNAVAILABLE / INTERNAL)."""
+    """The engine core failed or exited; no request can be served (gRPC UNAVAILABLE)."""
 
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, max_waiting_requests: int = 1024):
         self.config = config
         self.max_waiting_requests = max_waiting_requests
+        # Streams by admission key, and the key of each request id with an open stream.
         self._streams: dict[str, asyncio.Queue] = {}
+        self._keys: dict[str, str] = {}
+        self._admissions = itertools.count()
+        # By admission key, the samples sent to the engine core that it has not finished: its work. This
+        # outlives a stream (a cancelled request's abort is still to come back) and can end before it (the
+        # core has finished, and the stream waits on a client that stopped reading).
+        self._unfinished: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn = None
@@ -109,11 +121,12 @@ class AsyncEngine:
         the iterator early (client cancel, deadline) aborts the request and frees its blocks.
         """
         self._admit(request_id, prompt_token_ids, params)
-        if not self._streams:  # the core may have idled for long: its next step is due from now
+        if not self._unfinished:  # the core may have idled for long: its next step is due from now
             self._last_progress = self._loop.time()
+        key = f"{request_id}#{next(self._admissions)}"
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._send(Add(request_id, prompt_token_ids, params))
+        self._streams[key], self._keys[request_id], self._unfinished[key] = stream, key, params.n
+        self._send(Add(key, prompt_token_ids, params))
         unfinished = params.n
         try:
             while unfinished:
@@ -128,25 +141,39 @@ class AsyncEngine:
                 unfinished -= sum(1 for out in batch if out.finish_reason is not None)
                 yield batch
         finally:
-            del self._streams[request_id]
+            del self._streams[key], self._keys[request_id]
             if unfinished and self._error is None:
-                self._send(Abort(request_id))
+                self._send(Abort(key))
 
     def abort(self, request_id: str) -> bool:
         """Abort a request by id (the Abort RPC); False when no such request is active."""
-        if request_id not in self._streams:
+        key = self._keys.get(request_id)
+        if key is None:
             return False
-        self._send(Abort(request_id))
+        self._send(Abort(key))
         return True
 
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if self._error is not None or self._reader is None:
             raise EngineDeadError("the engine is not running")
-        if request_id in self._streams:
+        if request_id in self._keys:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if self.load.waiting >= self.max_waiting_requests:
-            raise QueueFullError(f"{self.load.waiting} requests are already waiting; try again later")
         self.limits.check(prompt_token_ids, params)
+        cap = self.max_waiting_requests
+        if params.n > cap:
+            raise QueueFullError(f"n={params.n} is more sequences than this engine lets wait ({cap})")
+        waiting = self._num_waiting()
+        if waiting + params.n > cap:
+            raise QueueFullError(f"{waiting} sequences are already waiting and this request adds {params.n}, "
+                                 f"past the {cap} that may wait; try again later")
+
+    def _num_waiting(self) -> int:
+        """Sequences in the core's queue or on their way to it, including those admitted since its last report.
+
+        A sequence the core has not finished is running, as that report says, or waiting: the report's own
+        waiting count leaves out the requests admitted since, and a burst of them would all be let in.
+        """
+        return sum(self._unfinished.values()) - self.load.running
 
     def _send(self, command) -> None:
         self._commands.put(command)
@@ -188,26 +215,40 @@ class AsyncEngine:
         return self._process.exitcode
 
     async def _watch_progress(self, timeout: float) -> None:
-        """Declare the engine stuck when it has requests but reports no step for ``timeout`` seconds."""
+        """Declare the engine stuck when it has unfinished work but reports no step for ``timeout`` seconds.
+
+        Its work, not the open streams: a stream stays open while it waits on a client that stopped reading,
+        and meanwhile the core, done with its request, idles without a report.
+        """
         while self._error is None:
             await asyncio.sleep(min(1.0, timeout / 4))
             stalled = self._loop.time() - self._last_progress
-            if self._streams and stalled > timeout and self._error is None:
-                reason = f"the engine finished no step in {stalled:.1f} s while serving {len(self._streams)} requests"
+            if self._unfinished and stalled > timeout and self._error is None:
+                reason = (f"the engine finished no step in {stalled:.1f} s with {len(self._unfinished)} "
+                          "requests unfinished")
                 logger.error("%s: stopping it", reason)
                 self._error = EngineDeadError(reason)
                 self._process.kill()  # a stuck core may hold the GPU; nothing it does now would be delivered
                 self._fail_all(self._error)
 
     def _deliver(self, outputs: Outputs) -> None:
-        """Hand each output (or a (request id, error) pair) to its request's stream."""
+        """Hand each output (or a (key, error) pair) to its admission's stream, if it is still open."""
         self._last_progress = self._loop.time()
         self.load = outputs.load
         for out in outputs.items:
-            request_id, item = out if isinstance(out, tuple) else (out.request_id, out)
-            stream = self._streams.get(request_id)
+            key, item = out if isinstance(out, tuple) else (out.request_id, out)
+            self._count_finished(key, item)
+            stream = self._streams.get(key)
             if stream is not None:
                 stream.put_nowait(item)
+
+    def _count_finished(self, key: str, item: SequenceOutput | InvalidRequestError) -> None:
+        if isinstance(item, InvalidRequestError):  # the core refused the Add: none of it runs
+            del self._unfinished[key]
+        elif item.finish_reason is not None:
+            self._unfinished[key] -= 1
+            if not self._unfinished[key]:
+                del self._unfinished[key]
 
     def _fail_all(self, error: BaseException) -> None:
         self.failed.set()

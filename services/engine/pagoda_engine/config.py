@@ -55,7 +55,8 @@ class EngineConfig:
     port: int = 50051
     # Prometheus metrics over HTTP on this port; 0: off.
     metrics_port: int = 0
-    # Sequences allowed to wait for their first prefill; beyond it Generate answers RESOURCE_EXHAUSTED.
+    # Sequences allowed to wait for their first prefill, counting those admitted but not yet seen by the
+    # engine core and every sample of a request; beyond it Generate answers RESOURCE_EXHAUSTED.
     max_waiting_requests: int = 1024
     # On SIGTERM/SIGINT, how long in-flight requests may run before they are aborted.
     drain_grace_seconds: float = 30.0

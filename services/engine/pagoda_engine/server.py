@@ -9,9 +9,10 @@ Lifecycle of ``serve(config)``:
    ``drain_grace_seconds`` to finish (a second signal cuts that short), the rest are aborted (their
    streams end with FINISH_REASON_ABORT), and ``serve`` returns 0.
 
-The event loop never waits on the model: the AsyncEngine steps in its own thread and hands each step's
-outputs over in one batch. Whatever a stream has not yet sent by the time it reads again is merged into
-one message per sample, so a slow client gets fewer, larger messages instead of a growing backlog.
+The event loop never waits on the model: the engine steps in a process of its own (engine_core.py), and
+the AsyncEngine hands each step's outputs over in one batch. Whatever a stream has not yet sent by the
+time it reads again is merged into one message per sample, so a slow client gets fewer, larger messages
+instead of a growing backlog.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ _FINISH_LABELS = {code: reason.value for reason, code in _FINISH_REASONS.items()
 
 # How long aborted requests get to send their last message once the grace period is over.
 _ABORT_FLUSH_SECONDS = 5.0
+# Every message of a stream echoes its request id: an unbounded one made every message that large.
+MAX_REQUEST_ID_BYTES = 256
 
 
 def to_sampling_params(proto: engine_pb2.SamplingParams, prompt_len: int, max_model_len: int) -> SamplingParams:
@@ -131,7 +134,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.model_info: engine_pb2.ModelInfo | None = None
         self.metrics = EngineMetrics(self._load)
         self.draining = False
-        # Set when a request found the engine thread dead: the process should exit and be restarted.
+        # Set when a request found the engine core dead: the process should exit and be restarted.
         self.engine_failed = asyncio.Event()
         self._instance_id = uuid.uuid4().hex
         self._serving_since = time.monotonic()
@@ -154,6 +157,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     async def Generate(self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         engine = await self._engine_or_abort(context, admitting=True)
         request_id = request.request_id or uuid.uuid4().hex
+        if (size := len(request_id.encode())) > MAX_REQUEST_ID_BYTES:
+            await self._refuse(context, InvalidRequestError(
+                f"request_id is {size} bytes; at most {MAX_REQUEST_ID_BYTES} (UTF-8) are accepted"))
         if request_id in self._active:
             await self._refuse(context, InvalidRequestError(f"request id {request_id!r} is already in use"))
         self._active.add(request_id)

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# Every message of a stream echoes its request id: an unbounded one made every message that large.
+MAX_REQUEST_ID_BYTES = 256
 
 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
@@ -120,6 +122,9 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     def _new_generation(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
                         prompt_ids: list[int]) -> Generation:
         request_id = request.request_id or uuid.uuid4().hex
+        if (size := len(request_id.encode())) > MAX_REQUEST_ID_BYTES:
+            raise RequestError(INVALID, f"request_id is {size} bytes; at most {MAX_REQUEST_ID_BYTES} (UTF-8) "
+                                        "are accepted")
         if len(self._running) >= self._config.max_concurrent_streams:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{len(self._running)} streams are in flight, the most this service runs at once; "
