@@ -48,6 +48,8 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
             ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens) if tokenizer.chat_template else None
         )
         self._running: dict[str, Generation] = {}
+        # Ids of requests being tokenized: they hold a stream's place (the cap, a duplicate id) meanwhile.
+        self._tokenizing: set[str] = set()
 
     async def Generate(self, request: tokenizer_pb2.TextGenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
@@ -67,7 +69,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
                        ) -> tokenizer_pb2.TokenizeResponse:
         try:
-            return self._tokenize(request)
+            return await asyncio.to_thread(self._tokenize, request)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
 
@@ -104,7 +106,14 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                         context: grpc.aio.ServicerContext, encode: Callable[[], list[int]]
                         ) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
         try:
-            generation = self._new_generation(request, encode())
+            request_id = self._admit(request)
+            try:
+                # Off the event loop, which a long prompt would otherwise hold for seconds (every stream
+                # of this worker waiting), and after the checks that need no tokens.
+                prompt_ids = await asyncio.to_thread(encode)
+            finally:
+                self._tokenizing.discard(request_id)
+            generation = self._new_generation(request, request_id, prompt_ids)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
         self._running[generation.request_id] = generation
@@ -119,19 +128,25 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         finally:
             del self._running[generation.request_id]
 
-    def _new_generation(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
-                        prompt_ids: list[int]) -> Generation:
+    def _admit(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest) -> str:
+        """The checks that need no tokens; returns the request's id, which holds its place until it runs."""
         request_id = request.request_id or uuid.uuid4().hex
         if (size := len(request_id.encode())) > MAX_REQUEST_ID_BYTES:
             raise RequestError(INVALID, f"request_id is {size} bytes; at most {MAX_REQUEST_ID_BYTES} (UTF-8) "
                                         "are accepted")
-        if len(self._running) >= self._config.max_concurrent_streams:
+        in_flight = len(self._running) + len(self._tokenizing)
+        if in_flight >= self._config.max_concurrent_streams:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{len(self._running)} streams are in flight, the most this service runs at once; "
+                               f"{in_flight} streams are in flight, the most this service runs at once; "
                                "try again later")
-        if request_id in self._running:
+        if request_id in self._running or request_id in self._tokenizing:
             raise RequestError(INVALID, f"request_id {request_id!r} is already running")
         self._check_stop_strings(list(request.stop))
+        self._tokenizing.add(request_id)
+        return request_id
+
+    def _new_generation(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
+                        request_id: str, prompt_ids: list[int]) -> Generation:
         self._check_against_model(prompt_ids, request.sampling_params)
         options = TextOptions(tuple(request.stop), request.include_stop_str_in_output,
                               _flag(request, "skip_special_tokens"))
