@@ -481,6 +481,33 @@ def test_start_serve_and_drain_on_sigterm(tmp_path):
         server.stop()
 
 
+def test_a_stop_while_loading_does_not_wait_for_the_load(tmp_path):
+    """SIGTERM before the model is loaded stops the server at once (exit 0, its engine core gone), instead of
+    loading, warming up and announcing SERVING first."""
+    # A second or more of loading on the CPU (the core imports torch, then fills 250M dummy weights).
+    model_dir = dummy_model_dir(tmp_path, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                                num_attention_heads=8, num_key_value_heads=4)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pagoda_engine", "--model", str(model_dir), "--device", "cpu",
+                                "--dtype", "float32", "--load-format", "dummy", "--num-kv-blocks", "64",
+                                "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30).status
+        assert status == NOT_SERVING
+        core = [p for p in psutil.Process(process.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=30)
+        assert process.returncode == 0, log[-2000:]
+        assert "stopping before the engine finished loading" in log and "serving pagoda.v1.Engine" not in log
+        psutil.wait_procs(core, timeout=10)
+        assert not any(p.is_running() for p in core)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_the_engine_core_process_ends_with_its_server(tmp_path):
     """The engine runs in a child process; a server killed outright must not leave it behind."""
     server = Server(dummy_model_dir(tmp_path), "--load-format", "dummy", "--num-kv-blocks", "1024")

@@ -95,6 +95,11 @@ class AsyncEngine:
         if self.config.engine_step_timeout_s > 0:
             self._watchdog = asyncio.create_task(self._watch_progress(self.config.engine_step_timeout_s))
 
+    def kill(self) -> None:
+        """Kill the engine core at once (a stop while it loads); ``start`` then fails, and the reader ends."""
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+
     async def stop(self) -> None:
         """Abort what is left, stop the engine core and wait for it (killed after a grace period)."""
         if self._process is None:

@@ -280,8 +280,18 @@ async def serve(config: EngineConfig) -> int:
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         logger.info("listening on %s (%s); loading %s", _address(config), _transport(config), config.model)
+        engine = AsyncEngine(config, config.max_waiting_requests)
+        starting = asyncio.ensure_future(_start_engine(engine))
+        await _wait_any(stop, _done_event(starting))
+        if not starting.done():  # a signal while loading: a big model's load must not outlast the stop
+            logger.info("stopping before the engine finished loading")
+            engine.kill()
+            with contextlib.suppress(Exception):
+                await starting
+            await server.stop(grace=None)
+            return 0
         try:
-            engine = await _start_engine(config)
+            starting.result()
         except Exception:
             logger.exception("could not start the engine")
             await server.stop(grace=None)
@@ -347,13 +357,17 @@ async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
         await health.set(name, status)
 
 
-async def _start_engine(config: EngineConfig) -> AsyncEngine:
-    engine = AsyncEngine(config, config.max_waiting_requests)
+async def _start_engine(engine: AsyncEngine) -> None:
     await engine.start()
     # The first request pays for lazy initialisation (kernel compilation, allocator growth): not a user's.
     async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", [0], SamplingParams(max_tokens=2, ignore_eos=True)):
         pass
-    return engine
+
+
+def _done_event(future: asyncio.Future) -> asyncio.Event:
+    done = asyncio.Event()
+    future.add_done_callback(lambda _: done.set())
+    return done
 
 
 def _address(config: EngineConfig) -> str:
