@@ -191,6 +191,23 @@ def test_abort_frees_every_block(tiny_model_dirs):
     assert_all_blocks_free(llm)
 
 
+def test_abort_of_one_sample_leaves_the_others_running(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    engine = llm.engine
+    engine.add_request("r", prompts_of([20])[0], SamplingParams(n=3, temperature=1.0, max_tokens=30, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    (final,) = engine.abort_request("r", [1])
+    assert (final.index, final.finish_reason) == (1, FinishReason.ABORT)
+    assert engine.abort_request("r", [1]) == []  # already stopped
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({out.index: out for out in engine.step() if out.finish_reason is not None})
+    assert {i: (out.finish_reason, out.num_output_tokens) for i, out in finals.items()} == {
+        0: (FinishReason.LENGTH, 30), 2: (FinishReason.LENGTH, 30)}
+    assert_all_blocks_free(llm)
+
+
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [

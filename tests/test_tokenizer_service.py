@@ -272,6 +272,25 @@ def test_stop_string_cuts_the_output_and_aborts_on_the_engine(front, engines):
     wait_for(lambda: all(e.load().num_running == 0 for e in engines), 5, "engines idle")
 
 
+def test_a_sample_cut_by_a_stop_string_ends_while_the_others_run_on(front, engines):
+    """n=2 and a stop string only sample 0 meets: that sample alone is aborted on the engine, and its last
+    message comes while sample 1 still streams, not at the end of the whole request."""
+    request = tpb.TextGenerateRequest(prompt="The stop test", sampling_params=epb.SamplingParams(
+        temperature=1.0, seed=3, max_tokens=200, ignore_eos=True, n=2))
+    texts = {i: sample["text"] for i, sample in collect(front.stub.Generate(request)).items()}
+    stop = next(piece for i in range(2, 40) if (piece := texts[0][i : i + 3]).strip() and "\ufffd" not in piece
+                and piece not in texts[1])
+    request.stop[:] = [stop]
+    messages = list(front.stub.Generate(request))
+    last_of_0 = next(i for i, m in enumerate(messages) if m.index == 0 and m.finish_reason)
+    assert messages[last_of_0].finish_reason == epb.FINISH_REASON_STOP
+    assert sum(len(m.token_ids) for m in messages[last_of_0:] if m.index == 1) > 100  # of its 200
+    got = collect(messages)
+    assert got[0]["text"] == texts[0][: texts[0].index(stop)] and got[1]["text"] == texts[1]
+    assert got[1]["last"].finish_reason == epb.FINISH_REASON_LENGTH
+    wait_for(lambda: all(e.load().num_running == 0 for e in engines), 5, "engines idle")
+
+
 def test_chat_uses_the_template(front):
     messages = [tpb.ChatMessage(role="system", content="Be brief."), tpb.ChatMessage(role="user", content="Hi")]
     tokenized = front.stub.Tokenize(tpb.TokenizeRequest(chat=tpb.ChatMessages(messages=messages)))

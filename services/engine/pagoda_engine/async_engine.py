@@ -150,12 +150,13 @@ class AsyncEngine:
             if unfinished and self._error is None:
                 self._send(Abort(key))
 
-    def abort(self, request_id: str) -> bool:
-        """Abort a request by id (the Abort RPC); False when no such request is active."""
+    def abort(self, request_id: str, indices: tuple[int, ...] = ()) -> bool:
+        """Abort a request's samples (``indices``; empty: all) by id, for the Abort RPC; False when no such
+        request is active."""
         key = self._keys.get(request_id)
         if key is None:
             return False
-        self._send(Abort(key))
+        self._send(Abort(key, indices))
         return True
 
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -159,13 +159,15 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.limits.check(prompt_token_ids, params)
 
-    def abort_request(self, request_id: str) -> list[SequenceOutput]:
-        """Stop a request at once and free its blocks; returns its final outputs (empty if unknown)."""
-        seqs = self.requests.pop(request_id, None)
+    def abort_request(self, request_id: str, indices: Collection[int] = ()) -> list[SequenceOutput]:
+        """Stop a request's samples (those of ``indices``; none given: all) at once and free their blocks;
+        returns their final outputs (empty if unknown or already finished)."""
+        seqs = self.requests.get(request_id)
         if seqs is None:
             return []
-        live = [seq for seq in seqs if not seq.is_finished]
+        live = [seq for seq in seqs if not seq.is_finished and (not indices or seq.index in indices)]
         self.scheduler.abort(live)
+        self._forget_if_done(request_id)
         return [self._output(seq, [], None) for seq in live]
 
     def has_unfinished_requests(self) -> bool:

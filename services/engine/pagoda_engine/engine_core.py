@@ -45,6 +45,7 @@ class Add:
 @dataclass
 class Abort:
     request_id: str
+    indices: tuple[int, ...] = ()  # the samples to stop; empty: all of them
 
 
 @dataclass
@@ -131,7 +132,7 @@ def _apply_commands(engine: LLMEngine, conn: Connection) -> tuple[list, bool]:
             except InvalidRequestError as error:  # raced with another request since AsyncEngine admitted it
                 items.append((command.request_id, error))
         elif isinstance(command, Abort):
-            items += engine.abort_request(command.request_id)
+            items += engine.abort_request(command.request_id, command.indices)
     return items, True
 
 

@@ -180,7 +180,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     async def Abort(self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext):
         engine = await self._engine_or_abort(context)
-        return engine_pb2.AbortResponse(found=engine.abort(request.request_id))
+        return engine_pb2.AbortResponse(found=engine.abort(request.request_id, tuple(request.indices)))
 
     async def GetModelInfo(self, request: engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         await self._engine_or_abort(context)

@@ -77,8 +77,9 @@ class EngineClient:
         finally:
             self.in_flight -= num_sequences
 
-    async def abort(self, request_id: str) -> bool:
-        response = await self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=RPC_TIMEOUT_S)
+    async def abort(self, request_id: str, indices: Sequence[int] = ()) -> bool:
+        response = await self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id, indices=indices),
+                                         timeout=RPC_TIMEOUT_S)
         return response.found
 
     async def _watch_health(self) -> None:

@@ -57,12 +57,13 @@ class Generation:
                 refusal = refused.error
         raise refusal or RequestError(grpc.StatusCode.UNAVAILABLE, "no engine is serving")
 
-    async def abort(self) -> bool:
-        """Abort on the engine; the stream then ends with FINISH_REASON_ABORT on unfinished samples."""
+    async def abort(self, indices: Sequence[int] = ()) -> bool:
+        """Abort on the engine (the samples of ``indices``; none given: all); the stream then ends with
+        FINISH_REASON_ABORT on the unfinished ones."""
         if self._engine is None:
             return False
         try:
-            return await self._engine.abort(self.request_id)
+            return await self._engine.abort(self.request_id, indices)
         except grpc.aio.AioRpcError:
             return False  # the engine is gone, and the stream ends with UNAVAILABLE anyway
 
@@ -76,18 +77,21 @@ class Generation:
         )
         self._engine = engine
         received = False
-        aborted = False
+        aborted: set[int] = set()
         with engine.track(self._num_samples):
             call = engine.stub.Generate(request)
             try:
                 async for message in call:
                     received = True
-                    out = samples[message.index].on_engine_message(message)
+                    sample = samples[message.index]
+                    out = sample.on_engine_message(message)
                     if out is not None:
                         yield out
-                    if not aborted and all(s.output_done for s in samples) and not all(s.finished for s in samples):
-                        # Stop strings ended every remaining sample: stop the engine spending steps on them.
-                        aborted = await self.abort()
+                    if sample.output_done and not sample.finished and message.index not in aborted:
+                        # A stop string ended the sample: stop the engine spending steps on it. Its final
+                        # message, with the usage, goes out when the engine's comes back.
+                        aborted.add(message.index)
+                        await self.abort([message.index])
             except grpc.aio.AioRpcError as exc:
                 raise self._engine_error(engine, exc, received) from exc
             finally:

@@ -2,9 +2,9 @@
 
 Tokens go through the incremental detokenizer, their text through the stop-string matcher. With stop
 strings, tokens are fed one at a time, so that the token completing a match is known: the sample's
-output ends with it. After a match the engine may still send tokens for the sample (until the request is
-aborted); they are dropped, and the sample's last message goes out with the engine's final message, which
-carries the usage.
+output ends with it. After a match the sample is aborted on the engine (that sample alone), which may
+still send a few tokens for it meanwhile; they are dropped, and the sample's last message goes out with the
+engine's final message, which carries the usage.
 """
 
 from __future__ import annotations
