@@ -245,15 +245,31 @@ def test_unknown_architecture_lists_supported():
 
 
 def test_model_config_reads_both_layouts(checkpoints):
-    # transformers 4 layout (like Qwen3-0.6B's config.json), eos ids merged with generation_config.json's.
+    # transformers 4 layout (like Qwen3-0.6B's config.json); generation_config.json's eos ids win, as in
+    # transformers' generate, even where they leave config.json's out.
     old = ModelConfig.from_dict(TINY_QWEN3, {"bos_token_id": 7, "eos_token_id": [10, 9]})
     assert (old.rope_theta, old.rope_scaling, old.torch_dtype) == (1e6, None, torch.bfloat16)
-    assert (old.head_dim, old.bos_token_id, old.eos_token_ids) == (32, 7, (9, 10))
+    assert (old.head_dim, old.bos_token_id, old.eos_token_ids) == (32, 7, (10, 9))
+    assert ModelConfig.from_dict(TINY_QWEN3, {"eos_token_id": 11}).eos_token_ids == (11,)
+    assert ModelConfig.from_dict(TINY_QWEN3, {"bos_token_id": 7}).eos_token_ids == (9,)
     # transformers 5 layout, as save_pretrained wrote it: rope_parameters, dtype.
     new = ModelConfig.from_dir(checkpoints["llama_gqa_llama3_rope"][0])
     assert new.rope_scaling == LLAMA3_ROPE
     assert (new.rope_theta, new.torch_dtype, new.head_dim, new.eos_token_ids) == (10000.0, torch.float32, 16, (2,))
     assert not new.tie_word_embeddings and new.num_key_value_heads == 2
+
+
+@pytest.mark.parametrize(("architecture", "window_fields", "max_positions"), [
+    ("MistralForCausalLM", {}, 4096),  # transformers' default window
+    ("MistralForCausalLM", {"sliding_window": 64, "use_sliding_window": False}, 64),  # Mistral has no switch
+    ("MistralForCausalLM", {"sliding_window": None}, 8192),
+    ("Qwen2ForCausalLM", {"sliding_window": 64}, 8192),  # off unless use_sliding_window
+    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, 64),
+    ("LlamaForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, 8192),
+])
+def test_the_context_stops_where_transformers_would_slide(architecture, window_fields, max_positions):
+    config = {**TINY_QWEN3, "architectures": [architecture], "max_position_embeddings": 8192, **window_fields}
+    assert ModelConfig.from_dict(config).max_position_embeddings == max_positions
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -307,3 +323,46 @@ def test_tensor_parallel_matches_single_rank(tmp_path):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     for got, want in zip(torch.load(out), expected, strict=True):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
+def _greedy_both(model_dir: Path) -> tuple[list[list[int]], list[list[int]]]:
+    from pagoda_engine import SamplingParams
+    from tests.test_engine import hf_greedy, make_llm, prompts_of
+
+    prompts = prompts_of([5, 11])
+    ours = make_llm(model_dir).generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in ours], hf_greedy(model_dir, prompts, 12)
+
+
+def test_a_tied_config_with_a_head_of_its_own_keeps_the_head(tmp_path):
+    """A fine-tune that untied its head but not its config: transformers keeps the head, and so must we."""
+    from tests.conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "m", "LlamaForCausalLM", tie_word_embeddings=False)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    ours, theirs = _greedy_both(model_dir)
+    assert ours == theirs
+
+
+def test_a_stray_file_beside_model_safetensors_is_not_read(tmp_path):
+    from tests.conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "m", "LlamaForCausalLM")
+    other = make_tiny_model(tmp_path / "other", "LlamaForCausalLM", seed=1)
+    shutil.copy(other / "model.safetensors", model_dir / "model_v0.safetensors")
+    ours, theirs = _greedy_both(model_dir)
+    assert ours == theirs
+
+
+def test_a_tensor_in_two_shards_is_an_error(tmp_path):
+    from tests.conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "m", "LlamaForCausalLM")
+    weights = load_file(model_dir / "model.safetensors")
+    (model_dir / "model.safetensors").unlink()
+    save_file(weights, model_dir / "model-00001-of-00002.safetensors")
+    save_file({"lm_head.weight": weights["lm_head.weight"]}, model_dir / "model-00002-of-00002.safetensors")
+    config = ModelConfig.from_dir(model_dir)
+    with pytest.raises(ValueError, match="'lm_head.weight' appears twice"):
+        load_model(config, model_dir)

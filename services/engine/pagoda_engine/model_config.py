@@ -48,7 +48,7 @@ class ModelConfig:
     # The checkpoint's dtype; float32 when config.json names none (as transformers assumes).
     torch_dtype: torch.dtype
     bos_token_id: int | None
-    # config.json's eos ids followed by generation_config.json's, without repeats.
+    # generation_config.json's eos ids when it names any, else config.json's (as transformers stops).
     eos_token_ids: tuple[int, ...]
 
     @classmethod
@@ -87,7 +87,8 @@ class ModelConfig:
             attention_bias=config.get("attention_bias", False),
             torch_dtype=_dtype(config.get("dtype") or config.get("torch_dtype") or "float32"),
             bos_token_id=_first_id(config.get("bos_token_id"), generation_config.get("bos_token_id")),
-            eos_token_ids=_unique_ids(config.get("eos_token_id"), generation_config.get("eos_token_id")),
+            # transformers stops on generation_config.json's eos ids when it names any, else on config.json's.
+            eos_token_ids=_unique_ids(generation_config.get("eos_token_id", config.get("eos_token_id"))),
         )
 
 
@@ -132,10 +133,17 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def _max_positions(config: dict[str, Any]) -> int:
     max_positions = _required(config, "max_position_embeddings")
     # We have no sliding-window attention; beyond the window full attention would give different
-    # outputs, so the usable context stops there (Mistral v0.1 style configs).
-    window = config.get("sliding_window")
-    window_on = config.get("use_sliding_window", "use_sliding_window" not in config)
-    if window and window_on and window < max_positions:
+    # outputs, so the usable context stops there. Where a window applies is transformers' rule for the
+    # architecture: Mistral always slides (4096 tokens unless the config says otherwise, None: off), Qwen2
+    # and Qwen3 only with use_sliding_window, Llama never.
+    architecture = _architecture(config)
+    if architecture == "MistralForCausalLM":
+        window = config.get("sliding_window", 4096)
+    elif architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False):
+        window = config.get("sliding_window")
+    else:
+        window = None
+    if window and window < max_positions:
         logger.warning("sliding window %d not supported: capping the context at %d tokens", window, window)
         return window
     return max_positions

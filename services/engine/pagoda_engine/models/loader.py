@@ -7,9 +7,11 @@ Checkpoint names are Hugging Face's; ours differ only where we fuse projections,
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from pagoda_engine.layers.linear import copy_weight
 from pagoda_engine.layers.norm import RMSNorm
 from pagoda_engine.model_config import ModelConfig
 from pagoda_engine.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
 
 # Checkpoint module name -> (our fused module, which piece of it).
 PACKED_MODULES: dict[str, tuple[str, str | int]] = {
@@ -48,6 +52,13 @@ def load_model(
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be auto, safetensors or dummy, got {load_format!r}")
+    if load_format != "dummy" and model_dir is None:
+        raise ValueError("load_format 'auto' needs a model directory")
+    if load_format != "dummy" and model_config.tie_word_embeddings and _head_differs_from_embedding(Path(model_dir)):
+        # A fine-tune that untied its head but not its config: transformers keeps the two apart, and so do we.
+        logger.warning("%s: lm_head.weight differs from the embedding, so they are not tied (as transformers)",
+                       model_dir)
+        model_config = replace(model_config, tie_word_embeddings=False)
     device = torch.device(device)
     model_cls = get_model_class(model_config.architecture)
     # Built in place: parameters are allocated on the device in the target dtype, never copied from the CPU.
@@ -57,8 +68,6 @@ def load_model(
     if load_format == "dummy":
         fill_dummy_weights(model, seed)
     else:
-        if model_dir is None:
-            raise ValueError("load_format 'auto' needs a model directory")
         load_weights(model, Path(model_dir), model_config.tie_word_embeddings)
     return model.eval()
 
@@ -74,11 +83,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The shards listed by ``model.safetensors.index.json``, else every ``*.safetensors`` file."""
+    """The shards listed by ``model.safetensors.index.json``, else ``model.safetensors``, else every
+    ``*.safetensors`` file (as transformers looks for them: a stray file beside model.safetensors is not read)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [model_dir / name for name in sorted(set(weight_map.values()))]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors checkpoint in {model_dir}")
@@ -106,6 +118,18 @@ def checkpoint_name(param_name: str, shard_id: str | int | None) -> str:
     return ".".join(parts)
 
 
+def _head_differs_from_embedding(model_dir: Path) -> bool:
+    """Whether the checkpoint holds an LM head of its own, not a copy of the embedding."""
+    tensors = {}
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in ("lm_head.weight", "model.embed_tokens.weight"):
+                if name in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                    tensors[name] = f.get_tensor(name)
+    head, embedding = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    return head is not None and embedding is not None and not torch.equal(head, embedding)
+
+
 def _skipped(name: str, tied: bool) -> bool:
     # Rotary buffers are recomputed from the config; a tied LM head is the embedding.
     return "rotary_emb" in name.split(".") or (tied and name == "lm_head.weight")
@@ -127,6 +151,8 @@ def load_weights(model: nn.Module, model_dir: Path, tied: bool) -> None:
                 param_name, shard_id = map_checkpoint_name(name)
                 if param_name not in params:
                     raise ValueError(f"unexpected tensor {name!r} in {path}: the model has no such parameter")
+                if shard_id in loaded[param_name]:
+                    raise ValueError(f"tensor {name!r} appears twice in the checkpoint, again in {path}")
                 _load_one(params[param_name], f.get_tensor(name), shard_id, name, path)
                 loaded[param_name].add(shard_id)
     missing = [
