@@ -88,6 +88,13 @@ def test_abort_ends_a_running_stream(client):
     assert not client.abort("client-test-abort")
 
 
+def test_one_stop_string_is_one_string(client):
+    full = client.generate("Once upon a time", max_tokens=8, temperature=0.0).read()
+    word = full.split()[2]
+    assert client.generate("Once upon a time", max_tokens=8, temperature=0.0, stop=word).read() == \
+        full[: full.index(word)]
+
+
 def test_tokenize_detokenize_info_health(client):
     tokens = client.tokenize("Hello world")
     assert client.detokenize(tokens.token_ids) == "Hello world"

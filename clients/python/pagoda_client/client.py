@@ -40,8 +40,8 @@ class GenerateOptions(TypedDict, total=False):
     top_p: float
     top_k: int
     seed: int
-    # Strings that end the answer; the text is cut before the match.
-    stop: Sequence[str]
+    # Strings that end the answer (one string, or several); the text is cut before the match.
+    stop: str | Sequence[str]
     # Every other SamplingParams field (penalties, min_p, logprobs, ...); the options above override it.
     sampling: engine_pb2.SamplingParams
     # For abort(); empty: the service assigns one (TextStream.request_id).
@@ -87,8 +87,9 @@ class _Stream:
 
 
 class TextStream(_Stream):
-    """Iterates over the text deltas of one answer. Leaving a ``with`` block (or ``cancel()``) stops the
-    generation on the server at once."""
+    """Iterates over the text deltas of one answer; iterating again goes on where the last loop stopped.
+    Leaving a ``with`` block or ``cancel()`` stops the generation on the server at once; leaving a loop
+    early does not (the stream may be read on), so a stream given up half-way should be cancelled."""
 
     def __init__(self, call: Any):
         super().__init__()
@@ -199,7 +200,8 @@ class Client(_ClientBase):
         return self._unary(self._stub.GetModelInfo, engine_pb2.GetModelInfoRequest())
 
     def abort(self, request_id: str) -> bool:
-        """Stop a running generation by id, from any connection; False when none was running."""
+        """Stop a running generation by id; False when none was running. With several tokenizer workers
+        (``--workers``), only the connection that carries the generation reaches it."""
         return self._unary(self._stub.Abort, engine_pb2.AbortRequest(request_id=request_id)).found
 
     def health(self, service: str = "") -> str:
@@ -328,7 +330,8 @@ def _common_fields(options: GenerateOptions) -> dict[str, Any]:
     unknown = options.keys() - GenerateOptions.__annotations__.keys()
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(GenerateOptions.__annotations__)}")
-    return {"request_id": options.get("request_id", ""), "stop": list(options.get("stop", ())),
+    stop = options.get("stop") or ()
+    return {"request_id": options.get("request_id", ""), "stop": [stop] if isinstance(stop, str) else list(stop),
             "sampling_params": sampling_params(options)}
 
 

@@ -110,7 +110,8 @@ class TokenizerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Aborts a Generate or Chat request by id, from any connection. Its stream then ends with
+        """Aborts a Generate or Chat request by id, from any connection to the worker that runs it (with
+        several workers, the connection that carries the request). Its stream then ends with
         FINISH_REASON_ABORT on every unfinished sample.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
