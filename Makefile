@@ -6,11 +6,14 @@ PY := $(VENV)/bin/python
 
 .PHONY: install proto test lint model demo
 
-# torch goes first and pinned: pip then takes the CPU build that lies on disk on the build machines,
-# and the engine extra's looser torch requirement is already satisfied instead of pulling a CUDA build.
+# torch goes first, pinned, and the CPU build: PyPI's Linux build of torch 2.13.0 is the CUDA one (several
+# GB, and it needs another triton than the dev extra's). PyTorch's CPU index has 2.13.0+cpu, which pip
+# prefers to PyPI's 2.13.0; the build machines, which cannot reach that index, have the file on disk. The
+# engine extra's looser torch requirement is then already satisfied.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 install:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install torch==2.13.0 --extra-index-url $(TORCH_CPU_INDEX)
 	$(PY) -m pip install -e ".[all,dev]"
 
 # Regenerate the committed Python stubs from protos/ (tests/test_protos.py checks they are current).
