@@ -9,11 +9,13 @@ PY := $(VENV)/bin/python
 # torch goes first, pinned, and the CPU build: PyPI's Linux build of torch 2.13.0 is the CUDA one (several
 # GB, and it needs another triton than the dev extra's). PyTorch's CPU index has 2.13.0+cpu, which pip
 # prefers to PyPI's 2.13.0; the build machines, which cannot reach that index, have the file on disk. The
-# engine extra's looser torch requirement is then already satisfied.
+# engine extra's looser torch requirement is then already satisfied. torch alone is looked up there; its
+# dependencies come from PyPI (the second command).
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 install:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install torch==2.13.0 --extra-index-url $(TORCH_CPU_INDEX)
+	$(PY) -m pip install --no-deps torch==2.13.0 --extra-index-url $(TORCH_CPU_INDEX)
+	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[all,dev]"
 
 # Regenerate the committed Python stubs from protos/ (tests/test_protos.py checks they are current).
