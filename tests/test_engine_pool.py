@@ -1,6 +1,6 @@
 """Routing and request handling against scripted in-process engines: least-loaded choice, prefix affinity
 and its load cap, forgetting a restarted engine, retrying an engine that refuses before any output, passing
-mid-stream errors through, and aborting a request once stop strings ended all its samples."""
+mid-stream errors through, and aborting on the engine each sample a stop string ended."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
     def __init__(self, script):
         self.script = script
         self.requests: list[pb.GenerateRequest] = []
-        self.aborted: list[str] = []
+        self.aborted: list[tuple[str, list[int]]] = []  # (request_id, sample indices; empty: all)
         self.abort_seen = asyncio.Event()
 
     async def Generate(self, request, context):
@@ -99,7 +99,7 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
             yield message
 
     async def Abort(self, request, context):
-        self.aborted.append(request.request_id)
+        self.aborted.append((request.request_id, list(request.indices)))
         self.abort_seen.set()
         return pb.AbortResponse(found=True)
 
@@ -215,11 +215,11 @@ def test_errors_after_output_are_not_retried():
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_stop_strings_ending_every_sample_abort_the_request(n):
+def test_a_stop_string_aborts_its_sample_on_the_engine(n):
     async def main():
         engines, servers, pool = await start_engines(stream_text("one two three four", n, until_abort=True))
         outs = await run(pool, tokens_of("count:"), n=n, stop=("three",))
-        assert engines[0].aborted == ["req"]
+        assert sorted(engines[0].aborted) == [("req", [index]) for index in range(n)]
         finals = [o for o in outs if o.finish_reason]
         assert sorted(o.index for o in finals) == list(range(n))
         assert all(o.stop_string == "three" and o.finish_reason == pb.FINISH_REASON_STOP for o in finals)
@@ -231,7 +231,7 @@ def test_stop_strings_ending_every_sample_abort_the_request(n):
     asyncio.run(main())
 
 
-def test_one_sample_stopping_does_not_abort_the_others():
+def test_one_sample_stopping_aborts_only_that_sample():
     async def two_texts(engine, request, context):
         for index, text in enumerate(("stop here", "keeps going on")):
             yield pb.GenerateResponse(request_id=request.request_id, index=index, token_ids=tokens_of(text))
@@ -242,7 +242,7 @@ def test_one_sample_stopping_does_not_abort_the_others():
     async def main():
         engines, servers, pool = await start_engines(two_texts)
         outs = await run(pool, tokens_of("x"), n=2, stop=("here",))
-        assert engines[0].aborted == []
+        assert engines[0].aborted == [("req", [0])]
         assert "".join(o.text for o in outs if o.index == 1) == "keeps going on"
         assert [o.stop_string for o in outs if o.finish_reason and o.index == 0] == ["here"]
         await pool.close()
