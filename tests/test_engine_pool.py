@@ -5,6 +5,8 @@ mid-stream errors through, and aborting on the engine each sample a stop string 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -110,23 +112,33 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
         return pb.Load(instance_id="scripted")
 
 
-async def start_engines(*scripts) -> tuple[list[ScriptedEngine], list[grpc.aio.Server], EnginePool]:
+@contextlib.asynccontextmanager
+async def scripted_engines(*scripts) -> AsyncIterator[tuple[list[ScriptedEngine], EnginePool]]:
+    """One scripted engine per script on a loopback port, and a started pool over them; all stopped on exit,
+    pass or fail (a grpc.aio server left to the garbage collector can hang a later test)."""
     engines, servers, addresses = [], [], []
-    for script in scripts:
-        engine, server = ScriptedEngine(script), grpc.aio.server()
-        engine_pb2_grpc.add_EngineServicer_to_server(engine, server)
-        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-        await server.start()
-        engines.append(engine)
-        servers.append(server)
-    pool = EnginePool(TokenizerConfig(model="m", engines=addresses))
-    pool.start()
-    for _ in range(200):
-        if len(pool.healthy_engines) == len(scripts):
-            break
-        await asyncio.sleep(0.01)
-    return engines, servers, pool
+    pool = None
+    try:
+        for script in scripts:
+            engine, server = ScriptedEngine(script), grpc.aio.server()
+            engine_pb2_grpc.add_EngineServicer_to_server(engine, server)
+            health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            servers.append(server)
+            await server.start()
+            engines.append(engine)
+        pool = EnginePool(TokenizerConfig(model="m", engines=addresses))
+        pool.start()
+        for _ in range(200):
+            if len(pool.healthy_engines) == len(scripts):
+                break
+            await asyncio.sleep(0.01)
+        yield engines, pool
+    finally:
+        if pool is not None:
+            await pool.close()
+        for server in servers:
+            await server.stop(None)
 
 
 async def run(pool: EnginePool, prompt_ids: list[int], n: int = 1, stop: tuple[str, ...] = ()) -> list:
@@ -166,28 +178,23 @@ def test_refusals_before_output_move_on_to_the_next_engine():
     async def main():
         scripts = [refuse(grpc.StatusCode.RESOURCE_EXHAUSTED), refuse(grpc.StatusCode.UNAVAILABLE),
                    stream_text("fine")]
-        engines, servers, pool = await start_engines(*scripts)
-        for engine in pool.engines[:2]:
-            engine.load = pb.Load(num_running=0)  # tried first: less loaded than the third
-        pool.engines[2].load = pb.Load(num_running=5)
-        outs = await run(pool, tokens_of("hello"))
-        assert "".join(o.text for o in outs) == "fine"
-        assert [len(e.requests) for e in engines] == [1, 1, 1]
-        await pool.close()
-        for server in servers:
-            await server.stop(None)
+        async with scripted_engines(*scripts) as (engines, pool):
+            for engine in pool.engines[:2]:
+                engine.load = pb.Load(num_running=0)  # tried first: less loaded than the third
+            pool.engines[2].load = pb.Load(num_running=5)
+            outs = await run(pool, tokens_of("hello"))
+            assert "".join(o.text for o in outs) == "fine"
+            assert [len(e.requests) for e in engines] == [1, 1, 1]
 
     asyncio.run(main())
 
 
 def test_when_every_engine_refuses_the_last_refusal_is_the_answer():
     async def main():
-        _, servers, pool = await start_engines(refuse(grpc.StatusCode.RESOURCE_EXHAUSTED))
-        with pytest.raises(RequestError) as error:
-            await run(pool, tokens_of("hello"))
-        assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        await pool.close()
-        await servers[0].stop(None)
+        async with scripted_engines(refuse(grpc.StatusCode.RESOURCE_EXHAUSTED)) as (_, pool):
+            with pytest.raises(RequestError) as error:
+                await run(pool, tokens_of("hello"))
+            assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     asyncio.run(main())
 
@@ -198,18 +205,15 @@ def test_errors_after_output_are_not_retried():
         await context.abort(grpc.StatusCode.INTERNAL, "engine bug")
 
     async def main():
-        engines, servers, pool = await start_engines(fail_midway, fail_midway)
-        generation = Generation(pool, TOKENIZER, "req", tokens_of("hello"), pb.SamplingParams(), TextOptions())
-        outs = []
-        with pytest.raises(RequestError) as error:
-            async for out in generation.stream():
-                outs.append(out)
-        assert error.value.code == grpc.StatusCode.INTERNAL and "engine bug" in error.value.message
-        assert "".join(o.text for o in outs) == "partial"
-        assert sum(len(e.requests) for e in engines) == 1
-        await pool.close()
-        for server in servers:
-            await server.stop(None)
+        async with scripted_engines(fail_midway, fail_midway) as (engines, pool):
+            generation = Generation(pool, TOKENIZER, "req", tokens_of("hello"), pb.SamplingParams(), TextOptions())
+            outs = []
+            with pytest.raises(RequestError) as error:
+                async for out in generation.stream():
+                    outs.append(out)
+            assert error.value.code == grpc.StatusCode.INTERNAL and "engine bug" in error.value.message
+            assert "".join(o.text for o in outs) == "partial"
+            assert sum(len(e.requests) for e in engines) == 1
 
     asyncio.run(main())
 
@@ -217,16 +221,14 @@ def test_errors_after_output_are_not_retried():
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_stop_string_aborts_its_sample_on_the_engine(n):
     async def main():
-        engines, servers, pool = await start_engines(stream_text("one two three four", n, until_abort=True))
-        outs = await run(pool, tokens_of("count:"), n=n, stop=("three",))
-        assert sorted(engines[0].aborted) == [("req", [index]) for index in range(n)]
-        finals = [o for o in outs if o.finish_reason]
-        assert sorted(o.index for o in finals) == list(range(n))
-        assert all(o.stop_string == "three" and o.finish_reason == pb.FINISH_REASON_STOP for o in finals)
-        for index in range(n):
-            assert "".join(o.text for o in outs if o.index == index) == "one two "
-        await pool.close()
-        await servers[0].stop(None)
+        async with scripted_engines(stream_text("one two three four", n, until_abort=True)) as (engines, pool):
+            outs = await run(pool, tokens_of("count:"), n=n, stop=("three",))
+            assert sorted(engines[0].aborted) == [("req", [index]) for index in range(n)]
+            finals = [o for o in outs if o.finish_reason]
+            assert sorted(o.index for o in finals) == list(range(n))
+            assert all(o.stop_string == "three" and o.finish_reason == pb.FINISH_REASON_STOP for o in finals)
+            for index in range(n):
+                assert "".join(o.text for o in outs if o.index == index) == "one two "
 
     asyncio.run(main())
 
@@ -240,12 +242,10 @@ def test_one_sample_stopping_aborts_only_that_sample():
                                       finish_reason=pb.FINISH_REASON_LENGTH)
 
     async def main():
-        engines, servers, pool = await start_engines(two_texts)
-        outs = await run(pool, tokens_of("x"), n=2, stop=("here",))
-        assert engines[0].aborted == [("req", [0])]
-        assert "".join(o.text for o in outs if o.index == 1) == "keeps going on"
-        assert [o.stop_string for o in outs if o.finish_reason and o.index == 0] == ["here"]
-        await pool.close()
-        await servers[0].stop(None)
+        async with scripted_engines(two_texts) as (engines, pool):
+            outs = await run(pool, tokens_of("x"), n=2, stop=("here",))
+            assert engines[0].aborted == [("req", [0])]
+            assert "".join(o.text for o in outs if o.index == 1) == "keeps going on"
+            assert [o.stop_string for o in outs if o.finish_reason and o.index == 0] == ["here"]
 
     asyncio.run(main())
