@@ -9,6 +9,7 @@ checks that a real chat comes back coherent. The engine-killing test runs last i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -352,6 +353,16 @@ def test_abort_by_request_id(front):
     rest = collect(call)[0]
     assert rest["last"].finish_reason == epb.FINISH_REASON_ABORT
     assert not front.stub.Abort(epb.AbortRequest(request_id="abort-me")).found
+
+
+def test_abort_of_one_sample(front):
+    call = front.stub.Generate(tpb.TextGenerateRequest(
+        request_id="abort-one", prompt="Abort one", sampling_params=greedy(400, ignore_eos=True, n=2)))
+    first = next(call)
+    assert front.stub.Abort(epb.AbortRequest(request_id="abort-one", indices=[0])).found
+    samples = collect(itertools.chain([first], call))
+    assert samples[0]["last"].finish_reason == epb.FINISH_REASON_ABORT and len(samples[0]["token_ids"]) < 400
+    assert samples[1]["last"].finish_reason == epb.FINISH_REASON_LENGTH and len(samples[1]["token_ids"]) == 400
 
 
 @pytest.mark.parametrize(("method", "request_", "match"), [

@@ -103,6 +103,29 @@ def test_connections_spread_over_the_workers_and_get_the_same_text(tiny_dir, eng
     assert len(serving) > 1, f"every connection went to one worker: {serving}"
 
 
+def test_abort_sent_to_another_worker_reaches_the_engine(tiny_dir, engine, tmp_path):  # noqa: F811
+    with workers_front(tiny_dir, engine, tmp_path / "front.log", 2) as front, channels(front.port, 16) as opened:
+        workers = worker_processes(front)
+        call = tokenizer_pb2_grpc.TokenizerStub(opened[0]).Generate(tpb.TextGenerateRequest(
+            request_id="far", prompt="Abort me from elsewhere", sampling_params=greedy(400, ignore_eos=True, n=2)),
+            timeout=30)
+        first = next(call)
+        owner = workers_holding_connections(front, workers)
+        other = None
+        for channel in opened[1:]:  # each a connection of its own; the kernel picks its worker
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            if len(workers_holding_connections(front, workers)) > 1:
+                other = channel
+                break
+        assert other is not None, f"16 connections all went to worker {owner}"  # odds 2**-15
+        abort = tokenizer_pb2_grpc.TokenizerStub(other).Abort
+        assert abort(epb.AbortRequest(request_id="far", indices=[1]), timeout=5).found
+        samples = collect(itertools.chain([first], call))
+        assert not abort(epb.AbortRequest(request_id="far"), timeout=5).found  # finished
+    assert samples[1]["last"].finish_reason == epb.FINISH_REASON_ABORT and len(samples[1]["token_ids"]) < 400
+    assert samples[0]["last"].finish_reason == epb.FINISH_REASON_LENGTH and len(samples[0]["token_ids"]) == 400
+
+
 def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(tiny_dir, engine, tmp_path):  # noqa: F811
     with workers_front(tiny_dir, engine, tmp_path / "front.log", 2, "--shutdown-grace-s", "20") as front, \
             channels(front.port, 4) as opened, ThreadPoolExecutor(4) as pool:

@@ -199,10 +199,10 @@ class Client(_ClientBase):
     def model_info(self) -> tokenizer_pb2.TokenizerModelInfo:
         return self._unary(self._stub.GetModelInfo, engine_pb2.GetModelInfoRequest())
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a running generation by id; False when none was running. With several tokenizer workers
-        (``--workers``), only the connection that carries the generation reaches it."""
-        return self._unary(self._stub.Abort, engine_pb2.AbortRequest(request_id=request_id)).found
+    def abort(self, request_id: str, indices: Sequence[int] = ()) -> bool:
+        """Stop a running generation by id (only the samples of ``indices`` when given); False when none
+        was running."""
+        return self._unary(self._stub.Abort, engine_pb2.AbortRequest(request_id=request_id, indices=indices)).found
 
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status: "SERVING" once an engine behind the service serves, else "NOT_SERVING"."""
@@ -273,8 +273,9 @@ class AsyncClient(_ClientBase):
     async def model_info(self) -> tokenizer_pb2.TokenizerModelInfo:
         return await self._unary(self._stub.GetModelInfo, engine_pb2.GetModelInfoRequest())
 
-    async def abort(self, request_id: str) -> bool:
-        return (await self._unary(self._stub.Abort, engine_pb2.AbortRequest(request_id=request_id))).found
+    async def abort(self, request_id: str, indices: Sequence[int] = ()) -> bool:
+        request = engine_pb2.AbortRequest(request_id=request_id, indices=indices)
+        return (await self._unary(self._stub.Abort, request)).found
 
     async def health(self, service: str = "") -> str:
         response = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service))

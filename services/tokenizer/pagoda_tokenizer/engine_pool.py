@@ -78,8 +78,13 @@ class EngineClient:
             self.in_flight -= num_sequences
 
     async def abort(self, request_id: str, indices: Sequence[int] = ()) -> bool:
-        response = await self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id, indices=indices),
-                                         timeout=RPC_TIMEOUT_S)
+        """Whether the engine was running the request; False when it cannot be reached (its streams end
+        with UNAVAILABLE anyway)."""
+        try:
+            response = await self.stub.Abort(engine_pb2.AbortRequest(request_id=request_id, indices=indices),
+                                             timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
         return response.found
 
     async def _watch_health(self) -> None:
@@ -165,6 +170,10 @@ class EnginePool:
             chosen = preferred
         self._affinity.record(keys, chosen.address)
         return chosen
+
+    async def abort(self, request_id: str, indices: Sequence[int] = ()) -> bool:
+        """Abort ``request_id`` on every healthy engine; whether one of them was running it."""
+        return any(await asyncio.gather(*(engine.abort(request_id, indices) for engine in self.healthy_engines)))
 
     def _health_changed(self) -> None:
         self._on_health_change(bool(self.healthy_engines))

@@ -60,12 +60,7 @@ class Generation:
     async def abort(self, indices: Sequence[int] = ()) -> bool:
         """Abort on the engine (the samples of ``indices``; none given: all); the stream then ends with
         FINISH_REASON_ABORT on the unfinished ones."""
-        if self._engine is None:
-            return False
-        try:
-            return await self._engine.abort(self.request_id, indices)
-        except grpc.aio.AioRpcError:
-            return False  # the engine is gone, and the stream ends with UNAVAILABLE anyway
+        return self._engine is not None and await self._engine.abort(self.request_id, indices)
 
     async def _stream_from(self, engine: EngineClient) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
         samples = [

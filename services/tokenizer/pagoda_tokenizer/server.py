@@ -100,7 +100,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     async def Abort(self, request: engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> engine_pb2.AbortResponse:
         generation = self._running.get(request.request_id)
-        return engine_pb2.AbortResponse(found=generation is not None and await generation.abort())
+        if generation is not None:
+            return engine_pb2.AbortResponse(found=await generation.abort(request.indices))
+        # Not ours: with --workers N another worker may run it, under the same id on an engine.
+        return engine_pb2.AbortResponse(found=await self._pool.abort(request.request_id, request.indices))
 
     async def _generate(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
                         context: grpc.aio.ServicerContext, encode: Callable[[], list[int]]

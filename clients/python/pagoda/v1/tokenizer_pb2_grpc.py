@@ -110,9 +110,9 @@ class TokenizerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Aborts a Generate or Chat request by id, from any connection to the worker that runs it (with
-        several workers, the connection that carries the request). Its stream then ends with
-        FINISH_REASON_ABORT on every unfinished sample.
+        """Aborts a Generate or Chat request by id (the samples of indices; none: all), from any connection:
+        a worker that does not run it passes the abort on to the engines. Its stream then ends with
+        FINISH_REASON_ABORT on every unfinished sample named. A request still being tokenized is not found.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
