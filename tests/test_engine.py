@@ -218,6 +218,10 @@ def test_abort_of_one_sample_leaves_the_others_running(tiny_model_dirs):
         ([1], SamplingParams(top_p=0), "top_p"),
         ([1], SamplingParams(n=0), "n must be"),
         ([1], SamplingParams(logprobs=100), "logprobs"),
+        # Finite in float64, inf in the sampler's float32: a suppressed token's -inf / inf was NaN, drawn.
+        ([1], SamplingParams(temperature=1e39), "temperature must be a finite float32"),
+        ([1], SamplingParams(repetition_penalty=1e39), "repetition_penalty must be a finite float32"),
+        ([1], SamplingParams(stop_token_ids=list(range(1025))), "at most 1024 stop_token_ids"),
     ],
 )
 def test_invalid_requests_are_rejected_with_a_reason(tiny_model_dirs, prompt, params, message):
@@ -225,6 +229,16 @@ def test_invalid_requests_are_rejected_with_a_reason(tiny_model_dirs, prompt, pa
     with pytest.raises(InvalidRequestError, match=message):
         llm.engine.add_request("bad", prompt, params)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_logprobs_past_the_vocabulary_are_refused_whatever_max_logprobs_allows(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"], max_logprobs=1_000_000)
+    vocab_size = llm.engine.model_config.vocab_size
+    with pytest.raises(InvalidRequestError, match=f"logprobs must be in \\[0, {vocab_size}\\]"):
+        llm.engine.add_request("many", [1, 2], SamplingParams(logprobs=vocab_size + 1))
+    params = SamplingParams(max_tokens=2, ignore_eos=True, logprobs=vocab_size)
+    out = llm.generate([[1, 2]], params)[0].outputs[0]
+    assert len(out.logprobs) == 2 and all(len(top) == vocab_size for _, top in out.logprobs)
 
 
 def test_generate_with_a_bad_prompt_queues_nothing(tiny_model_dirs):

@@ -63,7 +63,8 @@ class RequestLimits:
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        params.validate(self.max_logprobs, self.max_n)
+        # topk over the vocabulary cannot return more; --max-logprobs may allow more.
+        params.validate(min(self.max_logprobs, self.vocab_size), self.max_n)
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -140,7 +141,7 @@ class LLMEngine:
     ) -> None:
         """Queue a request; raises InvalidRequestError with a message a user can act on."""
         self.validate(request_id, prompt_token_ids, params)
-        stop_ids = frozenset(params.stop_token_ids)
+        stop_ids = frozenset(t for t in params.stop_token_ids if t < self.model_config.vocab_size)  # others never come
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
         base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)

@@ -5,6 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# A request's stop_token_ids: more are refused (the sampler reads them every step while min_tokens holds).
+MAX_STOP_TOKEN_IDS = 1024
+# The sampler works in float32: a larger temperature or penalty becomes inf there, and -inf / inf is NaN.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite32(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
 
 class InvalidRequestError(ValueError):
     """A request the user can fix: the message says what is wrong (gRPC INVALID_ARGUMENT)."""
@@ -51,14 +60,14 @@ class SamplingParams:
     def validate(self, max_logprobs: int = 20, max_n: int = 16) -> None:
         """Raise InvalidRequestError naming the first field out of range."""
         checks = [
-            (math.isfinite(self.temperature) and self.temperature >= 0,
-             f"temperature must be a finite number >= 0, got {self.temperature}"),
+            (_finite32(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite float32 >= 0, got {self.temperature}"),
             (self.top_k >= -1,
              f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}"),
             (math.isfinite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (math.isfinite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (_finite32(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be a finite float32 > 0, got {self.repetition_penalty}"),
             (math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (math.isfinite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
@@ -70,6 +79,8 @@ class SamplingParams:
              f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}"),
             (1 <= self.n <= max_n, f"n must be in [1, {max_n}], got {self.n}"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
+            (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are accepted, got {len(self.stop_token_ids)}"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
         ]
         for ok, message in checks:
