@@ -55,6 +55,16 @@ def test_several_at_once_the_first_completed_wins():
     assert run(["x", "a", "b"], ["b", "ab"]) == (["x", "", ""], "ab")
 
 
+def test_no_match_may_end_in_a_piece_that_cannot_stop():
+    matcher = StopStringMatcher(["ab", "xaby"])
+    assert matcher.push("ab", can_stop=False) == ("", None)  # held: the start of a match, maybe
+    assert matcher.push("c") == ("abc", None)  # its "ab" ended in a piece that could not stop
+    assert matcher.push("xab", can_stop=False) == ("", None)
+    assert matcher.push("c") == ("xabc", None)
+    assert matcher.push("xa", can_stop=False) == ("", None)
+    assert matcher.push("b") == ("x", "ab")  # a match may start in a piece that could not stop
+
+
 def test_include_stop_string_in_output():
     emitted, stop = run(["The answer: 4", "2.\n\nQ", "uestion"], ["\n\nQuestion"], include=True)
     assert "".join(emitted) == "The answer: 42.\n\nQuestion" and stop == "\n\nQuestion"
@@ -107,8 +117,8 @@ def feed(sample, messages):
     return [out for m in messages if (out := sample.on_engine_message(m)) is not None]
 
 
-def sample_stream(**options):
-    return SampleStream(TOKENIZER, "r", 0, [], TextOptions(**options))
+def sample_stream(min_tokens: int = 0, **options):
+    return SampleStream(TOKENIZER, "r", 0, [], TextOptions(**options), min_tokens)
 
 
 def test_stop_string_inside_a_multibyte_character_run():
@@ -125,6 +135,17 @@ def test_stop_string_inside_a_multibyte_character_run():
     assert last.finish_reason == engine_pb2.FINISH_REASON_STOP and last.stop_string == "好世"
     assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.cached_prompt_tokens) == (3, 9, 2)
     assert sample.finished
+
+
+@pytest.mark.parametrize("one_per_message", [False, True])
+def test_no_stop_string_ends_within_min_tokens(one_per_message):
+    """As in vLLM: the first min_tokens tokens cannot complete a stop string, the next ones can."""
+    token_ids = byte_token_ids(TOKENIZER.backend, "ab ab ab")  # one token per byte
+    sample = sample_stream(min_tokens=4, stop=("ab",))
+    messages = [engine_message([t]) for t in token_ids] if one_per_message else [engine_message(token_ids)]
+    outs = feed(sample, messages)
+    assert "".join(o.text for o in outs) == "ab " and sample.stop_string == "ab"
+    assert sum(len(o.token_ids) for o in outs) == 5  # the fifth token completes the second "ab"
 
 
 def test_stop_string_in_a_message_of_several_tokens_cuts_the_tokens():

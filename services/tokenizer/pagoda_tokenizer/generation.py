@@ -64,7 +64,7 @@ class Generation:
 
     async def _stream_from(self, engine: EngineClient) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
         samples = [
-            SampleStream(self._tokenizer, self.request_id, i, self._prompt_ids, self._options)
+            SampleStream(self._tokenizer, self.request_id, i, self._prompt_ids, self._options, self._params.min_tokens)
             for i in range(self._num_samples)
         ]
         request = engine_pb2.GenerateRequest(

@@ -32,7 +32,7 @@ class TextOptions:
 
 class SampleStream:
     def __init__(self, tokenizer: TextTokenizer, request_id: str, index: int, prompt_ids: Sequence[int],
-                 options: TextOptions):
+                 options: TextOptions, min_tokens: int = 0):
         self._tokenizer = tokenizer
         self._request_id = request_id
         self._index = index
@@ -42,6 +42,8 @@ class SampleStream:
         )
         self._stops = StopStringMatcher(options.stop, options.include_stop_str_in_output)
         self._num_tokens = 0
+        # As in vLLM, no stop string may end within the first min_tokens tokens.
+        self._min_tokens = min_tokens
         # The stop string that ended the output; the engine may not know yet.
         self.stop_string: str | None = None
         # The sample's last message has been produced.
@@ -61,9 +63,9 @@ class SampleStream:
         text, used = self._text_of(self._text_tokens(message, token_ids))
         if self.stop_string is None:
             used = len(token_ids)  # a stop token left out of the text is still part of the output
-            if final:
-                text += self._flush()
         self._num_tokens += used
+        if final and self.stop_string is None:
+            text += self._flush()
         out = tokenizer_pb2.TextGenerateResponse(
             request_id=self._request_id, index=self._index, text=text, token_ids=token_ids[:used],
             logprobs=self._named_logprobs(message.logprobs[:used]),
@@ -82,7 +84,8 @@ class SampleStream:
             return self._detokenizer.add(token_ids), len(token_ids)
         pieces = []
         for used, token_id in enumerate(token_ids, start=1):
-            text, self.stop_string = self._stops.push(self._detokenizer.add([token_id]))
+            can_stop = self._num_tokens + used > self._min_tokens
+            text, self.stop_string = self._stops.push(self._detokenizer.add([token_id]), can_stop)
             pieces.append(text)
             if self.stop_string is not None:
                 return "".join(pieces), used
@@ -90,7 +93,7 @@ class SampleStream:
 
     def _flush(self) -> str:
         """Everything held back, at the end of the sample: incomplete characters, then possible stop strings."""
-        text, self.stop_string = self._stops.push(self._detokenizer.flush())
+        text, self.stop_string = self._stops.push(self._detokenizer.flush(), self._num_tokens > self._min_tokens)
         return text if self.stop_string is not None else text + self._stops.flush()
 
     def _last_message(self, out: tokenizer_pb2.TextGenerateResponse,

@@ -24,11 +24,12 @@ class StopStringMatcher:
     def active(self) -> bool:
         return bool(self._stops)
 
-    def push(self, text: str) -> tuple[str, str | None]:
+    def push(self, text: str, can_stop: bool = True) -> tuple[str, str | None]:
         """Feed the next piece of text. Returns the text now safe to emit and the stop string that matched
-        (None while none has). After a match the output is complete: push no more."""
+        (None while none has). After a match the output is complete: push no more. With ``can_stop``
+        false no match may end in this piece (vLLM's min_tokens), though a later one may start in it."""
         buffer = self._held + text
-        match = self._first_match(buffer)
+        match = self._first_match(buffer, len(self._held)) if can_stop else None
         if match is not None:
             start, stop = match
             self._held = ""
@@ -42,10 +43,11 @@ class StopStringMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _first_match(self, buffer: str) -> tuple[int, str] | None:
+    def _first_match(self, buffer: str, held: int) -> tuple[int, str] | None:
+        """The first match ending past the held-back text (one ending in it was refused by ``can_stop``)."""
         best: tuple[int, int, str] | None = None  # (end, start, stop)
         for stop in self._stops:
-            start = buffer.find(stop)
+            start = buffer.find(stop, max(0, held - len(stop) + 1))
             if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
                 best = (start + len(stop), start, stop)
         return None if best is None else (best[1], best[2])
