@@ -122,10 +122,19 @@ def test_unknown_roles_are_refused():
         template.render([{"role": "root", "content": "hi"}])
     with pytest.raises(ChatTemplateError, match="unknown role"):
         template.render([{"role": "", "content": "hi"}])
-    # A role the template itself names is known.
+    # A role the template itself names is known, after string constants with escapes too.
     assert "ipython" in ChatTemplate("{% if m == 'ipython' %}{% endif %}{{ messages[0].role }}", {}).render(
         [{"role": "ipython", "content": "x"}]
     )
+    source = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
+              "{% if m['role'] == 'observation' %}!{% endif %}{% endfor %}")
+    assert ChatTemplate(source, {}).render([{"role": "observation", "content": "x"}]) == "<|observation|>\n!"
+
+
+@pytest.mark.parametrize("source", ["{% if %}", "{{ x | no_such_filter }}", "{% for %}"])
+def test_a_template_that_does_not_compile_is_a_chat_template_error(source):
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        ChatTemplate(source, {})
 
 
 ESCAPES = [

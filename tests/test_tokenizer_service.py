@@ -407,6 +407,22 @@ def test_model_info_and_reflection(front, engines):
     assert {"pagoda.v1.Tokenizer", "grpc.health.v1.Health"} <= set(services)
 
 
+def test_a_chat_template_that_does_not_compile_leaves_only_chat_unavailable(engines, tmp_path):
+    model_dir = write_tokenizer_dir(tmp_path / "model", byte_level_tokenizer_json(TINY_VOCAB), "{% if %}")
+    broken = Front(model_dir, [engines[0].address], tmp_path / "front.log")
+    try:
+        broken.wait_serving()
+        assert not broken.info().has_chat_template
+        outs = collect(broken.stub.Generate(tpb.TextGenerateRequest(prompt="still here", sampling_params=greedy(3))))
+        assert len(outs[0]["token_ids"]) == 3
+        with pytest.raises(grpc.RpcError) as error:
+            list(broken.stub.Chat(tpb.ChatRequest(messages=[tpb.ChatMessage(role="user", content="hi")])))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "does not compile" in error.value.details()
+    finally:
+        broken.stop()
+
+
 def test_engine_death_and_restart(front, engines):
     """Kill the engine serving a stream: the stream fails with UNAVAILABLE at once, later requests go to the
     other engine; restarted, the engine serves again. Runs last: it leaves a restarted engine behind."""

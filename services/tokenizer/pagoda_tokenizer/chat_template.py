@@ -9,7 +9,6 @@ its tojson filter.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -27,15 +26,22 @@ RESERVED_VARIABLES = frozenset({"messages", "add_generation_prompt", "tools", "d
 
 
 class ChatTemplateError(ValueError):
-    """The conversation cannot be rendered: a bad role, or the template refused it (raise_exception)."""
+    """The conversation cannot be rendered: a bad role, the template refused it (raise_exception), or the
+    template does not compile."""
 
 
 class ChatTemplate:
     def __init__(self, source: str, special_tokens: Mapping[str, str]):
-        self._template = _environment().from_string(source)
+        """Raises ChatTemplateError when the template does not compile."""
+        environment = _environment()
+        try:
+            syntax_tree = environment.parse(source)
+            self._template = environment.from_string(syntax_tree)
+        except jinja2.TemplateError as exc:  # a syntax error, an unknown filter or test, ...
+            raise ChatTemplateError(f"the chat template does not compile: {exc}") from exc
         # Passed to every render like transformers' special_tokens_map: bos_token, eos_token, ...
         self._special_tokens = dict(special_tokens)
-        self._known_roles = STANDARD_ROLES | _string_literals(source)
+        self._known_roles = STANDARD_ROLES | _string_constants(syntax_tree)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, /, **kwargs: Any) -> str:
         # Positional-only above, so that a caller's kwargs named "messages" or "self" reach the check below
@@ -137,5 +143,5 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
-def _string_literals(source: str) -> frozenset[str]:
-    return frozenset(a or b for a, b in re.findall(r"'([^'\\]*)'|\"([^\"\\]*)\"", source))
+def _string_constants(syntax_tree: jinja2.nodes.Template) -> frozenset[str]:
+    return frozenset(node.value for node in syntax_tree.find_all(jinja2.nodes.Const) if isinstance(node.value, str))

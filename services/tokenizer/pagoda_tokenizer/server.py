@@ -44,9 +44,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         self._config = config
         self._tokenizer = tokenizer
         self._pool = pool
-        self._chat_template = (
-            ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens) if tokenizer.chat_template else None
-        )
+        self._chat_template, self._no_chat_template_reason = _load_chat_template(tokenizer)
         self._running: dict[str, Generation] = {}
         # Ids of requests being tokenized: they hold a stream's place (the cap, a duplicate id) meanwhile.
         self._tokenizing: set[str] = set()
@@ -180,7 +178,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     def _render_chat(self, messages: list[tokenizer_pb2.ChatMessage], add_generation_prompt: bool,
                      kwargs: struct_pb2.Struct) -> str:
         if self._chat_template is None:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "the model has no chat template: use Generate")
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"{self._no_chat_template_reason}: use Generate")
         if not messages:
             raise RequestError(INVALID, "messages must not be empty")
         conversation = [{"role": m.role, "content": m.content} for m in messages]
@@ -220,6 +218,18 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
 def _flag(request: object, name: str) -> bool:
     """An optional bool field of the tokenizer API: every one of them is true when unset."""
     return getattr(request, name) if request.HasField(name) else True
+
+
+def _load_chat_template(tokenizer: TextTokenizer) -> tuple[ChatTemplate | None, str]:
+    """The model's chat template, or None and why. A template that does not compile leaves Chat unavailable
+    rather than the whole service (Generate, Tokenize), as transformers and vLLM fail only when it is used."""
+    if not tokenizer.chat_template:
+        return None, "the model has no chat template"
+    try:
+        return ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens), ""
+    except ChatTemplateError as exc:
+        logger.error("Chat is unavailable: %s", exc)
+        return None, str(exc)
 
 
 def _struct_to_dict(struct: struct_pb2.Struct) -> dict:
