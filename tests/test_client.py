@@ -73,9 +73,12 @@ def test_generate_stops_at_max_tokens_and_at_stop_strings(client):
 
 
 def test_sampling_message_carries_other_fields(client):
-    stream = client.chat(FRANCE, max_tokens=5, sampling=engine_pb2.SamplingParams(ignore_eos=True, temperature=0))
+    sampling = engine_pb2.SamplingParams(ignore_eos=True, temperature=0, logprobs=2)
+    stream = client.chat(FRANCE, max_tokens=5, sampling=sampling)
     stream.read()
     assert stream.usage.completion_tokens == 5 and stream.finish_reason == "length"
+    assert [entry.sampled.token_id for entry in stream.logprobs] == stream.token_ids
+    assert all(len(entry.top) == 2 and entry.sampled.token for entry in stream.logprobs)
 
 
 def test_abort_ends_a_running_stream(client):

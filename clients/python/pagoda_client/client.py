@@ -60,6 +60,8 @@ class _Stream:
         self.request_id = ""
         self.text = ""
         self.token_ids: list[int] = []
+        # One entry per token when the request asked for logprobs (sampling=SamplingParams(logprobs=k)).
+        self.logprobs: list[engine_pb2.TokenLogprobs] = []
         # "stop", "length" or "abort" once the stream has ended; None before.
         self.finish_reason: str | None = None
         self.usage: engine_pb2.Usage | None = None
@@ -68,6 +70,7 @@ class _Stream:
         self.request_id = response.request_id
         self.text += response.text
         self.token_ids.extend(response.token_ids)
+        self.logprobs.extend(response.logprobs)
         if response.finish_reason:
             name = engine_pb2.FinishReason.Name(response.finish_reason)
             self.finish_reason = name.removeprefix("FINISH_REASON_").lower()
