@@ -234,6 +234,7 @@ def test_invalid_requests_are_rejected_with_a_reason(tiny_model_dirs, prompt, pa
 def test_logprobs_past_the_vocabulary_are_refused_whatever_max_logprobs_allows(tiny_model_dirs):
     llm = make_llm(tiny_model_dirs["llama"], max_logprobs=1_000_000)
     vocab_size = llm.engine.model_config.vocab_size
+    assert llm.engine.limits.max_logprobs == vocab_size  # what ModelInfo.max_logprobs reports
     with pytest.raises(InvalidRequestError, match=f"logprobs must be in \\[0, {vocab_size}\\]"):
         llm.engine.add_request("many", [1, 2], SamplingParams(logprobs=vocab_size + 1))
     params = SamplingParams(max_tokens=2, ignore_eos=True, logprobs=vocab_size)

@@ -30,6 +30,7 @@ from pagoda.v1 import engine_pb2 as pb
 from pagoda.v1 import engine_pb2_grpc
 from pagoda_engine import SamplingParams
 from pagoda_engine.__main__ import parse_config
+from pagoda_engine.config import EngineConfig
 from pagoda_engine.server import to_sampling_params
 from tests.test_engine import make_llm, prompts_of
 
@@ -179,6 +180,12 @@ def test_flags_and_environment_map_onto_engine_config():
         parse_config(["--model", "m"], {"PAGODA_MAX_NUM_SEQS": "many"})
     with pytest.raises(SystemExit):
         parse_config([], {})  # --model is required
+
+
+def test_max_n_past_the_waiting_cap_is_refused_at_start():
+    """n samples wait as n sequences: with max_n above the cap, such a request got "try again later"."""
+    with pytest.raises(ValueError, match=r"max_n \(16\) must be <= max_waiting_requests \(8\)"):
+        EngineConfig(model="m", max_waiting_requests=8)
 
 
 # ---- the shared server ----
@@ -399,13 +406,9 @@ def dummy_model_dir(path: Path, **sizes) -> Path:
 def test_the_waiting_cap_answers_resource_exhausted(tmp_path):
     # A long context, so the running request cannot finish while the test fills the queue.
     server = Server(dummy_model_dir(tmp_path), "--load-format", "dummy", "--num-kv-blocks", "1024",
-                    "--max-num-seqs", "1", "--max-waiting-requests", "1")
+                    "--max-num-seqs", "1", "--max-waiting-requests", "1", "--max-n", "1")
     try:
         server.health_statuses_until_serving()
-        # Each sample is a sequence, and all of a request's wait together: n past the cap never fits.
-        with pytest.raises(grpc.RpcError) as error:
-            collect(server.stub.Generate(greedy([1, 2], 4, n=2), timeout=10))
-        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "n=2" in error.value.details()
         running = server.stub.Generate(greedy([3, 4, 5], 8000))
         next(running)
         waiting = server.stub.Generate(greedy([6, 7, 8], 8000))

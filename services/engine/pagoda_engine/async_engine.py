@@ -43,9 +43,8 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, max_waiting_requests: int = 1024):
+    def __init__(self, config: EngineConfig):
         self.config = config
-        self.max_waiting_requests = max_waiting_requests
         # Streams by admission key, and the key of each request id with an open stream.
         self._streams: dict[str, asyncio.Queue] = {}
         self._keys: dict[str, str] = {}
@@ -165,9 +164,7 @@ class AsyncEngine:
         if request_id in self._keys:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.limits.check(prompt_token_ids, params)
-        cap = self.max_waiting_requests
-        if params.n > cap:
-            raise QueueFullError(f"n={params.n} is more sequences than this engine lets wait ({cap})")
+        cap = self.config.max_waiting_requests  # >= max_n (EngineConfig): every valid request can wait
         waiting = self._num_waiting()
         if waiting + params.n > cap:
             raise QueueFullError(f"{waiting} sequences are already waiting and this request adds {params.n}, "

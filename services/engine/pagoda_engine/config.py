@@ -91,6 +91,9 @@ class EngineConfig:
                 or self.engine_step_timeout_s < 0):
             raise ValueError("max_waiting_requests and max_message_bytes must be >= 1, drain_grace_seconds and "
                              "engine_step_timeout_s >= 0")
+        if self.max_n > self.max_waiting_requests:
+            # A request of n samples waits as n sequences: one of more than the cap could never be admitted.
+            raise ValueError(f"max_n ({self.max_n}) must be <= max_waiting_requests ({self.max_waiting_requests})")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

@@ -63,8 +63,7 @@ class RequestLimits:
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        # topk over the vocabulary cannot return more; --max-logprobs may allow more.
-        params.validate(min(self.max_logprobs, self.vocab_size), self.max_n)
+        params.validate(self.max_logprobs, self.max_n)
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -129,7 +128,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
-        self.limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, config.max_logprobs, config.max_n)
+        # No more logprobs than the vocabulary has (a topk past it fails), whatever --max-logprobs allows.
+        max_logprobs = min(config.max_logprobs, self.model_config.vocab_size)
+        self.limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, max_logprobs, config.max_n)
         self.requests: dict[str, list[Sequence]] = {}
         self._seeds = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None

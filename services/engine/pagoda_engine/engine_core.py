@@ -156,7 +156,7 @@ def model_info(engine: LLMEngine) -> engine_pb2.ModelInfo:
         tensor_parallel_size=config.tensor_parallel_size,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
-        max_logprobs=config.max_logprobs,
+        max_logprobs=engine.limits.max_logprobs,
         max_n=config.max_n,
         prefix_caching_enabled=config.enable_prefix_caching,
         version=_version(),

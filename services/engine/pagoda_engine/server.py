@@ -280,7 +280,7 @@ async def serve(config: EngineConfig) -> int:
         await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         logger.info("listening on %s (%s); loading %s", _address(config), _transport(config), config.model)
-        engine = AsyncEngine(config, config.max_waiting_requests)
+        engine = AsyncEngine(config)
         starting = asyncio.ensure_future(_start_engine(engine))
         await _wait_any(stop, _done_event(starting))
         if not starting.done():  # a signal while loading: a big model's load must not outlast the stop
