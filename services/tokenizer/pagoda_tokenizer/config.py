@@ -26,8 +26,8 @@ class TokenizerConfig:
     port: int = 50052
     # Processes serving the port (SO_REUSEPORT: the kernel spreads client connections over them). One
     # process's gRPC per-message work caps its streamed tokens/s below an engine's; more workers lift the cap.
-    # Each worker has its own engine connections, and max_concurrent_streams is per worker; Abort reaches
-    # the worker holding the stream when sent on the Generate call's channel (as the generated clients do).
+    # Each worker has its own engine connections, and max_concurrent_streams is per worker; Abort works from
+    # any connection (a worker that does not hold the stream passes it on to the engines).
     workers: int = 1
     # Caps on a request's stop strings: how many, and how long each may be (in characters).
     max_stop_strings: int = 16

@@ -82,7 +82,7 @@ class TokenizerServicer:
 
     def Chat(self, request, context):
         """Like Generate, for a conversation rendered with the model's chat template (FAILED_PRECONDITION
-        when the model has none).
+        when the model has none, or its template does not compile: the message says why).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
