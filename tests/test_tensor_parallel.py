@@ -20,7 +20,7 @@ import torch
 
 from pagoda_engine import LLM, SamplingParams
 from pagoda_engine.async_engine import AsyncEngine, EngineDeadError
-from pagoda_engine.tp_workers import WorkerDiedError
+from pagoda_engine.tp_workers import RanksOutOfStepError, WorkerDiedError
 from tests.conftest import TINY_CONFIGS, make_tiny_model
 from tests.test_engine import make_llm, prompts_of
 from tests.test_engine_service import Server, collect, greedy
@@ -71,6 +71,38 @@ def test_a_model_that_does_not_split_is_a_clear_error_and_leaves_nothing_behind(
                                 num_key_value_heads=3)
     with pytest.raises(ValueError, match=r"number of attention heads \(3\) is not divisible by the tensor-parallel"):
         make_llm(model_dir, tensor_parallel_size=2)
+    assert not tp_worker_pids()
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.timeout(60)
+def test_kv_heads_that_cannot_be_replicated_are_a_clear_error(monkeypatch):
+    from pagoda_engine.layers import linear
+
+    monkeypatch.setattr(linear, "tp_size", lambda: 3)
+    monkeypatch.setattr(linear, "tp_rank", lambda: 0)
+    with pytest.raises(ValueError, match=r"size \(3\) must be a multiple of the number of KV heads \(2\)"):
+        linear.QKVParallelLinear(48, 8, 6, 2)
+
+
+@pytest.mark.timeout(60)
+def test_a_step_interrupted_on_rank_0_fails_the_next_at_once(model_dirs):
+    """Ctrl-C in rank 0's forward leaves the worker inside the step: the next step must not pair with it."""
+    with make_llm(model_dirs["qwen2"], tensor_parallel_size=2) as llm:
+        mlp = llm.engine.runner.model.model.layers[1].mlp
+        forward = mlp.forward
+
+        def interrupted(x):
+            mlp.forward = forward
+            raise KeyboardInterrupt
+
+        mlp.forward = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            greedy_tokens(llm)
+        start = time.monotonic()
+        with pytest.raises(RanksOutOfStepError, match="out of step"):
+            greedy_tokens(llm)
+        assert time.monotonic() - start < 5
     assert not tp_worker_pids()
     assert not torch.distributed.is_initialized()
 

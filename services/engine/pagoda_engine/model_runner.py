@@ -325,9 +325,10 @@ class ModelRunner:
         A decode whose input token is still pending (drawn by the previous launch) reads it there.
         """
         inputs = self.prepare_inputs(batch)
-        if self.workers is not None:
-            self.workers.send_step(inputs.shape, inputs.flat)
-        logits = self.forward(inputs)
+        if self.workers is None:
+            logits = self.forward(inputs)
+        else:
+            logits = self.workers.lockstep(inputs.shape, inputs.flat, lambda: self.forward(inputs))
         seqs = inputs.sample_seqs
         self._last_sampled, self._last_rows = None, {}
         if logits is None:

@@ -51,6 +51,11 @@ class WorkerDiedError(RuntimeError):
     """A tensor-parallel worker process exited: the engine cannot run another step."""
 
 
+class RanksOutOfStepError(RuntimeError):
+    """Rank 0 stopped part-way through a step (Ctrl-C, say) while the workers ran it: their collectives
+    would pair with the next step's, so the engine cannot run another."""
+
+
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -82,6 +87,7 @@ class TPWorkers:
         # Set by the watcher thread, the one thread that reaps workers, when one exits on its own.
         self._exited = threading.Event()
         self._exit_message: str | None = None
+        self._out_of_step = False
         # Port 0: the OS picks a free one, so two engines on one host never collide.
         self._store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=COLLECTIVE_TIMEOUT,
                                     wait_for_workers=False)
@@ -113,11 +119,21 @@ class TPWorkers:
         """Block until every worker has loaded its shard (a worker that exits instead is an error)."""
         self._expect(_LOADED)
 
-    def send_step(self, shape: StepShape, flat: torch.Tensor) -> None:
-        header = np.array(shape, dtype=np.int64).tobytes()
-        for conn in self._conns:
-            conn.send_bytes(header)
-        dist.broadcast(flat, src=0)
+    def lockstep(self, shape: StepShape, flat: torch.Tensor, forward: Callable[[], T]) -> T:
+        """Send the workers the step, then run rank 0's ``forward()`` of it.
+
+        Whatever stops rank 0 part-way leaves the workers inside the step's collectives, where the next
+        step's would meet them: from then on ``check`` raises RanksOutOfStepError.
+        """
+        try:
+            header = np.array(shape, dtype=np.int64).tobytes()
+            for conn in self._conns:
+                conn.send_bytes(header)
+            dist.broadcast(flat, src=0)
+            return forward()
+        except BaseException:
+            self._out_of_step = True
+            raise
 
     def run(self, step: Callable[[], T]) -> T:
         """``step()``, with the error a dead worker causes in it turned into WorkerDiedError naming the worker."""
@@ -131,9 +147,12 @@ class TPWorkers:
         return result
 
     def check(self) -> None:
-        """Raise WorkerDiedError if a worker has exited."""
+        """Raise WorkerDiedError if a worker has exited, RanksOutOfStepError if a step was cut short."""
         if self._exit_message is not None:
             raise WorkerDiedError(self._exit_message)
+        if self._out_of_step:
+            raise RanksOutOfStepError("a tensor-parallel step was interrupted on rank 0 part-way, so the ranks "
+                                      "are out of step: close this engine and build a new one")
 
     def close(self) -> None:
         """Stop the workers (killed after a grace period) and leave the process group. Idempotent."""

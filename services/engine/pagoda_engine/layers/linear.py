@@ -105,9 +105,12 @@ class QKVParallelLinear(LinearBase):
         if total_num_kv_heads >= size:
             self.num_kv_heads = divide(total_num_kv_heads, size, "number of KV heads")
             self.kv_replicas = 1
+        elif size % total_num_kv_heads:
+            raise ValueError(f"tensor-parallel size ({size}) must be a multiple of the number of KV heads "
+                             f"({total_num_kv_heads}) to replicate them")
         else:
             self.num_kv_heads = 1
-            self.kv_replicas = divide(size, total_num_kv_heads, "tensor-parallel size over the KV heads")
+            self.kv_replicas = size // total_num_kv_heads
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias)
