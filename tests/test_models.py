@@ -264,7 +264,10 @@ def test_model_config_reads_both_layouts(checkpoints):
     ("MistralForCausalLM", {"sliding_window": 64, "use_sliding_window": False}, 64),  # Mistral has no switch
     ("MistralForCausalLM", {"sliding_window": None}, 8192),
     ("Qwen2ForCausalLM", {"sliding_window": 64}, 8192),  # off unless use_sliding_window
-    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, 64),
+    # Qwen slides only the layers from max_window_layers (default 28) on: none of 2 layers, by default.
+    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, 8192),
+    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1}, 64),
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}, 4096),  # the default window
     ("LlamaForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, 8192),
 ])
 def test_the_context_stops_where_transformers_would_slide(architecture, window_fields, max_positions):

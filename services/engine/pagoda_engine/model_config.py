@@ -135,12 +135,13 @@ def _max_positions(config: dict[str, Any]) -> int:
     # We have no sliding-window attention; beyond the window full attention would give different
     # outputs, so the usable context stops there. Where a window applies is transformers' rule for the
     # architecture: Mistral always slides (4096 tokens unless the config says otherwise, None: off), Qwen2
-    # and Qwen3 only with use_sliding_window, Llama never.
+    # and Qwen3 only with use_sliding_window, in the layers from max_window_layers (28) on, Llama never.
     architecture = _architecture(config)
     if architecture == "MistralForCausalLM":
         window = config.get("sliding_window", 4096)
-    elif architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False):
-        window = config.get("sliding_window")
+    elif (architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False)
+          and config.get("max_window_layers", 28) < _required(config, "num_hidden_layers")):
+        window = config.get("sliding_window", 4096)
     else:
         window = None
     if window and window < max_positions:
