@@ -137,13 +137,9 @@ def _max_positions(config: dict[str, Any]) -> int:
     # architecture: Mistral always slides (4096 tokens unless the config says otherwise, None: off), Qwen2
     # and Qwen3 only with use_sliding_window, in the layers from max_window_layers (28) on, Llama never.
     architecture = _architecture(config)
-    if architecture == "MistralForCausalLM":
-        window = config.get("sliding_window", 4096)
-    elif (architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False)
-          and config.get("max_window_layers", 28) < _required(config, "num_hidden_layers")):
-        window = config.get("sliding_window", 4096)
-    else:
-        window = None
+    qwen_slides = (architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False)
+                   and config.get("max_window_layers", 28) < _required(config, "num_hidden_layers"))
+    window = config.get("sliding_window", 4096) if architecture == "MistralForCausalLM" or qwen_slides else None
     if window and window < max_positions:
         logger.warning("sliding window %d not supported: capping the context at %d tokens", window, window)
         return window
