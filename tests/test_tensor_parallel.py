@@ -85,6 +85,25 @@ def test_kv_heads_that_cannot_be_replicated_are_a_clear_error(monkeypatch):
         linear.QKVParallelLinear(48, 8, 6, 2)
 
 
+# Imported at start by every process with this on its PYTHONPATH, which the test sets only for the workers
+# it spawns: each exits where it would size its KV cache with rank 0.
+EXIT_IN_SETUP_CACHE = """
+import os
+from pagoda_engine.model_runner import ModelRunner
+ModelRunner.setup_cache = lambda self: os._exit(3)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_dies_while_the_cache_is_sized_is_a_clear_error(model_dirs, tmp_path, monkeypatch):
+    (tmp_path / "sitecustomize.py").write_text(EXIT_IN_SETUP_CACHE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    with pytest.raises(WorkerDiedError, match="rank 1 .* exited with code 3"):
+        make_llm(model_dirs["qwen2"], tensor_parallel_size=2)
+    assert not tp_worker_pids()
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.timeout(60)
 def test_a_step_interrupted_on_rank_0_fails_the_next_at_once(model_dirs):
     """Ctrl-C in rank 0's forward leaves the worker inside the step: the next step must not pair with it."""

@@ -119,7 +119,7 @@ class LLMEngine:
             self.runner = ModelRunner(config, self.model_config, self.device, self.dtype, self.workers)
             if self.workers is not None:
                 self.workers.wait_loaded()
-            self.max_model_len = self.runner.setup_cache()
+            self.max_model_len = self._guarded(self.runner.setup_cache)  # collectives: a dead worker shows
         except BaseException:
             self.close()
             raise
