@@ -179,7 +179,7 @@ def main() -> None:
     print(f"{args.num_seqs} sequences in {elapsed:.2f} s; mean ms per step (host phases, then device times)")
     print(f"| {'kind':<9} | {'steps':>5} | " + " | ".join(f"{c:>11}" for c in columns) + f" | {'total s':>7} |")
     summary["decode_by_batch"] = profiler.decode_by_batch()
-    rows = [(kind, s) for kind, s in summary["steps"].items()]
+    rows = list(summary["steps"].items())
     rows += [(f"dec <={bucket}", s) for bucket, s in summary["decode_by_batch"].items()]
     for kind, s in rows:
         print(f"| {kind:<9} | {s['steps']:>5} | " + " | ".join(f"{s.get(c, 0.0):>11.3f}" for c in columns)

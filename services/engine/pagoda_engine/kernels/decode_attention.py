@@ -27,9 +27,8 @@ Two split policies (see ``plan_splits``), chosen by ``EngineConfig.batch_invaria
   sequence's pieces depend on its own length only (``INVARIANT_SPLITS`` pieces of at least
   ``MIN_TOKENS_PER_SPLIT`` tokens), and the reduce always sums ``INVARIANT_SPLITS`` slots. A sequence's
   output is then bitwise the same whatever batch it sits in and whatever bound the caller passes. Big
-  batches pay for the splits:
-  at 256 sequences of 1K tokens under the graph bound, 291 us per layer instead of 251 (H200,
-  bench/kernels.py prints both policies).
+  batches pay for the splits: at 256 sequences of 1K tokens under the graph bound, 291 us per layer
+  instead of 251 (H200, bench/kernels.py prints both policies).
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ MAX_SPLITS = 64
 # unsplit. Batches of 33-128 sequences (416 of the offline workload's 1,024 decode steps) get 2-4 splits,
 # where 4 per SM rounded up gave them 1-2: +1.8% offline on the H200 (bench/RESULTS.md, run J).
 TARGET_PROGRAMS_PER_SM = 16
+
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
     """Enough (sequence, KV head, split) programs to fill the GPU: the throughput policy's split count.
