@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from cuda_timing import graph_seconds_per_call  # bench/cuda_timing.py, beside this script
 
 from pagoda_engine.kernels import decode_attention as decode_attention_module
-from pagoda_engine.kernels.decode_attention import decode_attention, plan_splits
+from pagoda_engine.kernels.decode_attention import decode_attention, longest_first, plan_splits
 from pagoda_engine.kernels.prefill_attention import prefill_attention
 from pagoda_engine.kernels.sm_count import num_sms
 
@@ -80,12 +80,17 @@ class PagedDecode:
         self.out = torch.empty_like(self.q)
 
     def seconds(self, num_splits: int | None = None, config: tuple[int, int, int] | None = None,
-                batch_invariant: bool = False, bound: int | None = None) -> float:
-        """``bound`` is the length bound passed to the kernel (the runner's CUDA graphs pass max_model_len)."""
+                batch_invariant: bool = False, bound: int | None = None, batch_order: bool = False) -> float:
+        """``bound`` is the length bound passed to the kernel (the runner's CUDA graphs pass max_model_len);
+        the grid visits rows longest first, sorted once outside the timing as the runner does per step, or
+        in batch order."""
+        order = (torch.arange(self.batch, dtype=torch.int32, device="cuda") if batch_order
+                 else longest_first(self.seq_lens))
+
         def call(i: int) -> Callable[[], object]:
             return lambda: decode_attention(self.q, self.k_cache, self.v_cache, self.tables[i], self.seq_lens,
                                             HEAD_DIM**-0.5, bound or self.context, self.out, batch_invariant,
-                                            num_splits, config)
+                                            order, num_splits, config)
         return graph_seconds_per_call([call(i % self.copies) for i in range(max(self.copies, 20))])
 
 
@@ -149,23 +154,23 @@ def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> li
 
 def ragged_table() -> list[dict]:
     """Contexts of 100-1,024 tokens in random order, as the offline workload's first decode steps have them:
-    an unsplit sequence's program is as long as its context, so the grid needs programs to spare. At 256
-    sequences the same contexts also run longest first, and evened out at their mean (the same bytes)."""
+    an unsplit sequence's program is as long as its context, so the grid visits the longest first. At 256
+    sequences the same contexts also run in batch order, and evened out at their mean (the same bytes)."""
     rows = []
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(100, 1025, (256,), generator=generator).tolist()
     mean = round(sum(lengths) / len(lengths))
-    cases = [(f"B={batch}", lengths[:batch]) for batch in (256, 128, 64, 32)]
-    cases += [("B=256 longest first", sorted(lengths, reverse=True)), (f"B=256 all at {mean}", [mean] * 256)]
+    cases = [(f"B={batch}", lengths[:batch], False) for batch in (256, 128, 64, 32)]
+    cases += [("B=256 batch order", lengths, True), (f"B=256 all at {mean}", [mean] * 256, False)]
     print(f"\nragged decode: contexts 100-1024, {GRAPH_BOUND}-token bound, us per call (GB/s)")
     sm_count = num_sms(torch.device("cuda"))
-    for label, case in cases:
+    for label, case, batch_order in cases:
         bench = PagedDecode(len(case), 1024, case)
         row: dict = {"case": label, "batch": len(case), "kv_bytes": bench.kv_bytes}
         cells = []
         for policy, invariant in (("throughput", False), ("invariant", True)):
             splits = plan_splits(len(case), NUM_KV_HEADS, GRAPH_BOUND, sm_count, invariant).num_splits
-            seconds = bench.seconds(batch_invariant=invariant, bound=GRAPH_BOUND)
+            seconds = bench.seconds(batch_invariant=invariant, bound=GRAPH_BOUND, batch_order=batch_order)
             gbs = bench.kv_bytes / seconds / 1e9
             row[policy] = {"num_splits": splits, "us": round(seconds * 1e6, 2), "gbs": round(gbs, 1)}
             cells.append(f"{policy} {splits:>2} splits {seconds * 1e6:7.1f} us ({gbs:4.0f})")

@@ -196,6 +196,28 @@ def test_decode_split_counts_agree(num_splits):
     assert_close(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_visit_order_changes_nothing(num_splits):
+    """Whatever permutation the grid visits rows in, every row is written and bitwise the same."""
+    lengths = [700, 1, 65, 300, 16, 1000, 2, 129]
+    batch = make_batch([(n - 1, 1) for n in lengths], num_decodes=len(lengths), num_heads=8, num_kv_heads=2,
+                       head_dim=128, block_size=16, dtype=torch.bfloat16, seed=5)
+    store_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    meta = batch.meta
+
+    def decode(order: torch.Tensor | None) -> torch.Tensor:
+        return decode_attention(batch.q, batch.k_cache, batch.v_cache, meta.block_tables, meta.seq_lens,
+                                batch.scale, meta.max_seq_len, poisoned_like(batch.q), order=order,
+                                num_splits=num_splits)
+
+    ref, _, _ = reference(batch)
+    longest = decode(None)
+    assert_close(longest, ref, torch.bfloat16)
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    for order in (torch.arange(len(lengths), dtype=torch.int32), shuffled):
+        assert torch.equal(decode(order.to(DEVICE)), longest)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_throughput_split_policy_matches_reference(dtype):
     lengths = [1, 40, 300, 1100]

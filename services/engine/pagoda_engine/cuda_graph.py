@@ -12,7 +12,7 @@ import bisect
 import torch
 from torch import nn
 
-from pagoda_engine.layers.attention import AttentionMetadata
+from pagoda_engine.layers.attention.metadata import AttentionMetadata, longest_first
 
 
 def batch_size_ladder(max_batch: int) -> list[int]:
@@ -38,6 +38,8 @@ class DecodeGraphs:
         return batch_size <= self.sizes[-1]
 
     def _meta(self, batch_size: int) -> AttentionMetadata:
+        """The static buffers as one step's metadata; built inside the capture, so that the graph re-sorts
+        the decode order from each replay's lengths."""
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch_size],
             query_start_loc=self.query_start_loc[: batch_size + 1],
@@ -46,6 +48,7 @@ class DecodeGraphs:
             num_decodes=batch_size,
             max_query_len=1,
             max_seq_len=self.max_seq_len,
+            decode_order=longest_first(self.seq_lens[:batch_size]),
         )
 
     @torch.inference_mode()
@@ -53,11 +56,11 @@ class DecodeGraphs:
         pool = None
         # Largest first, so smaller graphs reuse the first one's memory pool.
         for size in reversed(self.sizes):
-            args = (self.input_ids[:size], self.positions[:size], self._meta(size))
-            self.model(*args)  # warm-up: lazy initialisation and autotuning happen outside capture
+            inputs = (self.input_ids[:size], self.positions[:size])
+            self.model(*inputs, self._meta(size))  # warm-up: lazy initialisation happens outside capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.model(*args)
+                self.outputs[size] = self.model(*inputs, self._meta(size))
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()

@@ -22,6 +22,7 @@ from pagoda_engine.config import EngineConfig
 from pagoda_engine.cuda_graph import DecodeGraphs
 from pagoda_engine.distributed import min_over_ranks
 from pagoda_engine.layers.attention import Attention, AttentionMetadata, select_backend
+from pagoda_engine.layers.attention.metadata import longest_first
 from pagoda_engine.layers.sampler import Sampler, SamplerOutput, SamplerRequest, SamplingMetadata
 from pagoda_engine.model_config import ModelConfig
 from pagoda_engine.models.loader import load_model
@@ -364,9 +365,12 @@ class ModelRunner:
         """The model on one step's inputs: the logits of the rows that sample, or None when none does."""
         shape = inputs.shape
         if self.graphs is not None and shape.num_decodes == shape.num_seqs and self.graphs.fits(shape.num_seqs):
-            hidden = self.graphs.replay(inputs.input_ids, inputs.positions, inputs.meta)
+            hidden = self.graphs.replay(inputs.input_ids, inputs.positions, inputs.meta)  # sorts in the graph
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            meta = inputs.meta
+            if shape.num_decodes:
+                meta = replace(meta, decode_order=longest_first(meta.seq_lens[: shape.num_decodes]))
+            hidden = self.model(inputs.input_ids, inputs.positions, meta)
         if not shape.num_logits:
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])

@@ -5,6 +5,10 @@ on it. So the kernel is built around reading the cache once, at full bandwidth:
 
 - one program per (sequence, KV head, KV split). It loads each K/V tile once and attends all the query
   heads of that KV head's group to it (GQA), padding the group up to 16 rows so ``tl.dot`` applies;
+- the grid visits sequences longest context first (``longest_first``): an unsplit program lasts as long
+  as its context, and with the long ones started first the short ones fill the last wave. 256
+  sequences of 100-1K tokens in random order then attend within 2% of the time of the same bytes in
+  equal contexts, 2-12% faster than in batch order (H200, bench/kernels.py's ragged table);
 - a sequence's context is cut into ``num_splits`` contiguous pieces so that a few long sequences still
   spread over all SMs. Each split keeps an online softmax in fp32 and writes its normalised partial
   output and log-sum-exp; a small reduce kernel combines the splits. With one split the first kernel
@@ -42,6 +46,7 @@ import triton.language as tl
 
 from pagoda_engine.kernels.kv_cache import load_paged_tile
 from pagoda_engine.kernels.sm_count import num_sms
+from pagoda_engine.layers.attention.metadata import longest_first
 
 # The batch-invariant policy's smallest piece, a multiple of every BLOCK_N so that pieces hold whole
 # tiles: 256 tokens amortise a piece's partial write and its share of the reduce at every batch size.
@@ -129,7 +134,7 @@ def softmax_step(s, v, row_max, row_sum, acc, IEEE: tl.constexpr):
 # (eager steps build tables as wide as their longest context): one compile serves every batch.
 @triton.jit(do_not_specialize=["num_splits", "split_divisor", "stride_bt"])
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, order_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale, num_splits, split_divisor, split_min_tokens, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -138,7 +143,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
+    seq = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -229,6 +234,7 @@ def decode_attention(
     max_seq_len: int,
     out: torch.Tensor,
     batch_invariant: bool = False,
+    order: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
@@ -237,7 +243,9 @@ def decode_attention(
     ``seq_lens[i]`` counts the context including this step's token, whose K/V must already be stored.
     ``max_seq_len`` is any upper bound of ``seq_lens`` (the graph runner passes the model's maximum).
     ``out`` [B, num_heads, head_dim] is written in full. ``batch_invariant`` picks the split policy
-    (module docstring); ``num_splits``/``config`` override the heuristics (the benchmark sweeps them).
+    (module docstring). ``order`` is a permutation of the rows, the order the grid visits them in:
+    ``longest_first(seq_lens)`` when None (the runner passes one computed once per step).
+    ``num_splits``/``config`` override the heuristics (the benchmark sweeps them).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -249,13 +257,15 @@ def decode_attention(
     block_n, num_warps, num_stages = config or _default_config(head_dim)
     block_d = max(16, triton.next_power_of_2(head_dim))
     split = num_splits > 1
+    if order is None:
+        order = longest_first(seq_lens)
     if split:
         part_out = torch.empty((batch, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, order, out, part_out, part_lse,
         scale * math.log2(math.e), num_splits, plan.divisor, plan.min_tokens, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import torch
 
 
+def longest_first(seq_lens: torch.Tensor) -> torch.Tensor:
+    """The rows of a decode batch, longest context first: the order decode attention's grid visits them
+    (kernels/decode_attention.py says why). A device sort: no host sync, and CUDA-graph capturable."""
+    return torch.argsort(seq_lens, descending=True).to(torch.int32)
+
+
 @dataclass
 class AttentionMetadata:
     """One step's batch, flattened: every sequence contributes ``query_len >= 1`` consecutive tokens.
@@ -29,6 +35,9 @@ class AttentionMetadata:
     num_decodes: int
     max_query_len: int
     max_seq_len: int
+    # ``longest_first(seq_lens[:num_decodes])``, sorted once per step for every layer's decode kernel;
+    # None in steps built by hand (warm-up, tests): the kernel then sorts per call.
+    decode_order: torch.Tensor | None = None
     # Host copies for backends that loop in Python (the torch reference); None under CUDA graphs.
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None

@@ -69,6 +69,7 @@ class TritonAttentionBackend:
             decode_attention(
                 q[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
                 scale, meta.max_seq_len, out[:num_decodes], batch_invariant=self.batch_invariant,
+                order=meta.decode_order,
             )
         if meta.num_seqs > num_decodes:
             prefill_attention(
