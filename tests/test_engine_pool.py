@@ -249,3 +249,32 @@ def test_one_sample_stopping_aborts_only_that_sample():
             assert [o.stop_string for o in outs if o.finish_reason and o.index == 0] == ["here"]
 
     asyncio.run(main())
+
+
+def test_a_request_aborted_whole_before_any_engine_call_reaches_none():
+    """An Abort while the prompt was tokenized: every sample ends with ABORT and no engine sees the request."""
+    async def main():
+        async with scripted_engines(stream_text("never sent")) as (engines, pool):
+            generation = Generation(pool, TOKENIZER, "req", tokens_of("hi"), pb.SamplingParams(n=2), TextOptions())
+            assert await generation.abort()
+            outs = [out async for out in generation.stream()]
+            assert sorted(o.index for o in outs) == [0, 1]
+            assert all(o.finish_reason == pb.FINISH_REASON_ABORT and not o.text for o in outs)
+            assert all(o.usage.prompt_tokens == 2 and o.usage.completion_tokens == 0 for o in outs)
+            assert engines[0].requests == [] and engines[0].aborted == []
+
+    asyncio.run(main())
+
+
+def test_an_abort_before_the_engine_has_the_request_is_sent_once_it_does():
+    """Generate and Abort race to the engine: an abort of sample 1 before the first message goes out after it."""
+    async def main():
+        async with scripted_engines(stream_text("some text", n=2, until_abort=True)) as (engines, pool):
+            generation = Generation(pool, TOKENIZER, "req", tokens_of("hi"), pb.SamplingParams(n=2), TextOptions())
+            assert await generation.abort([1])
+            assert not await generation.abort([5])  # no such sample
+            outs = [out async for out in generation.stream()]
+            assert engines[0].aborted == [("req", [1])]
+            assert {o.index for o in outs if o.finish_reason == pb.FINISH_REASON_ABORT} == {0, 1}
+
+    asyncio.run(main())

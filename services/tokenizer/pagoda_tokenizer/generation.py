@@ -5,6 +5,11 @@ The request goes to the engine the pool picks. If that engine refuses it before 
 nothing is lost or repeated. Once tokens have flowed, an engine failure ends the stream with the engine's
 status (UNAVAILABLE when it died). Leaving the stream early (client cancel, deadline) cancels the engine
 call, which aborts the request on the engine.
+
+An Abort may come before the engine knows the request: while the prompt is tokenized, or before the
+engine's first message (the Generate call and the Abort call race to the engine). It is kept here and sent
+on once the first message shows the engine has the request; a request aborted whole before any engine
+call never reaches one.
 """
 
 from __future__ import annotations
@@ -42,8 +47,16 @@ class Generation:
         self._options = options
         self._num_samples = max(params.n, 1)
         self._engine: EngineClient | None = None
+        # The engine has sent a message, so it knows the request: aborts can go to it.
+        self._engine_has_request = False
+        # Samples aborted before that, to be aborted on the engine once it has the request.
+        self._early_aborts: set[int] = set()
 
     async def stream(self) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
+        if len(self._early_aborts) == self._num_samples:
+            for out in self._aborted_before_any_engine():
+                yield out
+            return
         tried: set[str] = set()
         refusal: RequestError | None = None
         while (engine := self._pool.pick(self._prompt_ids, exclude=tried)) is not None:
@@ -58,9 +71,23 @@ class Generation:
         raise refusal or RequestError(grpc.StatusCode.UNAVAILABLE, "no engine is serving")
 
     async def abort(self, indices: Sequence[int] = ()) -> bool:
-        """Abort on the engine (the samples of ``indices``; none given: all); the stream then ends with
-        FINISH_REASON_ABORT on the unfinished ones."""
-        return self._engine is not None and await self._engine.abort(self.request_id, indices)
+        """Abort the samples of ``indices`` (none given: all); their streams then end with FINISH_REASON_ABORT.
+        False when it names no sample the request has (or, on the engine, none still running)."""
+        if self._engine_has_request:
+            return await self._engine.abort(self.request_id, indices)
+        targets = set(range(self._num_samples)) if not indices else set(indices) & set(range(self._num_samples))
+        self._early_aborts |= targets
+        return bool(targets)
+
+    def _aborted_before_any_engine(self) -> list[tokenizer_pb2.TextGenerateResponse]:
+        """Every sample's last message, for a request aborted whole before it was sent to an engine."""
+        usage = engine_pb2.Usage(prompt_tokens=len(self._prompt_ids))
+        return [
+            SampleStream(self._tokenizer, self.request_id, i, self._prompt_ids, self._options).on_engine_message(
+                engine_pb2.GenerateResponse(request_id=self.request_id, index=i, usage=usage,
+                                            finish_reason=engine_pb2.FINISH_REASON_ABORT))
+            for i in range(self._num_samples)
+        ]
 
     async def _stream_from(self, engine: EngineClient) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
         samples = [
@@ -77,7 +104,9 @@ class Generation:
             call = engine.stub.Generate(request)
             try:
                 async for message in call:
-                    received = True
+                    if not received:
+                        received = True
+                        await self._on_first_message(engine)
                     sample = samples[message.index]
                     out = sample.on_engine_message(message)
                     if out is not None:
@@ -93,6 +122,11 @@ class Generation:
                 call.cancel()
         if not all(s.finished for s in samples):
             raise RequestError(grpc.StatusCode.INTERNAL, f"engine {engine.address} ended the stream early")
+
+    async def _on_first_message(self, engine: EngineClient) -> None:
+        self._engine_has_request = True
+        if self._early_aborts:
+            await engine.abort(self.request_id, sorted(self._early_aborts))
 
     def _engine_error(self, engine: EngineClient, exc: grpc.aio.AioRpcError, received: bool) -> Exception:
         if not received and exc.code() in RETRYABLE:

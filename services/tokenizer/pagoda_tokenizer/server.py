@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 from google.protobuf import struct_pb2
@@ -46,8 +46,9 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         self._pool = pool
         self._chat_template, self._no_chat_template_reason = _load_chat_template(tokenizer)
         self._running: dict[str, Generation] = {}
-        # Ids of requests being tokenized: they hold a stream's place (the cap, a duplicate id) meanwhile.
-        self._tokenizing: set[str] = set()
+        # Requests being tokenized, by id: they hold a stream's place (the cap, a duplicate id) meanwhile,
+        # and collect the Aborts (their indices) that come before their Generation exists.
+        self._tokenizing: dict[str, list[Sequence[int]]] = {}
 
     async def Generate(self, request: tokenizer_pb2.TextGenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
@@ -100,6 +101,9 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         generation = self._running.get(request.request_id)
         if generation is not None:
             return engine_pb2.AbortResponse(found=await generation.abort(request.indices))
+        if (aborts := self._tokenizing.get(request.request_id)) is not None:
+            aborts.append(list(request.indices))
+            return engine_pb2.AbortResponse(found=True)
         # Not ours: with --workers N another worker may run it, under the same id on an engine.
         return engine_pb2.AbortResponse(found=await self._pool.abort(request.request_id, request.indices))
 
@@ -113,10 +117,12 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 # of this worker waiting), and after the checks that need no tokens.
                 prompt_ids = await asyncio.to_thread(encode)
             finally:
-                self._tokenizing.discard(request_id)
+                early_aborts = self._tokenizing.pop(request_id)
             generation = self._new_generation(request, request_id, prompt_ids)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
+        for indices in early_aborts:
+            await generation.abort(indices)  # kept until the engine has the request
         self._running[generation.request_id] = generation
         try:
             # aclosing: when the client leaves, close the stream now (cancelling the engine call, which aborts
@@ -143,7 +149,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         if request_id in self._running or request_id in self._tokenizing:
             raise RequestError(INVALID, f"request_id {request_id!r} is already running")
         self._check_stop_strings(list(request.stop))
-        self._tokenizing.add(request_id)
+        self._tokenizing[request_id] = []
         return request_id
 
     def _new_generation(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,

@@ -112,7 +112,8 @@ class TokenizerServicer:
     def Abort(self, request, context):
         """Aborts a Generate or Chat request by id (the samples of indices; none: all), from any connection:
         a worker that does not run it passes the abort on to the engines. Its stream then ends with
-        FINISH_REASON_ABORT on every unfinished sample named. A request still being tokenized is not found.
+        FINISH_REASON_ABORT on every unfinished sample named. A request still being tokenized is found: it is
+        aborted once an engine has it, and one aborted whole by then is never sent to an engine.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
