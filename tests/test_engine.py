@@ -272,6 +272,41 @@ def test_generate_interrupted_part_way_leaves_nothing_running(tiny_model_dirs):
     assert_all_blocks_free(llm)
 
 
+def test_a_step_interrupted_in_its_launch_leaves_no_unwritten_block_in_the_prefix_cache(tiny_model_dirs):
+    """Ctrl-C during the forward (most of a CPU step): the blocks that step was to fill had been published
+    when it was scheduled. The same prompt afterwards must not reuse them, nor may the engine, stepped on,
+    lose a token or never finish."""
+    prompt, params = prompts_of([40])[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = make_llm(tiny_model_dirs["llama"]).generate([prompt], params)[0].outputs[0].token_ids
+    llm = make_llm(tiny_model_dirs["llama"])
+    runner = llm.engine.runner
+    real_forward, calls = runner.forward, []
+
+    def forward(inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_forward(inputs)
+
+    runner.forward = forward
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([prompt], params)
+    assert not llm.engine.block_manager.cached_blocks
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == expected
+
+    calls.clear()  # the engine stepped on after the error, as a caller catching it might
+    llm.engine.add_request("again", prompt, params)
+    with pytest.raises(KeyboardInterrupt):
+        llm.engine.step()
+    outputs = []
+    for _ in range(50):
+        if not llm.engine.has_unfinished_requests():
+            break
+        outputs += llm.engine.step()
+    assert [t for out in outputs for t in out.token_ids] == expected
+    assert_all_blocks_free(llm)
+
+
 def test_max_model_len_past_the_models_positions_is_refused(tiny_model_dirs):
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
         make_llm(tiny_model_dirs["llama"], max_model_len=1024)

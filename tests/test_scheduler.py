@@ -71,6 +71,24 @@ def test_preemption_frees_newest_and_resumes_as_prefill():
     assert s.block_manager.num_free_blocks == 6
 
 
+def test_a_sequence_whose_token_is_pending_waits_rather_than_preempt():
+    """Step N+1 is scheduled before step N's tokens are known. The oldest sequence needs a block and none is
+    free: it waits a step instead of preempting the newest, and its pending token is EOS, so nobody had to go."""
+    s = make_scheduler(num_blocks=4, budget=64)
+    old = Sequence("old", list(range(10, 18)), SamplingParams(max_tokens=8), 0, frozenset({2}))
+    new = Sequence("new", list(range(20, 27)), SamplingParams(max_tokens=8), 0, frozenset({2}))
+    s.add(old)
+    s.add(new)
+    first = s.schedule()  # both prompts; their first tokens are pending
+    second = s.schedule()  # while the first step runs: old's next token needs a fifth block
+    assert second.seqs == [new] and not second.preempted
+    assert s.update(first, {old.seq_id: 2, new.seq_id: 7}) == [old]  # old drew EOS
+    s.update(second, {new.seq_id: 7})
+    third = s.schedule()
+    assert third.seqs == [new] and s.num_preemptions == 0 and s.block_manager.num_free_blocks == 1
+    s.block_manager.check_invariants()
+
+
 def test_max_num_seqs_caps_running():
     s = make_scheduler(max_seqs=2)
     for i in range(4):

@@ -121,6 +121,16 @@ class BlockManager:
                 self.cached_blocks[block_hash] = block.block_id
         seq.num_published_blocks = max(seq.num_published_blocks, num_full)
 
+    def unpublish(self, seq: Sequence, first_block: int) -> None:
+        """Take ``seq``'s blocks from ``first_block`` on out of the prefix cache: the step that was to
+        compute them never ran, so their KV may be missing or half written."""
+        for block_id in seq.block_table[first_block:]:
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                del self.cached_blocks[block.hash]
+                block.hash = None
+        seq.num_published_blocks = min(seq.num_published_blocks, first_block)
+
     def check_invariants(self) -> None:
         for block in self.blocks:
             in_queue = block.block_id in self.free_queue

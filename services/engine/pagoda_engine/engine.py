@@ -191,7 +191,12 @@ class LLMEngine:
         if self._in_flight is not None and self._in_flight.needs_tokens_before_next_step:
             outputs = self._finish(self._in_flight)
         batch = self.scheduler.schedule()
-        launched = self._guarded(lambda: self.runner.launch(batch)) if batch.seqs else None
+        try:
+            launched = self._guarded(lambda: self.runner.launch(batch)) if batch.seqs else None
+        except BaseException:
+            # The scheduler counted the step as done; left so, a later prompt would reuse KV never written.
+            self.scheduler.unschedule(batch)
+            raise
         if self._in_flight is not None:
             outputs += self._finish(self._in_flight)
         self._in_flight = launched

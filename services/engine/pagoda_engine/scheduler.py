@@ -5,6 +5,9 @@ served first (a decode costs one token, an unfinished prefill its next chunk), t
 admitted while the budget, ``max_num_seqs`` and the free KV blocks allow. When a running sequence
 cannot get a block, the newest running sequence is preempted: its blocks are freed and it returns to
 the front of the waiting queue, to be recomputed as a prefill (the prefix cache usually makes that cheap).
+A sequence whose token from the step in flight is still pending waits a step instead: that token may
+end it (EOS), and the step may end others and free their blocks, so a preemption now could be for
+nothing. Once its token is known, it preempts if it still must.
 
 The engine schedules step N+1 while step N still runs on the device, so ``schedule`` accounts for a
 step as soon as it is scheduled: it advances ``num_computed_tokens``, publishes the blocks whose
@@ -72,6 +75,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
+        short_of_blocks = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -79,11 +83,17 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self._allocate_or_preempt(seq, num_new, preempted):
-                scheduled.append((seq, num_new))
-                budget -= num_new
-                i += 1
-        if not preempted:
+            if not self.block_manager.allocate(seq, num_new):
+                if seq.num_pending_tokens:  # it waits for its token (module docstring)
+                    short_of_blocks = True
+                    i += 1
+                    continue
+                if not self._preempt_until_allocated(seq, num_new, preempted):
+                    continue  # it was the newest, so itself preempted
+            scheduled.append((seq, num_new))
+            budget -= num_new
+            i += 1
+        if not preempted and not short_of_blocks:
             budget = self._admit_waiting(budget, scheduled)
         # Decodes first: a stable sort keeps arrival order within each group.
         scheduled.sort(key=lambda item: item[1] != 1)
@@ -121,6 +131,15 @@ class Scheduler:
             if not seq.is_finished:
                 self._finish(seq, FinishReason.ABORT)
 
+    def unschedule(self, batch: ScheduledBatch) -> None:
+        """Undo ``schedule`` for a step whose launch raised (Ctrl-C, out of memory): the blocks it was to
+        compute leave the prefix cache, and its sequences are preempted, to be recomputed."""
+        for seq, num_new, samples in zip(batch.seqs, batch.num_tokens, batch.samples, strict=True):
+            seq.num_pending_tokens -= samples
+            self.block_manager.unpublish(seq, (seq.num_computed_tokens - num_new) // self.block_manager.block_size)
+            self.running.remove(seq)
+            self._preempt(seq)
+
     def _account(self, seq: Sequence, num_new: int) -> bool:
         """Count a scheduled step as done (see the module docstring); returns whether ``seq`` samples."""
         seq.num_computed_tokens += num_new
@@ -130,18 +149,16 @@ class Scheduler:
         seq.num_pending_tokens += 1
         return True
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
-        """Blocks for ``seq``, preempting the newest running sequences until they fit.
-
-        Returns False when ``seq`` itself had to be preempted.
-        """
-        while not self.block_manager.allocate(seq, num_new):
+    def _preempt_until_allocated(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
+        """Preempt the newest running sequences until ``seq`` gets its blocks; False when ``seq`` itself was."""
+        while True:
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
                 return False
-        return True
+            if self.block_manager.allocate(seq, num_new):
+                return True
 
     def _admit_waiting(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
