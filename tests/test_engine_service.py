@@ -300,6 +300,15 @@ def test_a_duplicate_request_id_is_invalid(server):
     server.wait_idle()
 
 
+def test_a_request_id_is_free_once_its_last_message_is_read(server):
+    """A client may stop reading at the last finish reason, before the stream's status: the id is free by then."""
+    for _ in range(30):
+        for message in server.stub.Generate(greedy([5, 6, 7], 1, request_id="next-please"), timeout=10):
+            if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                break
+    server.wait_idle()
+
+
 def reopen(stub: engine_pb2_grpc.EngineStub, request_: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
     """Generate `request_` once its id is free: the stream that used it last may still be closing."""
     deadline = time.monotonic() + 5

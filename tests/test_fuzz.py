@@ -8,6 +8,8 @@ requests with enormous budgets cost no time. Afterwards both services are health
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 from collections.abc import Callable
 
@@ -15,9 +17,11 @@ import grpc
 import pytest
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pagoda.decode_guard import DecodeGuard
 from pagoda.v1 import engine_pb2 as epb
 from pagoda.v1 import tokenizer_pb2 as tpb
 from tests.test_faults import engine_idle
@@ -224,6 +228,57 @@ def test_invalid_utf8_is_invalid_argument(pair, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_truncated_messages_are_invalid_argument(pair, method):
     assert answered(lambda: raw_call(pair, method, TRUNCATED)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+# ServerReflectionRequest.file_by_filename (field 3) holding bytes that are not UTF-8.
+REFLECTION_INVALID_UTF8 = b"\x1a\x03\xff\xfe\xfd"
+
+
+@pytest.mark.parametrize("payload", [REFLECTION_INVALID_UTF8, TRUNCATED], ids=["invalid-utf8", "truncated"])
+@pytest.mark.parametrize("which", ["engine", "front"])
+def test_reflection_requests_that_do_not_parse_are_invalid_argument(pair, which, payload):
+    # Reflection streams its requests, so grpc parses them inside the servicer: once UNKNOWN and a traceback.
+    service = pair[1] if which == "engine" else pair[0]
+    logged = service.log.stat().st_size
+    reflect = service.channel.stream_stream(REFLECTION)
+    with pytest.raises(grpc.RpcError) as error:
+        list(reflect(iter([payload]), timeout=10))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in error.value.details()
+    listing = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+    answer = reflection_pb2.ServerReflectionResponse.FromString(next(reflect(iter([listing]), timeout=10)))
+    assert reflection_pb2.ServiceResponse(name="grpc.health.v1.Health") in answer.list_services_response.service
+    with open(service.log, "rb") as log:
+        log.seek(logged)
+        assert b"Traceback" not in log.read()
+
+
+def test_a_stream_unary_request_that_does_not_parse_is_invalid_argument(caplog):
+    # The services have no stream-unary RPC: a real server with the guard stands in for one.
+    async def count(requests, context):
+        return b"%d" % len([request async for request in requests])
+
+    async def main():
+        server = grpc.aio.server(interceptors=[DecodeGuard()])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Counter", {
+            "Count": grpc.stream_unary_rpc_method_handler(count, health_pb2.HealthCheckRequest.FromString)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_unary("/test.Counter/Count")  # no serializers: raw bytes
+                assert await call(iter([b"", b""]), timeout=10) == b"2"
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await call(iter([b"", INVALID_UTF8]), timeout=10)  # HealthCheckRequest's field 1 is a string
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "not a valid protobuf message" in error.value.details()
+        finally:
+            await server.stop(None)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 @FUZZ

@@ -94,6 +94,8 @@ def cancel(calls: list, engine: Engine) -> None:
     (dict(n=3), "n must be in [1, 2]"),
     (dict(logprobs=4), "logprobs must be in [0, 3]"),
     (dict(max_tokens=MAX_MODEL_LEN), f"max length is {MAX_MODEL_LEN}"),
+    # Every id but EOS (2) is a stop id, and EOS is one too: min_tokens would leave nothing to draw.
+    (dict(min_tokens=1, max_tokens=4, stop_token_ids=[i for i in range(400) if i != 2]), "would ban every token"),
 ])
 def test_sampling_caps_are_invalid_argument(front, params, words):
     error = generate(front, **params)

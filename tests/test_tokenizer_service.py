@@ -388,6 +388,15 @@ def test_invalid_requests(front, method, request_, match):
     assert error.value.code() == INVALID and match in error.value.details()
 
 
+def test_an_answer_past_the_message_limit_is_refused_clearly(front):
+    """1.5 MB of text tokenizes to an answer of several MB (the prompt, then every token's id and text)."""
+    with pytest.raises(grpc.RpcError) as error:
+        front.stub.Tokenize(tpb.TokenizeRequest(text="ab" * 750_000), timeout=60)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "message limit" in error.value.details() and "send less text" in error.value.details()
+    assert front.stub.Tokenize(tpb.TokenizeRequest(text="still fine"), timeout=10).token_ids
+
+
 def test_duplicate_request_id_is_refused(front):
     call = front.stub.Generate(tpb.TextGenerateRequest(
         request_id="twice", prompt="x", sampling_params=epb.SamplingParams(max_tokens=400, ignore_eos=True)))
@@ -396,6 +405,19 @@ def test_duplicate_request_id_is_refused(front):
         list(front.stub.Generate(tpb.TextGenerateRequest(request_id="twice", prompt="y")))
     assert error.value.code() == INVALID and "already running" in error.value.details()
     call.cancel()
+
+
+def test_a_request_id_is_free_once_its_last_message_is_read(front):
+    """A client may stop reading at the last finish reason, before the stream's status: the id is free by then,
+    on the tokenizer service and on the engine it passes the id to."""
+    request = tpb.TextGenerateRequest(request_id="next-please", prompt="x", sampling_params=greedy(1, n=2))
+    for _ in range(40):
+        finished = set()
+        for message in front.stub.Generate(request, timeout=10):
+            if message.finish_reason != epb.FINISH_REASON_UNSPECIFIED:
+                finished.add(message.index)
+            if len(finished) == 2:
+                break
 
 
 def test_model_info_and_reflection(front, engines):

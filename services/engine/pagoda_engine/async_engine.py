@@ -143,11 +143,18 @@ class AsyncEngine:
                 if error is not None:
                     raise EngineDeadError("the engine stopped while serving this request") from error
                 unfinished -= sum(1 for out in batch if out.finish_reason is not None)
+                if not unfinished:  # the id is free once the caller has the last outputs, not after
+                    self._forget(request_id, key)
                 yield batch
         finally:
-            del self._streams[key], self._keys[request_id]
+            self._forget(request_id, key)
             if unfinished and self._error is None:
                 self._send(Abort(key))
+
+    def _forget(self, request_id: str, key: str) -> None:
+        self._streams.pop(key, None)
+        if self._keys.get(request_id) == key:  # not a later admission under the same id
+            del self._keys[request_id]
 
     def abort(self, request_id: str, indices: tuple[int, ...] = ()) -> bool:
         """Abort a request's samples (``indices``; empty: all) by id, for the Abort RPC; False when no such

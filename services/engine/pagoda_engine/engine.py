@@ -55,6 +55,12 @@ class RequestLimits:
     max_model_len: int
     max_logprobs: int
     max_n: int
+    eos_token_ids: frozenset[int]
+
+    def stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The token ids that end a sample of ``params`` (and that ``min_tokens`` bans until then)."""
+        ids = set(params.stop_token_ids) if params.ignore_eos else {*params.stop_token_ids, *self.eos_token_ids}
+        return frozenset(t for t in ids if t < self.vocab_size)  # the others never come
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError with a message a user can act on."""
@@ -69,6 +75,9 @@ class RequestLimits:
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"max model length {self.max_model_len}"
             )
+        if params.min_tokens and len(self.stop_ids(params)) == self.vocab_size:
+            raise InvalidRequestError(f"min_tokens {params.min_tokens} would ban every token: the stop token ids "
+                                      f"and EOS cover the whole vocabulary of {self.vocab_size}")
 
 
 def resolve_limits(config: EngineConfig, model_config: ModelConfig) -> EngineConfig:
@@ -127,10 +136,10 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
-        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         # No more logprobs than the vocabulary has (a topk past it fails), whatever --max-logprobs allows.
         max_logprobs = min(config.max_logprobs, self.model_config.vocab_size)
-        self.limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, max_logprobs, config.max_n)
+        self.limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, max_logprobs, config.max_n,
+                                    frozenset(self.model_config.eos_token_ids))
         self.requests: dict[str, list[Sequence]] = {}
         self._seeds = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None
@@ -142,9 +151,7 @@ class LLMEngine:
     ) -> None:
         """Queue a request; raises InvalidRequestError with a message a user can act on."""
         self.validate(request_id, prompt_token_ids, params)
-        stop_ids = frozenset(t for t in params.stop_token_ids if t < self.model_config.vocab_size)  # others never come
-        if not params.ignore_eos:
-            stop_ids |= self.eos_token_ids
+        stop_ids = self.limits.stop_ids(params)
         base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         seqs = []
         for index in range(params.n):

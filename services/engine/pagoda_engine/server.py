@@ -23,6 +23,7 @@ import logging
 import signal
 import time
 import uuid
+from collections import Counter
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -138,14 +139,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.engine_failed = asyncio.Event()
         self._instance_id = uuid.uuid4().hex
         self._serving_since = time.monotonic()
-        # Ids of the Generate calls in flight, and an event set whenever there are none (for drain).
-        self._active: set[str] = set()
+        # Request ids of the Generate calls in flight, and an event set whenever there are none (for drain).
+        # Counted: a finished request's id is free for reuse (AsyncEngine) while its call still closes.
+        self._active: Counter[str] = Counter()
         self._idle = asyncio.Event()
         self._idle.set()
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._active)
+        return self._active.total()
 
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -160,9 +162,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if (size := len(request_id.encode())) > MAX_REQUEST_ID_BYTES:
             await self._refuse(context, InvalidRequestError(
                 f"request_id is {size} bytes; at most {MAX_REQUEST_ID_BYTES} (UTF-8) are accepted"))
-        if request_id in self._active:
-            await self._refuse(context, InvalidRequestError(f"request id {request_id!r} is already in use"))
-        self._active.add(request_id)
+        self._active[request_id] += 1
         self._idle.clear()
         try:
             await self._stream(engine, request_id, request, context)
@@ -174,7 +174,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             self.metrics.cancelled.inc()
             raise
         finally:
-            self._active.discard(request_id)
+            self._active[request_id] -= 1
+            if not self._active[request_id]:
+                del self._active[request_id]
             if not self._active:
                 self._idle.set()
 

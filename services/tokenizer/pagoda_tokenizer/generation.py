@@ -51,11 +51,16 @@ class Generation:
         self._engine_has_request = False
         # Samples aborted before that, to be aborted on the engine once it has the request.
         self._early_aborts: set[int] = set()
+        # Every sample's last message has been produced: the request is over.
+        self.finished = False
 
     async def stream(self) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
         if len(self._early_aborts) == self._num_samples:
-            for out in self._aborted_before_any_engine():
+            *outs, last = self._aborted_before_any_engine()
+            for out in outs:
                 yield out
+            self.finished = True
+            yield last
             return
         tried: set[str] = set()
         refusal: RequestError | None = None
@@ -100,6 +105,7 @@ class Generation:
         self._engine = engine
         received = False
         aborted: set[int] = set()
+        last: tokenizer_pb2.TextGenerateResponse | None = None
         with engine.track(self._num_samples):
             call = engine.stub.Generate(request)
             try:
@@ -109,7 +115,9 @@ class Generation:
                         await self._on_first_message(engine)
                     sample = samples[message.index]
                     out = sample.on_engine_message(message)
-                    if out is not None:
+                    if out is not None and all(s.finished for s in samples):
+                        last = out  # held until the engine closes the call, which frees the id there too
+                    elif out is not None:
                         yield out
                     if sample.output_done and not sample.finished and message.index not in aborted:
                         # A stop string ended the sample: stop the engine spending steps on it. Its final
@@ -120,8 +128,10 @@ class Generation:
                 raise self._engine_error(engine, exc, received) from exc
             finally:
                 call.cancel()
-        if not all(s.finished for s in samples):
+        if last is None:
             raise RequestError(grpc.StatusCode.INTERNAL, f"engine {engine.address} ended the stream early")
+        self.finished = True
+        yield last
 
     async def _on_first_message(self, engine: EngineClient) -> None:
         self._engine_has_request = True

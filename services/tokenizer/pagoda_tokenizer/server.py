@@ -13,6 +13,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -37,6 +38,7 @@ SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # Every message of a stream echoes its request id: an unbounded one made every message that large.
 MAX_REQUEST_ID_BYTES = 256
+_Answer = TypeVar("_Answer", tokenizer_pb2.TokenizeResponse, tokenizer_pb2.DetokenizeResponse)
 
 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
@@ -68,18 +70,36 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
                        ) -> tokenizer_pb2.TokenizeResponse:
         try:
-            return await asyncio.to_thread(self._tokenize, request)
+            return self._fitting(await asyncio.to_thread(self._tokenize, request))
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
 
     async def Detokenize(self, request: tokenizer_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
                          ) -> tokenizer_pb2.DetokenizeResponse:
-        unknown = [i for i in request.token_ids if i >= self._tokenizer.vocab_size]
-        if unknown:
-            await context.abort(INVALID, f"token ids {unknown[:5]} are not in the vocabulary "
-                                         f"(size {self._tokenizer.vocab_size})")
-        text = self._tokenizer.decode(list(request.token_ids), _flag(request, "skip_special_tokens"))
+        try:
+            # In a thread, as Tokenize: millions of ids would hold every stream of this worker for a second.
+            return self._fitting(await asyncio.to_thread(self._detokenize, request))
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+
+    def _detokenize(self, request: tokenizer_pb2.DetokenizeRequest) -> tokenizer_pb2.DetokenizeResponse:
+        token_ids = list(request.token_ids)
+        if token_ids and max(token_ids) >= self._tokenizer.vocab_size:
+            unknown = [i for i in token_ids if i >= self._tokenizer.vocab_size]
+            raise RequestError(INVALID, f"token ids {unknown[:5]} are not in the vocabulary "
+                                        f"(size {self._tokenizer.vocab_size})")
+        text = self._tokenizer.decode(token_ids, _flag(request, "skip_special_tokens"))
         return tokenizer_pb2.DetokenizeResponse(text=text)
+
+    def _fitting(self, response: _Answer) -> _Answer:
+        """``response``, if it fits in one message: a Tokenize answer is several times its request (the prompt,
+        then each token's id and text), so a request within the limit can have an answer past it."""
+        size, limit = response.ByteSize(), self._config.max_message_bytes
+        if size > limit:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the answer would be {size} bytes, more than "
+                                                                   f"this service's {limit}-byte message limit: "
+                                                                   "send less text or fewer ids per call")
+        return response
 
     async def GetModelInfo(self, request: engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
                            ) -> tokenizer_pb2.TokenizerModelInfo:
@@ -129,10 +149,16 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
             # the request there) rather than whenever the generator is garbage-collected.
             async with contextlib.aclosing(generation.stream()) as stream:
                 async for out in stream:
+                    if generation.finished:  # the id is free for reuse once the client has this message
+                        self._forget(generation)
                     yield out
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
         finally:
+            self._forget(generation)
+
+    def _forget(self, generation: Generation) -> None:
+        if self._running.get(generation.request_id) is generation:  # not a later request under the same id
             del self._running[generation.request_id]
 
     def _admit(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest) -> str:
