@@ -58,10 +58,12 @@ INVARIANT_SPLITS = 32
 # one sequence of 1K tokens attends in 8.0 us per layer with 64-token pieces, 12.5 with 256 (H200).
 THROUGHPUT_MIN_TOKENS = 64
 MAX_SPLITS = 64
-# Programs per SM the throughput policy aims at, rounded down so that 256 sequences x 8 KV heads stay
-# unsplit. Batches of 33-128 sequences (416 of the offline workload's 1,024 decode steps) get 2-4 splits,
-# where 4 per SM rounded up gave them 1-2: +1.8% offline on the H200 (bench/RESULTS.md, run J).
-TARGET_PROGRAMS_PER_SM = 16
+# Programs per SM the throughput policy aims at, rounded down. With the grid visiting the longest contexts
+# first, fewer splits suffice: on 16-128 ragged contexts (100-1K tokens) this count's splits were within
+# 2% of the best forced count at every batch size, where 16 per SM gave 64 sequences 4 splits (52.0 us
+# against 48.9 unsplit) and 16 sequences 16 (22.0 against 20.0); offline +0.8% (H200, bench/RESULTS.md,
+# run M).
+TARGET_PROGRAMS_PER_SM = 8
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
