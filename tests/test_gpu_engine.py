@@ -113,7 +113,8 @@ from pagoda_engine import LLM, SamplingParams
 from pagoda_engine.kernels.compile_watch import triton_compiles
 from tests.test_engine import prompts_of
 llm = LLM(sys.argv[1], device="cuda", dtype="bfloat16", block_size=16, max_num_batched_tokens=256,
-          num_kv_blocks=int(sys.argv[2]) or None, gpu_memory_utilization=float(sys.argv[3]))
+          num_kv_blocks=int(sys.argv[2]) or None, gpu_memory_utilization=float(sys.argv[3]),
+          **json.loads(sys.argv[4]))
 lengths = [17, 280, 33, 300, 420, 5, 260, 390, 64, 310, 129, 450, 40, 8, 600, 77, 150, 3, 500, 222]
 samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.6),
             SamplingParams(temperature=0.8, top_k=20, top_p=0.9), SamplingParams(repetition_penalty=1.2),
@@ -125,13 +126,16 @@ print(json.dumps(compiled))
 """
 
 
-@pytest.mark.parametrize("num_kv_blocks", [1024, 0], ids=["explicit-cache", "sized-from-memory"])
-def test_warm_up_leaves_no_kernel_to_compile(tmp_path_factory, num_kv_blocks):
+@pytest.mark.parametrize(("num_kv_blocks", "flags"), [
+    (1024, {}), (0, {}), (1024, {"batch_invariant": True, "enforce_eager": True}),
+], ids=["explicit-cache", "sized-from-memory", "batch-invariant-eager"])
+def test_warm_up_leaves_no_kernel_to_compile(tmp_path_factory, num_kv_blocks, flags):
     """After the engine's own warm-up, serving compiles no Triton kernel: a batch that shrinks through many
     sizes and split counts (8 KV heads), contexts of several decode pieces, chunked prefill beside decodes
     (eager steps with block tables of many widths), greedy, sampled, filtered and penalised rows, a
     vocabulary the draw slices over several programs; with the cache sized either way (an explicit size
-    skips the memory-profiling pass)."""
+    skips the memory-profiling pass); and batch-invariant decode without graphs, whose capture would have
+    compiled the split variants otherwise."""
     model = make_tiny_model(tmp_path_factory.mktemp("warm_up"), "Qwen3ForCausalLM", hidden_size=256,
                             num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=8192,
                             max_position_embeddings=2048)
@@ -141,7 +145,7 @@ def test_warm_up_leaves_no_kernel_to_compile(tmp_path_factory, num_kv_blocks):
     free, total = torch.cuda.mem_get_info()
     utilization = f"{min(0.95, (total - free) / total + 0.1):.3f}"
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", _SERVE_AND_REPORT, str(model), str(num_kv_blocks), utilization],
-                            cwd=root, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", _SERVE_AND_REPORT, str(model), str(num_kv_blocks), utilization,
+                             json.dumps(flags)], cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []

@@ -236,9 +236,10 @@ class ModelRunner:
         self._profile_run(max_model_len)
         free, total = torch.cuda.mem_get_info()
         stats = torch.cuda.memory_stats()
-        # Memory in use now by others (other processes, the CUDA context) plus our activation peak.
-        used_outside_peak = (total - free) - stats["allocated_bytes.all.current"]
-        budget = total * self.config.gpu_memory_utilization - used_outside_peak - stats["allocated_bytes.all.peak"]
+        # Memory outside torch's allocator (other processes, the CUDA context). What the allocator reserves
+        # but no tensor holds is the freed activations' cache, counted by the peak below: not twice.
+        used_outside_torch = (total - free) - stats["reserved_bytes.all.current"]
+        budget = total * self.config.gpu_memory_utilization - used_outside_torch - stats["allocated_bytes.all.peak"]
         return int(budget) // self.kv_bytes_per_block()
 
     @torch.inference_mode()
@@ -290,11 +291,12 @@ class ModelRunner:
         decode batch alone.
 
         The profiling pass has no cache, so without this the first request would wait while the
-        paged prefill and eager decode kernels compile. The largest batch may split no context, a variant
-        of its own (it writes its output directly) that eager decodes past the graphs' sizes need.
-        Nothing is written (every slot is -1).
+        paged prefill and eager decode kernels compile. The first decode's context is long enough to
+        split under either policy (the batch-invariant one splits past 256 tokens); the largest batch
+        may split no context, a variant of its own (it writes its output directly) that eager decodes
+        past the graphs' sizes need. Nothing is written (every slot is -1).
         """
-        self._dummy_step([1, 24], [33, 48], num_decodes=1)
+        self._dummy_step([1, 24], [300, 48], num_decodes=1)
         largest = self._largest_batch()
         self._dummy_step([1] * largest, [33] * largest, num_decodes=largest)
 
