@@ -214,6 +214,22 @@ def test_cli_generate_streams_and_json(target, monkeypatch, capsys):
     assert code == 0 and answer["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 5
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (("generate", "hi", "--max-tokens", "-3"), "-3 is not in [1, 4294967295]"),
+    (("generate", "hi", "--seed", "-1"), "-1 is not in [0, 9223372036854775807]"),
+    (("detokenize", "-1"), "-1 is not in [0, 4294967295]"),
+])
+def test_cli_out_of_range_numbers_are_usage_errors(target, args, words, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(target, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_cli_unreadable_certificate_is_one_line(target, monkeypatch, capsys):
+    code = cli.main(["--target", target, "--ca-cert", "/nonexistent.pem", "info"])
+    assert code == 1 and capsys.readouterr().err.startswith("pagoda: error: ")
+
+
 def test_cli_chat_once(target, monkeypatch, capsys):
     code, out, _ = run_cli(target, "chat", "--once", "What is the capital of France?", "--temperature", "0",
                            "--max-tokens", "32", monkeypatch=monkeypatch, capsys=capsys)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -187,3 +190,37 @@ def test_a_bad_environment_value_is_a_usage_error(capsys):
         TokenizerConfig.from_args(["--model", "m"], env={"PAGODA_PORT": "abc"})
     assert "--port: invalid" in capsys.readouterr().err
     assert TokenizerConfig.from_args(["--model", "m"], env={"PAGODA_PORT": "7000"}).port == 7000
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_service_on_a_taken_port_exits_instead_of_sharing_it(tiny_dir, engine, tmp_path, workers):  # noqa: F811
+    """gRPC binds with SO_REUSEPORT by default: a second instance used to start and take part of the traffic."""
+    with workers_front(tiny_dir, engine, tmp_path / "first.log", 1) as first:
+        args = ["pagoda_tokenizer", "--model", str(tiny_dir), "--engines", engine.address, "--host", "127.0.0.1",
+                "--port", str(first.port), "--workers", str(workers)]
+        second = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "cannot listen on 127.0.0.1:" in second.stderr and "Traceback" not in second.stderr
+        assert first.info().num_engines == 1
+
+
+def test_a_missing_model_directory_is_one_line(tmp_path):
+    args = ["pagoda_tokenizer", "--model", str(tmp_path / "nowhere"), "--engines", "127.0.0.1:1", "--port", "0"]
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot load the tokenizer from" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_ipv6_host_is_bracketed(tiny_dir, engine, tmp_path):  # noqa: F811
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    front = Front(tiny_dir, [engine.address], tmp_path / "front.log", "--host", "::1")
+    try:
+        wait_for(lambda: "listening on [::1]:" in front.log.read_text() or front.process.poll() is not None, 30,
+                 "the front to listen or exit")
+        assert front.process.poll() is None, front.log.read_text()
+    finally:
+        front.stop()

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _client(args) as client:
             return args.run(client, args)
-    except PagodaError as error:
+    except (PagodaError, OSError) as error:  # OSError: a certificate file that cannot be read
         print(f"pagoda: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--json", action="store_true", help="print the response as JSON")
 
     detokenize = _command(commands, "detokenize", _detokenize, "turn token ids into text")
-    detokenize.add_argument("token_ids", nargs="+", type=int, metavar="ID")
+    detokenize.add_argument("token_ids", nargs="+", type=_ranged(0, 2**32 - 1), metavar="ID")
 
     health = _command(commands, "health", _health, "print the service's health; exit 0 when SERVING")
     health.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for SERVING")
@@ -92,14 +92,27 @@ def _command(commands: Any, name: str, run: Callable[[Client, argparse.Namespace
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, help="most tokens to generate (default: up to the max model length)")
+    parser.add_argument("--max-tokens", type=_ranged(1, 2**32 - 1),
+                        help="most tokens to generate (default: up to the max model length)")
     parser.add_argument("--temperature", type=float, help="0 is greedy (default: 1)")
     parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--seed", type=int, help="same seed, same answer")
+    parser.add_argument("--top-k", type=_ranged(-1, 2**31 - 1), help="-1 or 0: no top-k")
+    parser.add_argument("--seed", type=_ranged(0, 2**63 - 1), help="same seed, same answer")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true",
                         help="no streaming: print each answer as one JSON line (text, finish_reason, usage)")
+
+
+def _ranged(low: int, high: int) -> Callable[[str], int]:
+    """An int flag's type, refused by argparse outside [low, high] (the proto field's range)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    parse.__name__ = "integer"  # how argparse names the type in its errors
+    return parse
 
 
 def _client(args: argparse.Namespace) -> Client:

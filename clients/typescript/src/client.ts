@@ -111,6 +111,9 @@ export class TextStream implements AsyncIterable<string> {
       }
     } catch (error) {
       throw toPagodaError(error);
+    } finally {
+      // A `break` out of `for await` lands here with the answer unfinished: stop it on the server too.
+      if (this.finishReason === undefined) this.call.cancel();
     }
   }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -87,10 +89,17 @@ class EngineConfig:
         if not (0 < self.port < 65536 and 0 <= self.metrics_port < 65536):
             raise ValueError(f"port must be in [1, 65535] and metrics_port in [0, 65535], got {self.port}, "
                              f"{self.metrics_port}")
-        if (self.max_waiting_requests < 1 or self.drain_grace_seconds < 0 or self.max_message_bytes < 1
-                or self.engine_step_timeout_s < 0):
+        # Written so that NaN fails too: every comparison with it is false.
+        if (self.max_waiting_requests < 1 or not 0 <= self.drain_grace_seconds < math.inf
+                or self.max_message_bytes < 1 or not 0 <= self.engine_step_timeout_s < math.inf):
             raise ValueError("max_waiting_requests and max_message_bytes must be >= 1, drain_grace_seconds and "
-                             "engine_step_timeout_s >= 0")
+                             "engine_step_timeout_s finite and >= 0")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         if self.max_n > self.max_waiting_requests:
             # A request of n samples waits as n sequences: one of more than the cap could never be admitted.
             raise ValueError(f"max_n ({self.max_n}) must be <= max_waiting_requests ({self.max_waiting_requests})")

@@ -135,6 +135,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.model_info: engine_pb2.ModelInfo | None = None
         self.metrics = EngineMetrics(self._load)
         self.draining = False
+        # Set when the drain's grace ran out: the requests it aborts end UNAVAILABLE, not as a finished ABORT.
+        self._cutting_short = False
         # Set when a request found the engine core dead: the process should exit and be restarted.
         self.engine_failed = asyncio.Event()
         self._instance_id = uuid.uuid4().hex
@@ -213,6 +215,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         await _wait_any(self._idle, hurry, timeout=grace_seconds)
         if self._active:
             logger.warning("drain: aborting %d requests still running", len(self._active))
+            self._cutting_short = True
             for request_id in list(self._active):
                 self.engine.abort(request_id)
             with contextlib.suppress(TimeoutError):
@@ -227,11 +230,19 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         timer = StreamTimer(self.metrics, len(prompt))
         # aclosing: when the call ends early (cancel, disconnect, deadline) the generator closes at once,
         # which aborts the request and frees its KV blocks.
+        cut_short = False
         async with contextlib.aclosing(engine.generate(request_id, prompt, params)) as outputs:
             async for batch in outputs:
                 for message in to_responses(request_id, batch):
+                    if self._cutting_short and message.finish_reason == engine_pb2.FINISH_REASON_ABORT:
+                        cut_short = True  # the shutdown's abort, not the client's: the answer is incomplete
+                        continue
                     timer.record(message.index, len(message.token_ids), _FINISH_LABELS.get(message.finish_reason))
                     await context.write(message)
+        if cut_short:
+            # Retryable, unlike a finished stream: the tokenizer service retries one that had no output yet.
+            self.metrics.failed.labels(grpc.StatusCode.UNAVAILABLE.name).inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine shut down before this request finished")
 
     async def _engine_or_abort(self, context: grpc.aio.ServicerContext, admitting: bool = False) -> AsyncEngine:
         if self.engine is None:

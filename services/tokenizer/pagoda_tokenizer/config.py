@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
 import os
 import types
 import typing
@@ -75,8 +77,13 @@ class TokenizerConfig:
             raise ValueError("workers > 1 needs a fixed port: with port 0 each worker would pick its own")
         if self.max_stop_strings < 0 or self.max_stop_string_chars < 1:
             raise ValueError("max_stop_strings must be >= 0 and max_stop_string_chars >= 1")
-        if self.load_poll_interval_s <= 0 or self.reconnect_max_s <= 0:
-            raise ValueError("load_poll_interval_s and reconnect_max_s must be > 0")
+        # Written so that NaN fails too (every comparison with it is false), and inf where it would overflow.
+        if not (0 < self.load_poll_interval_s < math.inf and 0 < self.reconnect_max_s < math.inf):
+            raise ValueError("load_poll_interval_s and reconnect_max_s must be finite and > 0")
+        if not (0 <= self.shutdown_grace_s < math.inf and self.affinity_max_extra_load >= 0):
+            raise ValueError("shutdown_grace_s must be finite and >= 0, affinity_max_extra_load >= 0")
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         if self.affinity_prefix_blocks < 0 or self.affinity_table_size < 1:
             raise ValueError("affinity_prefix_blocks must be >= 0 and affinity_table_size >= 1")
         if self.max_concurrent_streams < 1 or self.max_message_bytes < 1:

@@ -172,8 +172,9 @@ class EnginePool:
         return chosen
 
     async def abort(self, request_id: str, indices: Sequence[int] = ()) -> bool:
-        """Abort ``request_id`` on every healthy engine; whether one of them was running it."""
-        return any(await asyncio.gather(*(engine.abort(request_id, indices) for engine in self.healthy_engines)))
+        """Abort ``request_id`` on every engine, healthy or not (a draining engine still runs its streams);
+        whether one of them was running it. An unreachable one answers at once with an error: False."""
+        return any(await asyncio.gather(*(engine.abort(request_id, indices) for engine in self.engines)))
 
     def _health_changed(self) -> None:
         self._on_health_change(bool(self.healthy_engines))

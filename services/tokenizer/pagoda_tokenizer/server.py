@@ -297,20 +297,30 @@ async def serve(config: TokenizerConfig, worker: int | None = None) -> int:
     except (OSError, ValueError) as error:  # a wrong path or an empty token file: say which, not a traceback
         logger.error("cannot read the TLS or token files: %s", error)
         return 1
-    tokenizer = TextTokenizer.from_dir(config.model)
+    try:
+        tokenizer = TextTokenizer.from_dir(config.model)
+    except Exception as error:  # noqa: BLE001 - a missing directory or a corrupt file: one line, not a traceback
+        logger.error("cannot load the tokenizer from %s: %s", config.model, error)
+        return 1
     health_servicer = health.aio.HealthServicer()
     health_updates = _HealthPublisher(health_servicer)
     pool = EnginePool(config, on_health_change=health_updates.publish, credentials=engine_credentials)
-    server = _build_server(config, token)
+    # Workers share the port on purpose (the supervisor checked it was free); one process alone must not.
+    server = _build_server(config, token, share_port=worker is not None)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerService(config, tokenizer, pool), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    address = listen_address(config.host, config.port)
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError as error:  # gRPC's "Failed to bind": the port is taken or the host is not ours
+        logger.error("cannot listen on %s: %s", address, error)
+        return 1
     await health_updates.set(serving=False)
     await server.start()
     pool.start()
-    logger.info("pagoda tokenizer listening on %s:%d%s (%s), engines %s (%s)", config.host, port,
+    logger.info("pagoda tokenizer listening on %s%s (%s), engines %s (%s)", listen_address(config.host, port),
                 "" if worker is None else f" as worker {worker} of {config.workers} (pid {os.getpid()})",
                 _security(credentials is not None, config.tls_client_ca_file, token),
                 ",".join(config.engines), "TLS" if config.engine_tls_ca_file else "plaintext")
@@ -327,15 +337,20 @@ async def serve(config: TokenizerConfig, worker: int | None = None) -> int:
     return 0
 
 
-def _build_server(config: TokenizerConfig, token: str | None) -> grpc.aio.Server:
+def listen_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC takes it, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _build_server(config: TokenizerConfig, token: str | None, share_port: bool) -> grpc.aio.Server:
     return grpc.aio.server(
         # The token first: a caller without it learns nothing, not even whether its request parsed.
         interceptors=([BearerTokenInterceptor(token)] if token is not None else []) + [DecodeGuard()],
         options=[("grpc.max_send_message_length", config.max_message_bytes),
                  ("grpc.max_receive_message_length", config.max_message_bytes),
-                 # gRPC's default on Linux, set so that --workers does not depend on it: every worker binds
-                 # the same port and the kernel spreads connections over them.
-                 ("grpc.so_reuseport", 1)],
+                 # With --workers every worker binds the same port and the kernel spreads connections over
+                 # them; otherwise off (gRPC's default is on): a second instance would share the traffic.
+                 ("grpc.so_reuseport", int(share_port))],
     )
 
 

@@ -19,13 +19,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from pagoda_tokenizer.config import TokenizerConfig
-from pagoda_tokenizer.server import serve
+from pagoda_tokenizer.server import listen_address, serve
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class _Supervisor:
         self._failed = False
 
     def run(self) -> int:
+        if not self._port_is_free():
+            return 1
         self._start_workers()
         # Installed only now: a signal before this kills the supervisor, and its closed pipes stop the workers.
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,6 +59,18 @@ class _Supervisor:
             for sentinel in wait(list(running)):
                 self._reap(running.pop(sentinel))
         return 1 if self._failed else 0
+
+    def _port_is_free(self) -> bool:
+        """Whether nothing listens on host:port yet. The workers bind it with SO_REUSEPORT, which would also
+        let them join another service already there and silently share its connections."""
+        host, port = self._config.host, self._config.port
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.bind((host, port))
+        except OSError as error:
+            logger.error("cannot listen on %s: %s", listen_address(host, port), error)
+            return False
+        return True
 
     def _start_workers(self) -> None:
         context = multiprocessing.get_context("spawn")
