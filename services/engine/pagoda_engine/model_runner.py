@@ -287,16 +287,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_cached_step(self) -> None:
-        """Eager steps through the cache: a decode beside a prefill after a cached prefix, then the largest
-        decode batch alone.
+        """Eager steps through the cache: decodes of one and two sequences, a decode beside a prefill after
+        a cached prefix, then the largest decode batch alone.
 
         The profiling pass has no cache, so without this the first request would wait while the
-        paged prefill and eager decode kernels compile. The first decode's context is long enough to
-        split under either policy (the batch-invariant one splits past 256 tokens); the largest batch
-        may split no context, a variant of its own (it writes its output directly) that eager decodes
-        past the graphs' sizes need. Nothing is written (every slot is -1).
+        paged prefill and eager decode kernels compile. One and two rows are the skinny GEMM's two
+        variants, which only graph capture reached otherwise (so ``enforce_eager`` compiled them while
+        serving); their contexts are long enough to split under either policy (the batch-invariant one
+        splits past 256 tokens). The largest batch may split no context, a variant of its own (it writes
+        its output directly) that eager decodes past the graphs' sizes need. Nothing is written (every
+        slot is -1).
         """
-        self._dummy_step([1, 24], [300, 48], num_decodes=1)
+        self._dummy_step([1], [300], num_decodes=1)
+        self._dummy_step([1, 1], [300, 33], num_decodes=2)
+        self._dummy_step([1, 24], [33, 48], num_decodes=1)
         largest = self._largest_batch()
         self._dummy_step([1] * largest, [33] * largest, num_decodes=largest)
 
