@@ -6,9 +6,9 @@ on it. So the kernel is built around reading the cache once, at full bandwidth:
 - one program per (sequence, KV head, KV split). It loads each K/V tile once and attends all the query
   heads of that KV head's group to it (GQA), padding the group up to 16 rows so ``tl.dot`` applies;
 - the grid visits sequences longest context first (``longest_first``): an unsplit program lasts as long
-  as its context, and with the long ones started first the short ones fill the last wave. 256
-  sequences of 100-1K tokens in random order then attend within 2% of the time of the same bytes in
-  equal contexts, 2-12% faster than in batch order (H200, bench/kernels.py's ragged table);
+  as its context, and with the long ones started first the short ones fill the last wave (the
+  longest-processing-time rule). Offline +0.9% on the H200. The kernel benchmark's ragged table is too
+  noisy to size the gain (bench/RESULTS.md, fifth session);
 - a sequence's context is cut into ``num_splits`` contiguous pieces so that a few long sequences still
   spread over all SMs. Each split keeps an online softmax in fp32 and writes its normalised partial
   output and log-sum-exp; a small reduce kernel combines the splits. With one split the first kernel
@@ -58,12 +58,12 @@ INVARIANT_SPLITS = 32
 # one sequence of 1K tokens attends in 8.0 us per layer with 64-token pieces, 12.5 with 256 (H200).
 THROUGHPUT_MIN_TOKENS = 64
 MAX_SPLITS = 64
-# Programs per SM the throughput policy aims at, rounded down. With the grid visiting the longest contexts
-# first, fewer splits suffice: on 16-128 ragged contexts (100-1K tokens) this count's splits were within
-# 2% of the best forced count at every batch size, where 16 per SM gave 64 sequences 4 splits (52.0 us
-# against 48.9 unsplit) and 16 sequences 16 (22.0 against 20.0); offline +0.8% (H200, bench/RESULTS.md,
-# run M).
-TARGET_PROGRAMS_PER_SM = 8
+# Programs per SM the throughput policy aims at, rounded down so that 256 sequences x 8 KV heads stay
+# unsplit. Batches of 33-128 sequences (416 of the offline workload's 1,024 decode steps) get 2-4 splits,
+# where 4 per SM rounded up gave them 1-2: +1.8% offline on the H200 (bench/RESULTS.md, run J). 8 per SM
+# (runs M, N) was better on ragged short contexts at 16-64 sequences but 3-6% slower on uniform 1-8K
+# contexts at 32, and offline within the noise (+0.5%): kept at 16.
+TARGET_PROGRAMS_PER_SM = 16
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
