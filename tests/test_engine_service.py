@@ -169,7 +169,7 @@ def test_unset_proto_params_take_the_documented_defaults():
     assert (explicit.temperature, explicit.seed, explicit.logprobs, explicit.max_tokens, explicit.n) == (0, 0, 0, 3, 2)
 
 
-def test_flags_and_environment_map_onto_engine_config():
+def test_flags_and_environment_map_onto_engine_config(capsys):
     env = {"PAGODA_MAX_NUM_SEQS": "7", "PAGODA_ENFORCE_EAGER": "yes", "PAGODA_MAX_MODEL_LEN": "none",
            "PAGODA_MODEL": "from-env", "PAGODA_PORT": "6000"}
     config = parse_config(["--no-enable-prefix-caching", "--port", "7000", "--drain-grace-seconds", "1.5"], env)
@@ -178,6 +178,7 @@ def test_flags_and_environment_map_onto_engine_config():
     assert (config.enable_prefix_caching, config.port, config.drain_grace_seconds) == (False, 7000, 1.5)
     with pytest.raises(SystemExit):
         parse_config(["--model", "m"], {"PAGODA_MAX_NUM_SEQS": "many"})
+    assert "PAGODA_MAX_NUM_SEQS='many'" in capsys.readouterr().err  # the variable, not the flag it feeds
     with pytest.raises(SystemExit):
         parse_config([], {})  # --model is required
 

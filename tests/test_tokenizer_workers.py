@@ -188,7 +188,7 @@ def test_worker_counts_that_cannot_work_are_refused(flags, match, capsys):
 def test_a_bad_environment_value_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         TokenizerConfig.from_args(["--model", "m"], env={"PAGODA_PORT": "abc"})
-    assert "--port: invalid" in capsys.readouterr().err
+    assert "PAGODA_PORT='abc': invalid literal for int()" in capsys.readouterr().err
     assert TokenizerConfig.from_args(["--model", "m"], env={"PAGODA_PORT": "7000"}).port == 7000
 
 

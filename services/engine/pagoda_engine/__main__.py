@@ -52,9 +52,10 @@ def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: A
             default = _env_bool(parser, env, environ[env])
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"env {env}")
     else:
-        # A string default goes through `type` like a command-line value, so a bad env value is reported.
-        default = environ.get(env, default)
-        parser.add_argument(flag, type=_converter(hint), default=default, required=required, help=f"env {env}")
+        convert = _converter(hint)
+        if env in environ:  # converted here, so that a bad value is reported under the variable's name
+            default = _env_value(parser, env, environ[env], convert)
+        parser.add_argument(flag, type=convert, default=default, required=required, help=f"env {env}")
 
 
 def _converter(hint: Any) -> Callable[[str], Any]:
@@ -68,6 +69,13 @@ def _converter(hint: Any) -> Callable[[str], Any]:
         optional.__name__ = f"{inner.__name__} or none"  # how argparse names the type in its errors
         return optional
     return hint
+
+
+def _env_value(parser: argparse.ArgumentParser, env: str, text: str, convert: Callable[[str], Any]) -> Any:
+    try:
+        return convert(text)
+    except ValueError as error:
+        parser.error(f"{env}={text!r}: {error}")
 
 
 def _env_bool(parser: argparse.ArgumentParser, env: str, text: str) -> bool:

@@ -111,12 +111,13 @@ class TokenizerConfig:
             env_name = ENV_PREFIX + f.name.upper()
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             default = "required" if required else f"default {_default_of(f)}"
+            convert = _parser_for(hints[f.name])
             parser.add_argument(
                 "--" + f.name.replace("_", "-"),
                 dest=f.name,
-                type=_parser_for(hints[f.name]),
-                # A string default goes through `type` like a flag's value, so a bad env value is a usage error.
-                default=env.get(env_name),
+                type=convert,
+                # Converted here, so that a bad value is reported under the variable's name, not the flag's.
+                default=_env_value(parser, env_name, env[env_name], convert) if env_name in env else None,
                 required=required and env_name not in env,
                 help=f"env {env_name}; {default}",
             )
@@ -125,6 +126,14 @@ class TokenizerConfig:
             return cls(**values)
         except ValueError as error:  # values of the right types that do not go together
             parser.error(str(error))
+
+
+def _env_value(parser: argparse.ArgumentParser, name: str, text: str, convert: typing.Callable[[str], object]
+               ) -> object:
+    try:
+        return convert(text)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        parser.error(f"{name}={text!r}: {error}")
 
 
 def _default_of(f: dataclasses.Field) -> object:
