@@ -1,7 +1,8 @@
 """The Triton attention kernels and backend against the torch reference backend, on fresh random inputs.
 
-Every test is GPU-marked. The shapes are kept small so that the same tests also run on CPU tensors
-under the Triton interpreter (``TRITON_INTERPRET=1``, with the GPU skip lifted) while debugging.
+Every test is GPU-marked. The shapes are kept small for the Triton interpreter (``TRITON_INTERPRET=1``,
+with the GPU skip lifted), a debugging aid: triton 3.6's interpreter cannot loop ``range`` to a bound
+loaded from memory, which the attention kernels do, so only the cache-store tests run there unpatched.
 Outputs are always poisoned with NaN first, so a row a kernel forgets to write fails the comparison.
 """
 
