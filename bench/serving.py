@@ -173,8 +173,10 @@ def sender_for(job: ClientJob, channel: grpc.aio.Channel) -> Sender:
 
 
 async def warm_up(job: ClientJob, channel: grpc.aio.Channel) -> None:
-    """One short request first, so the run does not pay for lazy initialisation on either side."""
-    send = sender_for(dataclasses.replace(job, params=[WARMUP]), channel)
+    """One short request first, so the run does not pay for lazy initialisation on either side. Its prompt is
+    none of the workload's: the prefix cache would otherwise serve that request's prefill in the run."""
+    prompt = [1, 2, 3] if job.kind == "engine" else "Warm-up."
+    send = sender_for(dataclasses.replace(job, prompts=[prompt], params=[WARMUP]), channel)
     await measure(send, 0, 0)
 
 
