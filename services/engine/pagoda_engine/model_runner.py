@@ -298,8 +298,10 @@ class ModelRunner:
         its output directly) that eager decodes past the graphs' sizes need. Nothing is written (every
         slot is -1).
         """
-        self._dummy_step([1], [300], num_decodes=1)
-        self._dummy_step([1, 1], [300, 33], num_decodes=2)
+        # Within the model's positions, and still past 256 tokens whenever a context can be.
+        long = min(300, self.config.max_model_len)
+        self._dummy_step([1], [long], num_decodes=1)
+        self._dummy_step([1, 1], [long, 33], num_decodes=2)
         self._dummy_step([1, 24], [33, 48], num_decodes=1)
         largest = self._largest_batch()
         self._dummy_step([1] * largest, [33] * largest, num_decodes=largest)
