@@ -173,7 +173,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 self.engine_failed.set()
             await self._refuse(context, error)
         except asyncio.CancelledError:  # the client cancelled, disconnected or ran out of time
-            self.metrics.cancelled.inc()
+            if not self._cutting_short:  # else the server's own stop, after a drain that ran out of grace
+                self.metrics.cancelled.inc()
             raise
         finally:
             self._active[request_id] -= 1
