@@ -43,6 +43,15 @@ CASES = {
                                   dict(max_shard_size="60KB")),
     "qwen3_gqa4": ("Qwen3ForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16,
                                             tie_word_embeddings=False), {}),
+    # YaRN past a 32-token original context: the defaults (Qwen2.5's long-context recipe), then every knob.
+    "qwen3_yarn_rope": ("Qwen3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                 rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                                   original_max_position_embeddings=32)), {}),
+    "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                   rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                                     original_max_position_embeddings=32, mscale=0.707,
+                                                                     mscale_all_dim=1.0, beta_fast=16.0, beta_slow=2.0,
+                                                                     truncate=False)), {}),
 }
 
 
@@ -276,7 +285,8 @@ def test_the_context_stops_where_transformers_would_slide(architecture, window_f
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope type 'longrope' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, "lacks factor"),
     ({"rope_scaling": {"type": "linear"}}, "lacks factor"),
     ({"hidden_size": None}, "lacks 'hidden_size'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),

@@ -22,6 +22,11 @@ ROPE_SCALING_KEYS = {
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+# Keys a type may also have (transformers' defaults when absent).
+ROPE_SCALING_OPTIONAL_KEYS = {
+    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,10 +129,13 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         raise ValueError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_SCALING_KEYS)})")
     if rope_type == "default":
         return theta, None
-    missing = [key for key in ROPE_SCALING_KEYS[rope_type] if key not in scaling]
+    if rope_type == "yarn":  # transformers' default: the context it was trained at is the one it has
+        scaling = {"original_max_position_embeddings": config.get("max_position_embeddings"), **scaling}
+    missing = [key for key in ROPE_SCALING_KEYS[rope_type] if scaling.get(key) is None]
     if missing:
         raise ValueError(f"rope scaling {rope_type!r} lacks {', '.join(missing)}")
-    return theta, {"rope_type": rope_type, **{key: scaling[key] for key in ROPE_SCALING_KEYS[rope_type]}}
+    keys = ROPE_SCALING_KEYS[rope_type] + ROPE_SCALING_OPTIONAL_KEYS.get(rope_type, ())
+    return theta, {"rope_type": rope_type, **{key: scaling[key] for key in keys if key in scaling}}
 
 
 def _max_positions(config: dict[str, Any]) -> int:

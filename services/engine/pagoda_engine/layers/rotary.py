@@ -30,7 +30,46 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         return inv_freq / scaling["factor"]
     if scaling["rope_type"] == "llama3":
         return _llama3(inv_freq, scaling)
+    if scaling["rope_type"] == "yarn":
+        return _yarn(head_dim, theta, scaling)
     raise ValueError(f"rope type {scaling['rope_type']!r} is not supported")
+
+
+def attention_factor(scaling: dict[str, Any] | None) -> float:
+    """What cos and sin are multiplied by: 1 but under YaRN, whose longer contexts want sharper attention."""
+    if scaling is None or scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN (Qwen2.5's long-context configs): fast pairs keep their frequency, slow ones are divided by
+    ``factor``, with a linear ramp between the pairs that turn beta_fast and beta_slow times over the
+    original context. Operation for operation as transformers' _compute_yarn_parameters."""
+    factor, old_context = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def pair_turning(rotations: float) -> float:  # the (fractional) pair that turns this often over old_context
+        return head_dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(scaling.get("beta_fast") or 32), pair_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    return 1.0 / (factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
 
 
 def _llama3(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -52,9 +91,10 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inverse_frequencies(head_dim, theta, scaling).to(positions.device))
+        factor = attention_factor(scaling)
         # Not saved with the model: derived from the config, and checkpoints carry none.
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        self.register_buffer("cos_cache", freqs.cos() * factor, persistent=False)
+        self.register_buffer("sin_cache", freqs.sin() * factor, persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, norms: tuple[RMSNorm, RMSNorm] | None = None
