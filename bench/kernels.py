@@ -63,16 +63,17 @@ class PagedDecode:
     """``copies`` independent batches of ``batch`` sequences of ``context`` tokens in one paged pool;
     ``lengths`` (each at most ``context``) makes the contexts ragged."""
 
-    def __init__(self, batch: int, context: int, lengths: list[int] | None = None):
+    def __init__(self, batch: int, context: int, lengths: list[int] | None = None,
+                 cache_dtype: torch.dtype = DTYPE):
         self.batch, self.context = batch, context
         tokens = sum(lengths) if lengths else batch * context
-        self.kv_bytes = 2 * tokens * NUM_KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
+        self.kv_bytes = 2 * tokens * NUM_KV_HEADS * HEAD_DIM * cache_dtype.itemsize
         self.copies = num_copies(self.kv_bytes)
         blocks_per_seq = context // BLOCK_SIZE
         num_blocks = self.copies * batch * blocks_per_seq
         shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-        self.k_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
-        self.v_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+        self.k_cache = torch.randn(shape, dtype=DTYPE, device="cuda").to(cache_dtype)
+        self.v_cache = torch.randn(shape, dtype=DTYPE, device="cuda").to(cache_dtype)
         perm = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
         self.tables = perm.view(self.copies, batch, blocks_per_seq)
         self.seq_lens = (torch.tensor(lengths, dtype=torch.int32, device="cuda") if lengths
@@ -150,6 +151,27 @@ def decode_table(batches: list[int], contexts: list[int], copy_gbs: float) -> li
             rows.append(row)
             del bench
             torch.cuda.empty_cache()
+    return rows
+
+
+def fp8_decode_table(batches: list[int], contexts: list[int]) -> list[dict]:
+    """Decode over a float8 e4m3 cache (EngineConfig.kv_cache_dtype="fp8") against the bf16 cache, both
+    under the graph bound; GB/s counts the fp8 bytes, so equal GB/s would mean twice the speed."""
+    print(f"\ndecode attention over an fp8 cache ({GRAPH_BOUND}-token bound), us per call (K/V GB/s)")
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            row: dict = {"batch": batch, "context": context}
+            for name, cache_dtype in (("bf16", DTYPE), ("fp8", torch.float8_e4m3fn)):
+                bench = PagedDecode(batch, context, cache_dtype=cache_dtype)
+                seconds = bench.seconds(bound=max(GRAPH_BOUND, context))
+                row[name] = {"us": round(seconds * 1e6, 2), "gbs": round(bench.kv_bytes / seconds / 1e9, 1)}
+                del bench
+                torch.cuda.empty_cache()
+            print(f"  B={batch:<4} ctx={context:<5}  bf16 {row['bf16']['us']:8.1f} us ({row['bf16']['gbs']:5.0f})"
+                  f"   fp8 {row['fp8']['us']:8.1f} us ({row['fp8']['gbs']:5.0f})   "
+                  f"{row['bf16']['us'] / row['fp8']['us']:.2f}x", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -320,6 +342,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep decode/prefill tile configs and splits")
     parser.add_argument("--pieces", action="store_true", help="also sweep each split policy's smallest piece")
     parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="also time decode over a float8 e4m3 KV cache")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -334,6 +357,8 @@ def main() -> None:
         "decode": decode_table(args.batch, args.context, copy_gbs),
         "ragged_decode": ragged_table(),
     }
+    if args.fp8:
+        result["fp8_decode"] = fp8_decode_table(args.batch, args.context)
     if args.sweep:
         result["decode_sweep"] = decode_sweep()
     if args.pieces:

@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(Path(__file__).parent / "configs" / "qwen3-0.6b"))
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-input-len", type=int, default=1024)
@@ -96,13 +97,14 @@ def main() -> None:
         args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-        batch_invariant=args.batch_invariant,
+        batch_invariant=args.batch_invariant, kv_cache_dtype=args.kv_cache_dtype,
     )
     engine = llm.engine
     result = {
         "model": args.model,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(engine.runner.kv_cache_dtype).removeprefix("torch."),
         "attention_backend": engine.runner.backend_name,
         "cuda_graphs": engine.runner.graphs is not None,
         "batch_invariant": args.batch_invariant,

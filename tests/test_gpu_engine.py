@@ -87,6 +87,32 @@ def test_bf16_tracks_fp32_over_a_long_generation(gpu_model_dirs):
     assert sum(diffs) / len(diffs) < 0.1
 
 
+def test_fp8_kv_cache_tracks_bf16(tmp_path):
+    """Teacher-forced along the bf16 cache's 128-token greedy run, the fp8 cache picks the same token
+    wherever the choice is clear, with close logprobs; CUDA graphs on. It holds twice the blocks per byte.
+    Narrower weights than gpu_model_dirs', as in test_engine's fp8 test: attention less peaked."""
+    model_dir = make_tiny_model(tmp_path, "LlamaForCausalLM", hidden_size=256, num_attention_heads=4,
+                                num_key_value_heads=2, initializer_range=0.05)
+    prompt = prompts_of([12])[0]
+    ref = gpu_llm(model_dir, dtype="bfloat16").generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True, logprobs=2))[0].outputs[0]
+    margins = [top[0][1] - top[1][1] for _, top in ref.logprobs]
+    prefixes = [prompt + ref.token_ids[:i] for i in range(128)]
+    one_step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=1)
+    fp8 = gpu_llm(model_dir, dtype="bfloat16", kv_cache_dtype="fp8")
+    runner = fp8.engine.runner
+    assert runner.kv_cache.dtype == torch.float8_e4m3fn and runner.graphs is not None
+    assert runner.kv_bytes_per_block() * 2 == gpu_llm(model_dir, dtype="bfloat16").engine.runner.kv_bytes_per_block()
+    low = fp8.generate(prefixes, one_step)
+    agree = [out.outputs[0].token_ids[0] == ref.token_ids[i] for i, out in enumerate(low)]
+    clear = [i for i, margin in enumerate(margins) if margin > 0.25]
+    diffs = [abs(out.outputs[0].logprobs[0][0] - ref.logprobs[i][0]) for i, out in enumerate(low) if agree[i]]
+    print(f"fp8 KV: agree {sum(agree)}/{len(agree)}, clear {len(clear)}, mean |dlogprob| {sum(diffs) / len(diffs):.3f}")
+    assert len(clear) >= 0.3 * len(agree) and all(agree[i] for i in clear)
+    assert sum(agree) >= 0.8 * len(agree)
+    assert sum(diffs) / len(diffs) < 0.1
+
+
 def test_preemption_and_chunking_on_gpu(gpu_model_dirs):
     model_dir = gpu_model_dirs["qwen3"]
     prompts = prompts_of([30, 45, 12, 60, 25, 50])
@@ -127,8 +153,8 @@ print(json.dumps(compiled))
 
 
 @pytest.mark.parametrize(("num_kv_blocks", "flags"), [
-    (1024, {}), (0, {}), (1024, {"batch_invariant": True, "enforce_eager": True}),
-], ids=["explicit-cache", "sized-from-memory", "batch-invariant-eager"])
+    (1024, {}), (0, {}), (1024, {"batch_invariant": True, "enforce_eager": True}), (0, {"kv_cache_dtype": "fp8"}),
+], ids=["explicit-cache", "sized-from-memory", "batch-invariant-eager", "fp8-cache"])
 def test_warm_up_leaves_no_kernel_to_compile(tmp_path_factory, num_kv_blocks, flags):
     """After the engine's own warm-up, serving compiles no Triton kernel: a batch that shrinks through many
     sizes and split counts (8 KV heads), contexts of several decode pieces, chunked prefill beside decodes

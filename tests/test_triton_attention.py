@@ -55,6 +55,7 @@ def make_batch(
     dtype: torch.dtype,
     padding: list[bool] | None = None,
     seed: int = 0,
+    cache_dtype: torch.dtype | None = None,
 ) -> Batch:
     """``seqs`` are (context_len, query_len) pairs; the first ``num_decodes`` must have query_len 1.
 
@@ -62,6 +63,7 @@ def make_batch(
     K/V already (a prefix hit or earlier chunks). Block-table entries past a sequence's last block are
     random live block ids, so a kernel reading past the end would pick up wrong data, not crash.
     ``padding[i]`` marks sequence i's tokens as padding (slot -1), as CUDA-graph filler rows are.
+    ``cache_dtype`` is the caches' element type (default: ``dtype``), e.g. float8 e4m3.
     """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -106,8 +108,8 @@ def make_batch(
         q=q.view(num_tokens, num_heads, head_dim),
         k=k.view(num_tokens, num_kv_heads, head_dim),
         v=v.view(num_tokens, num_kv_heads, head_dim),
-        k_cache=randn(num_blocks, block_size, num_kv_heads, head_dim),
-        v_cache=randn(num_blocks, block_size, num_kv_heads, head_dim),
+        k_cache=randn(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype or dtype),
+        v_cache=randn(num_blocks, block_size, num_kv_heads, head_dim).to(cache_dtype or dtype),
         meta=meta,
         scale=head_dim**-0.5,
     )
@@ -151,6 +153,33 @@ def test_store_kv_cache_writes_every_slot_and_skips_padding(dtype, block_size):
     # Exact equality of the whole cache: written slots hold the new rows, every other slot (the padding
     # token's would-be slot included) is untouched.
     assert torch.equal(batch.k_cache, k_ref) and torch.equal(batch.v_cache, v_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_cache_to_fp8_rounds_and_saturates_as_torch(dtype):
+    """Bit for bit torch's conversion: round to nearest even, and values past +-448 (inf too) clamp."""
+    batch = make_batch([(5, 1), (0, 1), (30, 9), (0, 40)], num_decodes=2, num_heads=4, num_kv_heads=2,
+                       head_dim=64, block_size=16, dtype=dtype, padding=[False, True, False, False],
+                       cache_dtype=torch.float8_e4m3fn)
+    batch.k.mul_(200.0)  # about half of the rows' elements beyond fp8's range
+    batch.v[0, 0, :4] = torch.tensor([float("inf"), -float("inf"), 448.0, -1e-9])
+    k_ref, v_ref = batch.k_cache.clone(), batch.v_cache.clone()
+    write_kv_cache(batch.k, batch.v, k_ref, v_ref, batch.meta.slot_mapping)
+    store_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    assert torch.equal(batch.k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(batch.v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+    assert batch.k_cache.float().abs().max().item() == 448.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_reads_fp8_cache(dtype, head_dim):
+    """Decode (split and unsplit) and prefill over a float8 cache: the reference reads the same cache."""
+    seqs = [(700, 1), (3, 1), (40, 1), (0, 37), (130, 20)]
+    batch = make_batch(seqs, num_decodes=3, num_heads=8, num_kv_heads=2, head_dim=head_dim, block_size=16,
+                       dtype=dtype, cache_dtype=torch.float8_e4m3fn, seed=7)
+    ref, _, _ = reference(batch)
+    assert_close(run_backend(batch), ref, dtype)
 
 
 # ---- decode ----

@@ -75,6 +75,11 @@ def resolve_device(name: str, rank: int = 0, world_size: int = 1) -> torch.devic
     return torch.device("cuda", rank)
 
 
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type (EngineConfig.kv_cache_dtype)."""
+    return model_dtype if name == "auto" else torch.float8_e4m3fn
+
+
 def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
     if name == "auto":
         return model_config.torch_dtype
@@ -159,6 +164,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
         self.block_size = config.block_size
         self.model = load_model(model_config, config.model, config.load_format, dtype, device, config.seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -197,7 +203,7 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
         per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim
-        return per_token * self.block_size * torch.tensor([], dtype=self.dtype).element_size()
+        return per_token * self.block_size * self.kv_cache_dtype.itemsize
 
     def allocate_kv_cache(self, max_model_len: int) -> int:
         """Size the cache (explicit count, else memory left after a profiling pass), bind it, warm up."""
@@ -208,12 +214,12 @@ class ModelRunner:
             raise RuntimeError("no memory left for the KV cache: lower max_num_batched_tokens or the model size")
         layer = self.attention_layers[0]
         shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.num_kv_blocks = num_blocks
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB of %s)", num_blocks, self.block_size,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, str(self.kv_cache_dtype)[6:])
         if self.device.type == "cuda":
             self._warm_up_cached_step()
             self._warm_up_sampling()

@@ -173,10 +173,10 @@ def _decode_split_kernel(
         valid = pos < end
         k = load_paged_tile(k_cache_ptr, block_table_row, pos, valid, kv_head,
                             stride_cache_block, stride_cache_slot, stride_cache_head,
-                            offs_d, HEAD_DIM, BLOCK_D, PAGE, True)
+                            offs_d, HEAD_DIM, BLOCK_D, PAGE, True).to(q.dtype)
         v = load_paged_tile(v_cache_ptr, block_table_row, pos, valid, kv_head,
                             stride_cache_block, stride_cache_slot, stride_cache_head,
-                            offs_d, HEAD_DIM, BLOCK_D, PAGE, True)
+                            offs_d, HEAD_DIM, BLOCK_D, PAGE, True).to(q.dtype)
         s = dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         row_max, row_sum, acc = softmax_step(s, v, row_max, row_sum, acc, IEEE)

@@ -4,6 +4,10 @@ Layout (see layers/attention/backend.py): ``cache[block, slot_in_block, kv_head,
 row for one KV head is ``head_dim`` contiguous elements. Position ``p`` of sequence ``i`` lives in block
 ``block_tables[i, p // block_size]`` at slot ``p % block_size``. Both attention kernels read the context
 through ``load_paged_tile`` below, so the layout is spelt out in one place.
+
+The cache holds the model's dtype, or float8 e4m3 (``EngineConfig.kv_cache_dtype``) with a scale of 1:
+stores clamp to its finite range (+-448, which also has no infinity) and round to nearest even, as
+torch's conversion does; loads return the stored type and the kernels widen tiles to the query's.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+FP8_MAX: tl.constexpr = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 
 
 @triton.jit
@@ -46,7 +52,7 @@ def _store_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_block, stride_cache_slot, stride_cache_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
@@ -59,8 +65,11 @@ def _store_kv_kernel(
     dst += offs_h[:, None] * stride_cache_head + offs_d[None, :]
     k = tl.load(k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if FP8:
+        k = tl.clamp(k.to(tl.float32), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -83,4 +92,5 @@ def store_kv_cache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        FP8=k_cache.dtype == torch.float8_e4m3fn,
     )

@@ -37,10 +37,10 @@ def _attend_keys(
         valid = pos < seq_len
         k = load_paged_tile(k_cache_ptr, block_table_row, pos, valid, kv_head,
                             stride_cache_block, stride_cache_slot, stride_cache_head,
-                            offs_d, HEAD_DIM, BLOCK_D, PAGE, CAUSAL)
+                            offs_d, HEAD_DIM, BLOCK_D, PAGE, CAUSAL).to(q.dtype)
         v = load_paged_tile(v_cache_ptr, block_table_row, pos, valid, kv_head,
                             stride_cache_block, stride_cache_slot, stride_cache_head,
-                            offs_d, HEAD_DIM, BLOCK_D, PAGE, CAUSAL)
+                            offs_d, HEAD_DIM, BLOCK_D, PAGE, CAUSAL).to(q.dtype)
         s = dot(q, tl.trans(k), IEEE) * qk_scale
         if CAUSAL:
             s = tl.where((pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
