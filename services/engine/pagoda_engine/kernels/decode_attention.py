@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda_engine.kernels.kv_cache import load_paged_tile
+from pagoda_engine.kernels.kv_cache import fp16_over_fp8, load_paged_tile
 from pagoda_engine.kernels.sm_count import num_sms
 from pagoda_engine.layers.attention.metadata import longest_first
 
@@ -143,7 +143,7 @@ def _decode_split_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, FP16: tl.constexpr,
 ):
     seq = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -163,6 +163,8 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + offs_h
     mask_hd = (offs_h[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_hd, other=0.0)
+    if FP16:  # an fp8 cache: see kv_cache.fp16_over_fp8
+        q = q.to(tl.float16)
 
     row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_H], tl.float32)
@@ -273,7 +275,7 @@ def decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
-        SPLIT=split, IEEE=q.dtype == torch.float32,
+        SPLIT=split, IEEE=q.dtype == torch.float32, FP16=fp16_over_fp8(q, k_cache),
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:

@@ -8,6 +8,9 @@ through ``load_paged_tile`` below, so the layout is spelt out in one place.
 The cache holds the model's dtype, or float8 e4m3 (``EngineConfig.kv_cache_dtype``) with a scale of 1:
 stores clamp to its finite range (+-448, which also has no infinity) and round to nearest even, as
 torch's conversion does; loads return the stored type and the kernels widen tiles to the query's.
+Over an fp8 cache a 16-bit query is cast to float16 first (``fp16_over_fp8``): e4m3 widens to float16
+in one instruction per two elements, and to bfloat16 only through float32, which left decode attention
+over fp8 slower than over bf16 (0.89-0.98x, H200).
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ def _store_kv_kernel(
         v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+def fp16_over_fp8(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the attention kernels run their dots in float16: a 16-bit query over an fp8 cache."""
+    return k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from pagoda_engine.kernels.decode_attention import dot, softmax_step
-from pagoda_engine.kernels.kv_cache import load_paged_tile
+from pagoda_engine.kernels.kv_cache import fp16_over_fp8, load_paged_tile
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FP16: tl.constexpr,
 ):
     seq = (first_seq + tl.program_id(0)).to(tl.int64)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -75,6 +75,8 @@ def _prefill_kernel(
     mask_md = (offs_m[:, None] < query_len) & (offs_d[None, :] < HEAD_DIM)
     tokens = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
+    if FP16:  # an fp8 cache: see kv_cache.fp16_over_fp8
+        q = q.to(tl.float16)
     q_pos = context_len + offs_m
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -143,7 +145,7 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, FP16=fp16_over_fp8(q, k_cache),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

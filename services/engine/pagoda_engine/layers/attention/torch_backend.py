@@ -14,12 +14,24 @@ from pagoda_engine.layers.attention.metadata import AttentionMetadata
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store each token's K/V at its slot; slots < 0 are padding and write nothing."""
+    """Store each token's K/V at its slot; slots < 0 are padding and write nothing.
+
+    An fp8 cache clamps to its finite range first, as the Triton store (kernels/kv_cache.py) does, so that
+    no result depends on how a device's conversion treats values past it: torch's saturates on the CPU,
+    but on CUDA it did not match the Triton store bit for bit.
+    """
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = _to_cache_dtype(k[valid], k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = _to_cache_dtype(v[valid], v_cache.dtype)
+
+
+def _to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:
+        limit = torch.finfo(dtype).max
+        x = x.float().clamp(-limit, limit)
+    return x.to(dtype)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
