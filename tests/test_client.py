@@ -81,6 +81,22 @@ def test_sampling_message_carries_other_fields(client):
     assert all(len(entry.top) == 2 and entry.sampled.token for entry in stream.logprobs)
 
 
+def test_logit_bias_and_allowed_token_ids_options(client):
+    forced = client.tokenize("Hello world").token_ids[-1]
+    # Ids as decimal strings too, as OpenAI's JSON has them.
+    stream = client.generate("Once upon a time", max_tokens=4, temperature=0, logit_bias={str(forced): 100})
+    stream.read()
+    assert stream.token_ids == [forced] * 4
+    allowed = [forced, forced + 1, forced + 2]
+    # The option replaces the sampling message's list, as the scalar options replace its fields.
+    stream = client.generate("Once upon a time", max_tokens=6, seed=2, allowed_token_ids=allowed,
+                             sampling=engine_pb2.SamplingParams(allowed_token_ids=[0], logit_bias={0: 100}))
+    stream.read()
+    assert set(stream.token_ids) <= set(allowed) and stream.finish_reason == "length"
+    with pytest.raises(InvalidArgumentError, match="logit_bias values must be in"):
+        client.generate("Hello", logit_bias={forced: 101}).read()
+
+
 def test_abort_ends_a_running_stream(client):
     endless = engine_pb2.SamplingParams(ignore_eos=True, max_tokens=4000)
     stream = client.generate("Count to ten thousand:", sampling=endless, request_id="client-test-abort")
@@ -218,11 +234,25 @@ def test_cli_generate_streams_and_json(target, monkeypatch, capsys):
     (("generate", "hi", "--max-tokens", "-3"), "-3 is not in [1, 4294967295]"),
     (("generate", "hi", "--seed", "-1"), "-1 is not in [0, 9223372036854775807]"),
     (("detokenize", "-1"), "-1 is not in [0, 4294967295]"),
+    (("generate", "hi", "--logit-bias", "5"), "'5' is not ID=BIAS"),
+    (("generate", "hi", "--logit-bias", "x=2"), "invalid ID=BIAS value: 'x=2'"),
+    (("generate", "hi", "--allowed-token-id", "-1"), "-1 is not in [0, 4294967295]"),
 ])
 def test_cli_out_of_range_numbers_are_usage_errors(target, args, words, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_cli(target, *args, monkeypatch=monkeypatch, capsys=capsys)
     assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_cli_logit_bias_and_allowed_token_ids(target, monkeypatch, capsys):
+    _, out, _ = run_cli(target, "tokenize", "Hello world", monkeypatch=monkeypatch, capsys=capsys)
+    forced = out.split()[-1]
+    _, expected, _ = run_cli(target, "detokenize", forced, forced, forced, monkeypatch=monkeypatch, capsys=capsys)
+    code, out, _ = run_cli(target, "generate", "Once upon a time", "--max-tokens", "3", "--seed", "1",
+                           "--logit-bias", f"{forced}=100", "--logit-bias", "2=-5.5", "--allowed-token-id", forced,
+                           "--allowed-token-id", "2", "--json", monkeypatch=monkeypatch, capsys=capsys)
+    answer = json.loads(out)
+    assert code == 0 and answer["text"] + "\n" == expected and answer["finish_reason"] == "length"
 
 
 def test_cli_unreadable_certificate_is_one_line(target, monkeypatch, capsys):

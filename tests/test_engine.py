@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -223,6 +224,16 @@ def test_abort_of_one_sample_leaves_the_others_running(tiny_model_dirs):
         ([1], SamplingParams(temperature=1e39), "temperature must be a finite float32"),
         ([1], SamplingParams(repetition_penalty=1e39), "repetition_penalty must be a finite float32"),
         ([1], SamplingParams(stop_token_ids=list(range(1025))), "at most 1024 stop_token_ids"),
+        ([1], SamplingParams(logit_bias={5: 100.5}), "logit_bias values must be in \\[-100, 100\\], got 100.5"),
+        ([1], SamplingParams(logit_bias={5: float("nan")}), "got nan for token 5"),
+        ([1], SamplingParams(logit_bias={5: float("-inf")}), "got -inf for token 5"),
+        ([1], SamplingParams(logit_bias={256: 1.0}), "logit_bias token id 256 is outside the vocabulary"),
+        ([1], SamplingParams(logit_bias=dict.fromkeys(range(1025), 1.0)), "at most 1024 logit_bias entries"),
+        ([1], SamplingParams(allowed_token_ids=[3, 2**32 - 1]), "allowed_token_ids id 4294967295 is outside"),
+        ([1], SamplingParams(allowed_token_ids=[-1]), "allowed_token_ids must be >= 0"),
+        ([1], SamplingParams(allowed_token_ids=[0] * 1025), "at most 1024 allowed_token_ids entries"),
+        # EOS (2) and a stop id are all that is allowed: min_tokens would leave nothing to draw.
+        ([1], SamplingParams(allowed_token_ids=[2, 9], stop_token_ids=[9], min_tokens=1), "would ban every token"),
     ],
 )
 def test_invalid_requests_are_rejected_with_a_reason(tiny_model_dirs, prompt, params, message):
@@ -230,6 +241,59 @@ def test_invalid_requests_are_rejected_with_a_reason(tiny_model_dirs, prompt, pa
     with pytest.raises(InvalidRequestError, match=message):
         llm.engine.add_request("bad", prompt, params)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_logit_bias_forces_a_token_and_logprobs_stay_raw(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    prompt = prompts_of([11])[0]
+    free = llm.generate(prompt, replace(GREEDY, logprobs=3))[0].outputs[0]
+    forced = next(t for t in range(3, 256) if t not in free.token_ids)
+    biased = llm.generate(prompt, replace(GREEDY, logprobs=3, logit_bias={forced: 100.0}))[0].outputs[0]
+    assert biased.token_ids == [forced] * 32
+    # The first position's distribution is the model's either way (up to the last bits: the second run finds
+    # the prompt's blocks cached): its logprobs do not see the bias.
+    (_, biased_top), (_, free_top) = biased.logprobs[0], free.logprobs[0]
+    assert [t for t, _ in biased_top] == [t for t, _ in free_top]
+    assert [lp for _, lp in biased_top] == pytest.approx([lp for _, lp in free_top], abs=1e-5)
+    assert biased.logprobs[0][0] < free.logprobs[0][0] <= 0  # the forced token was not the model's choice
+    banned = llm.generate(prompt, replace(GREEDY, logit_bias={free.token_ids[0]: -100.0}))[0].outputs[0]
+    assert banned.token_ids[0] == free.logprobs[0][1][1][0]  # the runner-up
+    assert free.token_ids[0] not in banned.token_ids
+    assert_all_blocks_free(llm)
+
+
+def test_allowed_token_ids_restrict_every_sample_and_imply_no_eos(tiny_model_dirs):
+    llm = make_llm(tiny_model_dirs["llama"])
+    prompt, allowed = prompts_of([9])[0], [17, 40, 41, 200]
+    params = SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=24, allowed_token_ids=allowed)
+    samples = llm.generate(prompt, params)[0].outputs
+    assert all(set(s.token_ids) <= set(allowed) and s.finish_reason is FinishReason.LENGTH for s in samples)
+    assert len({tuple(s.token_ids) for s in samples}) == 3 and set().union(*(s.token_ids for s in samples)) == set(
+        allowed)
+    # EOS (2) may end a sample only when it is allowed; a bias then makes it the first token.
+    stops = llm.generate(prompt, replace(params, n=1, allowed_token_ids=[2, 17], logit_bias={2: 100.0}))[0]
+    assert (stops.outputs[0].token_ids, stops.outputs[0].finish_reason) == ([2], FinishReason.STOP)
+    assert_all_blocks_free(llm)
+
+
+def test_bias_and_allowlist_survive_chunking_and_preemption(tiny_model_dirs):
+    """Seeded draws under a bias and an allowlist, with n > 1, come out the same when the run is chunked and
+    preempted (a resumed sequence draws again what it drew before)."""
+    model_dir = tiny_model_dirs["qwen2"]
+    prompts = prompts_of([30, 45, 12, 60, 25, 50], seed=3)
+    base = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True)
+    params = [replace(base, seed=i, n=1 + i % 2,
+                      logit_bias={7: 3.0, 8: -100.0, 9 + i: 2.5} if i % 3 != 1 else {},
+                      allowed_token_ids=list(range(5, 60, 1 + i)) if i % 3 != 0 else [],
+                      top_k=20 if i == 4 else -1, repetition_penalty=1.3 if i == 5 else 1.0)
+              for i in range(len(prompts))]
+    expected = [[c.token_ids for c in o.outputs] for o in make_llm(model_dir).generate(prompts, params)]
+    tight = make_llm(model_dir, num_kv_blocks=40, max_num_batched_tokens=16)
+    assert [[c.token_ids for c in o.outputs] for o in tight.generate(prompts, params)] == expected
+    assert tight.engine.get_load().preemptions > 0
+    for p, samples in zip(params, expected, strict=True):
+        assert all(8 not in s and (not p.allowed_token_ids or set(s) <= set(p.allowed_token_ids)) for s in samples)
+    assert_all_blocks_free(tight)
 
 
 def test_logprobs_past_the_vocabulary_are_refused_whatever_max_logprobs_allows(tiny_model_dirs):

@@ -169,6 +169,13 @@ def test_unset_proto_params_take_the_documented_defaults():
     assert (explicit.temperature, explicit.seed, explicit.logprobs, explicit.max_tokens, explicit.n) == (0, 0, 0, 3, 2)
 
 
+def test_logit_bias_and_allowed_token_ids_travel_as_given():
+    wire = pb.SamplingParams(logit_bias={7: -100.0, 9: 0.5}, allowed_token_ids=[9, 7, 11])
+    params = to_sampling_params(wire, prompt_len=10, max_model_len=512)
+    assert params.logit_bias == {7: -100.0, 9: 0.5} and params.allowed_token_ids == [9, 7, 11]
+    assert type(params.logit_bias) is dict and type(params.allowed_token_ids) is list  # plain: they are pickled
+
+
 def test_flags_and_environment_map_onto_engine_config(capsys):
     env = {"PAGODA_MAX_NUM_SEQS": "7", "PAGODA_ENFORCE_EAGER": "yes", "PAGODA_MAX_MODEL_LEN": "none",
            "PAGODA_MODEL": "from-env", "PAGODA_PORT": "6000"}
@@ -278,6 +285,18 @@ INVALID = {
     "id outside the vocabulary": (request([5, 256]), "vocabulary"),
     "prompt too long": (request([5] * 512), "max model length"),
     "prompt + max_tokens too long": (request([5] * 500, max_tokens=20), "max model length"),
+    "logit_bias above 100": (request([5, 6], logit_bias={7: 100.5}), "logit_bias values must be in [-100, 100]"),
+    "logit_bias NaN": (request([5, 6], logit_bias={7: math.nan}), "got nan for token 7"),
+    "logit_bias inf": (request([5, 6], logit_bias={7: math.inf}), "got inf for token 7"),
+    "logit_bias id outside the vocabulary": (request([5, 6], logit_bias={256: 1.0}), "logit_bias token id 256"),
+    "logit_bias of 1025 entries": (request([5, 6], logit_bias=dict.fromkeys(range(1025), 1.0)),
+                                   "at most 1024 logit_bias entries are accepted, got 1025"),
+    "allowed id outside the vocabulary": (request([5, 6], allowed_token_ids=[3, 256]), "allowed_token_ids id 256"),
+    # Refused on the wire message, before the server converts millions of entries on its event loop.
+    "allowed_token_ids of a million": (request([5, 6], allowed_token_ids=[3] * 1_000_000),
+                                       "at most 1024 allowed_token_ids entries are accepted, got 1000000"),
+    "allowed ids all stop ids under min_tokens": (request([5, 6], allowed_token_ids=[2], min_tokens=1),
+                                                  "would ban every token"),
 }
 
 
@@ -289,6 +308,7 @@ def test_invalid_requests_get_invalid_argument_and_the_server_keeps_serving(serv
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in error.value.details()
     assert collect(server.stub.Generate(greedy([5, 6], 1)))[0].finish_reason == pb.FINISH_REASON_LENGTH
+    server.wait_idle()  # the refusal held no block
 
 
 def test_a_duplicate_request_id_is_invalid(server):
@@ -345,6 +365,24 @@ def test_logprobs_over_the_wire(server, offline):
         assert got.sampled.token_id == token and got.sampled.logprob == pytest.approx(want_logprob, abs=1e-4)
         assert [t.token_id for t in got.top] == [t for t, _ in want_top]
         assert [t.logprob for t in got.top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+
+
+def test_logit_bias_and_allowed_token_ids_over_the_wire(server, offline):
+    """Greedy with a +100 bias gives the forced token throughout; sampled n > 1 with an allowlist gives the
+    offline API's tokens, each in the set; every block is free afterwards."""
+    prompt = prompts_of([14], seed=9)[0]
+    forced = collect(server.stub.Generate(greedy(prompt, 10, logit_bias={77: 100.0})))[0]
+    assert forced.tokens == [77] * 10 and forced.finish_reason == pb.FINISH_REASON_LENGTH
+    allowed = [5, 50, 77, 130]
+    expected = offline.generate(prompt, SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=12,
+                                                       allowed_token_ids=allowed, logit_bias={5: 0.5}))
+    samples = collect(server.stub.Generate(request(prompt, temperature=1.0, seed=3, n=2, max_tokens=12,
+                                                   allowed_token_ids=allowed, logit_bias={5: 0.5})))
+    assert [samples[i].tokens for i in range(2)] == [out.token_ids for out in expected[0].outputs]
+    assert all(set(s.tokens) <= set(allowed) for s in samples.values())
+    # EOS is not implied: with ignore_eos off, the allowlist still runs to max_tokens.
+    assert all(s.finish_reason == pb.FINISH_REASON_LENGTH for s in samples.values())
+    server.wait_idle()
 
 
 def test_n_samples_stream_with_their_index(server, offline):

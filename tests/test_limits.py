@@ -96,10 +96,18 @@ def cancel(calls: list, engine: Engine) -> None:
     (dict(max_tokens=MAX_MODEL_LEN), f"max length is {MAX_MODEL_LEN}"),
     # Every id but EOS (2) is a stop id, and EOS is one too: min_tokens would leave nothing to draw.
     (dict(min_tokens=1, max_tokens=4, stop_token_ids=[i for i in range(400) if i != 2]), "would ban every token"),
+    # The front passes logit_bias and allowed_token_ids on as they are; the engine checks them.
+    (dict(logit_bias={5: -100.5}), "logit_bias values must be in [-100, 100], got -100.5 for token 5"),
+    (dict(logit_bias={400: 1.0}), "logit_bias token id 400 is outside the vocabulary [0, 400)"),
+    (dict(allowed_token_ids=[5, 400]), "allowed_token_ids id 400 is outside the vocabulary [0, 400)"),
+    (dict(allowed_token_ids=[5] * 1025), "at most 1024 allowed_token_ids entries are accepted, got 1025"),
+    (dict(min_tokens=1, allowed_token_ids=[2]), "would ban every token"),
 ])
-def test_sampling_caps_are_invalid_argument(front, params, words):
+def test_sampling_caps_are_invalid_argument(front, engine, params, words):
     error = generate(front, **params)
     assert error.code() == INVALID and words in error.details()
+    load = engine.load()
+    assert load.num_running == load.num_waiting == load.kv_blocks_used == 0
 
 
 def test_requests_at_the_sampling_caps_are_served(front):
@@ -107,6 +115,17 @@ def test_requests_at_the_sampling_caps_are_served(front):
     responses = list(front.stub.Generate(tpb.TextGenerateRequest(prompt="hi", sampling_params=params), timeout=10))
     entries = [entry for r in responses for entry in r.logprobs]
     assert {r.index for r in responses} == {0, 1} and len(entries) == 4 and all(len(e.top) == 3 for e in entries)
+
+
+def test_a_bias_on_every_token_and_1024_allowed_ids_are_served(front, engine):
+    """At the allowlist's cap (the vocabulary holds 400 ids, so some repeat), with every token biased."""
+    allowed = [*range(400), *range(400), *range(224)]
+    bias = {t: (t % 7 - 3) / 3 for t in range(400)} | {97: 100.0}
+    params = epb.SamplingParams(max_tokens=5, ignore_eos=True, temperature=0, allowed_token_ids=allowed,
+                                logit_bias=bias)
+    responses = list(front.stub.Generate(tpb.TextGenerateRequest(prompt="hi", sampling_params=params), timeout=10))
+    assert [t for r in responses for t in r.token_ids] == [97] * 5
+    wait_for(lambda: engine.load().kv_blocks_used == 0, 10, "the engine to free every block")
 
 
 def test_a_prompt_longer_than_the_model_is_invalid_argument(front):

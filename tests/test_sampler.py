@@ -80,7 +80,9 @@ def test_logprobs_zero_gives_chosen_only():
     dict(),  # unfiltered: the GPU's fused draw reads the 16-bit logits as they are
     dict(repetition_penalty=1.5, presence_penalty=0.5, logprobs=1),
     dict(min_tokens=3, top_k=5),
-], ids=["top_p+logprobs", "plain", "penalties", "suppress+top_k"])
+    dict(logit_bias={4: 2.5, 11: -1.0}, logprobs=2),
+    dict(allowed_token_ids=[3, 5, 8, 13]),  # no float32 arithmetic: the 16-bit logits are masked as they are
+], ids=["top_p+logprobs", "plain", "penalties", "suppress+top_k", "bias", "allowlist"])
 def test_bf16_logits_give_what_their_float32_copy_gives(params):
     """The sampler keeps logits in the model's dtype until it needs float32 arithmetic: same tokens and
     logprobs as when handed the float32 copy."""
@@ -101,6 +103,11 @@ def test_float32_input_is_not_modified():
     before = logits.clone()
     run(logits, [req(stop=[3], min_tokens=2, repetition_penalty=2.0, presence_penalty=1.0, temperature=0.5,
                      top_p=0.5, min_p=0.1, top_k=5, output=[4])] * 2)
+    assert torch.equal(logits, before)
+    # float32 logits need no conversion, so the bias and the allowlist have the model's own tensor in hand.
+    for greedy in (True, False):
+        run(logits, [req(temperature=0.0 if greedy else 1.0, logit_bias={1: 5.0}, allowed_token_ids=[1, 2])] * 2)
+        run(logits, [req(temperature=0.0 if greedy else 1.0, allowed_token_ids=[1, 2]), req()])
     assert torch.equal(logits, before)
 
 
@@ -265,10 +272,24 @@ def test_no_full_sort_without_top_p():
     assert "aten::sort" not in ops and "aten::topk" in ops
 
 
+def test_the_common_path_launches_nothing_for_bias_or_allowlist():
+    """Without a row that asks for them, no index kernel runs: the forward is what it was before they existed."""
+    logits = random_logits(4)
+    requests = [req(seed=i, temperature=[0.0, 0.7][i % 2], top_k=5) for i in range(4)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(logits, requests)
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::index_add", "aten::index_copy_", "aten::index_select", "aten::index_fill"}, ops
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(logits, [*requests[:3], req(seed=3, logit_bias={1: 1.0}, allowed_token_ids=[1, 2])])
+    assert {"aten::index_add", "aten::index_copy_"} <= {e.key for e in prof.key_averages()}
+
+
 def test_flags_skip_unused_work():
     neutral = SamplingMetadata.build([req(temperature=0.0, top_k=5, top_p=0.5, min_p=0.5)], V, "cpu")
     assert neutral.all_greedy and not (neutral.any_top_k or neutral.any_top_p or neutral.any_min_p)
     assert not neutral.any_penalties and neutral.repetition_penalty is None and neutral.suppress_index is None
+    assert neutral.bias_index is neutral.bias is neutral.allowed_rows is neutral.allowed_index is None
     assert neutral.max_num_logprobs is None
     meta = SamplingMetadata.build([req(top_k=V), req(top_k=3, logprobs=2), req(logprobs=4, temperature=0.0)],
                                   V, "cpu")
@@ -282,9 +303,11 @@ def test_flags_skip_unused_work():
 def test_every_metadata_tensor_starts_16_byte_aligned(batch):
     """The sampling kernels would compile a second variant at the first batch of the other parity."""
     requests = [req(seed=i, output=(4,) * i, stop=(5,), top_k=3, top_p=0.5, min_p=0.1, repetition_penalty=1.2,
-                    temperature=0.0 if i == 1 else 0.7, min_tokens=4) for i in range(batch)]
+                    temperature=0.0 if i == 1 else 0.7, min_tokens=4, logit_bias={7: 1.0} if i != 1 else {},
+                    allowed_token_ids=list(range(i + 1, 9))) for i in range(batch)]
     meta = SamplingMetadata.build(requests, V, "cpu")
-    views = [meta.seeds, meta.positions, meta.top_k, meta.prompt_index, meta.output_index, meta.suppress_index]
+    views = [meta.seeds, meta.positions, meta.top_k, meta.prompt_index, meta.output_index, meta.suppress_index,
+             meta.bias_index, meta.bias, meta.allowed_rows, meta.allowed_index]
     assert all(v is not None for v in views)
     assert [v.storage_offset() * v.element_size() % 16 for v in views] == [0] * len(views)
     assert meta.seeds.tolist() == list(range(batch))
@@ -349,3 +372,120 @@ def test_stop_ids_past_the_vocabulary_are_ignored():
     logits[:, 2] = 5.0
     out = run(logits, [req(temperature=0.0, stop=[V + 2], min_tokens=3), req(temperature=0.0)])
     assert out.sampled_token_ids.tolist() == [2, 2]
+
+
+# ---- logit_bias and allowed_token_ids ----
+
+
+def reference_logits(row: torch.Tensor, r: SamplerRequest) -> torch.Tensor:
+    """The row as the draw sees it, step by step in plain Python: penalties, bias, allowlist (float64)."""
+    out = reference_penalties(row.double().tolist(), r)
+    for t, b in r.params.logit_bias.items():
+        out[t] += b
+    if r.params.allowed_token_ids:
+        out = [x if t in r.params.allowed_token_ids else -math.inf for t, x in enumerate(out)]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_logit_bias_moves_the_greedy_argmax():
+    logits = random_logits(4)
+    losers = logits.argmin(-1).tolist()
+    requests = [req(temperature=0.0, logit_bias={losers[0]: 100.0}),
+                # -100 on every row's winner: the runner-up wins.
+                req(temperature=0.0, logit_bias={int(logits[1].argmax()): -100.0}),
+                req(temperature=0.0, logit_bias={losers[2]: 0.5, 7: -0.25, 9: 3.0}),
+                req(temperature=0.0)]
+    tokens = run(logits, requests).sampled_token_ids
+    expected = torch.stack([reference_logits(logits[i], r) for i, r in enumerate(requests)]).argmax(-1)
+    assert torch.equal(tokens, expected)
+    assert tokens[0] == losers[0] and tokens[1] == logits[1].topk(2).indices[1]
+    # bf16 logits: the bias is added in float32, as to their float32 copy.
+    assert torch.equal(run(logits.bfloat16(), requests).sampled_token_ids,
+                       run(logits.bfloat16().float(), requests).sampled_token_ids)
+
+
+@pytest.mark.parametrize("params", [dict(), dict(top_k=5, top_p=0.8), dict(min_p=0.1, repetition_penalty=1.5)],
+                         ids=["plain", "top_k+top_p", "min_p+penalty"])
+def test_a_bias_of_100_is_drawn_every_time(params):
+    draws, forced = 2000, 11
+    logits = random_logits(1, seed=2).expand(draws, V)
+    # Token 11 is seen, so the repetition penalty applies to it first; the bias comes after.
+    requests = [req(seed=s, temperature=1.0, output=[forced], logit_bias={forced: 100.0}, **params)
+                for s in range(draws)]
+    assert set(run(logits, requests).sampled_token_ids.tolist()) == {forced}
+
+
+def test_allowed_token_ids_restrict_every_draw_to_their_distribution():
+    draws, allowed = 20_000, [3, 17, 40, 41]
+    row = random_logits(1, seed=3, scale=1.0)
+    tokens = run(row.expand(draws, V), [req(seed=s, allowed_token_ids=allowed) for s in range(draws)])
+    observed = torch.bincount(tokens.sampled_token_ids, minlength=V).double()
+    assert set(observed.nonzero().flatten().tolist()) == set(allowed)
+    # The draw is from the softmax over the allowed tokens alone.
+    expected = torch.softmax(row[0, allowed].double(), -1) * draws
+    chi2 = ((observed[allowed] - expected) ** 2 / expected).sum().item()
+    assert chi2 < chi2_critical(len(allowed) - 1), (observed[allowed], expected)
+
+
+COMBINED_CASES = [
+    dict(allowed_token_ids=[1, 5, 9, 20, 33], top_k=3),
+    dict(allowed_token_ids=[1, 5, 9, 20, 33], top_k=10),  # more than the allowlist: all of it stays
+    dict(allowed_token_ids=[2, 4, 8, 16, 32, 63], top_p=0.6, logit_bias={4: 2.0}),
+    dict(allowed_token_ids=list(range(0, V, 3)), min_p=0.2, temperature=0.7),
+    dict(logit_bias={0: 5.0, 1: 4.0, 2: -100.0}, top_k=4, repetition_penalty=1.4, presence_penalty=0.5),
+    dict(logit_bias={5: 1.5, 6: 1.5}, min_p=0.05, top_p=0.9, frequency_penalty=1.0),
+    dict(allowed_token_ids=[1, 2, 3], logit_bias={3: 1.0, 1: -1.0}, repetition_penalty=2.0),
+]
+
+
+@pytest.mark.parametrize("case", range(len(COMBINED_CASES)))
+def test_bias_and_allowlist_combine_with_penalties_and_filters(case):
+    """The tokens drawn over many seeds are the reference's kept set: filters see the penalised, biased and
+    restricted logits. The same rows, greedy, pick the reference's argmax."""
+    params, draws = COMBINED_CASES[case], 3000
+    row = random_logits(1, seed=20 + case, scale=1.5)
+    requests = [req(seed=s, output=[1, 2, 3, 5, 5], **params) for s in range(draws)]
+    adjusted = reference_logits(row[0], requests[0])
+    p = requests[0].params
+    finite = set(adjusted.isfinite().nonzero().flatten().tolist())
+    expected = reference_keep(adjusted, p.temperature, p.min_p, p.top_k, p.top_p) & finite
+    picked = set(run(row.expand(draws, V), requests).sampled_token_ids.tolist())
+    assert picked <= expected
+    if len(expected) <= 10:
+        assert picked == expected
+    greedy = req(temperature=0.0, output=[1, 2, 3, 5, 5], **{k: v for k, v in params.items() if k != "temperature"})
+    assert run(row, [greedy]).sampled_token_ids.item() == reference_logits(row[0], greedy).argmax().item()
+
+
+def test_min_tokens_wins_over_bias_and_allowlist():
+    """A stop id stays banned under min_tokens, even when allowed and biased +100."""
+    logits = torch.zeros(3, V)
+    requests = [req(temperature=0.0, stop=[2], min_tokens=2, logit_bias={2: 100.0}),
+                req(seed=1, stop=[2], min_tokens=2, allowed_token_ids=[2, 7], logit_bias={2: 100.0}),
+                req(temperature=0.0, stop=[2], min_tokens=2, output=[4, 4], logit_bias={2: 100.0})]  # past it
+    assert run(logits, requests).sampled_token_ids.tolist() == [0, 7, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_without_bias_or_allowlist_are_bit_unchanged(dtype):
+    """Rows that ask for neither get the very tokens and logprobs they get in a batch where no row does."""
+    logits = random_logits(10, seed=8).to(dtype)
+    plain = [req(seed=i, temperature=[0.0, 0.8, 1.0][i % 3], top_k=[0, 5, 0][i % 3], top_p=[1.0, 1.0, 0.7][i % 3],
+                 repetition_penalty=1.2 if i == 4 else 1.0, stop=(3,), min_tokens=1 if i == 2 else 0, logprobs=2)
+             for i in range(5)]
+    special = [req(seed=9, logit_bias={4: 100.0}), req(seed=10, temperature=0.0, allowed_token_ids=[1, 2]),
+               req(seed=11, logit_bias={5: -3.0}, allowed_token_ids=[5, 6, 7], top_p=0.5, logprobs=3),
+               req(seed=12, temperature=0.0, logit_bias={8: 50.0}), req(seed=13, allowed_token_ids=[9])]
+    alone = run(logits[:5], plain)
+    mixed = run(torch.cat([logits[:5], logits[5:]]), plain + special)
+    assert torch.equal(mixed.sampled_token_ids[:5], alone.sampled_token_ids)
+    assert torch.equal(mixed.logprobs[:5], alone.logprobs)
+    assert torch.equal(mixed.top_ids[:5, :2], alone.top_ids) and torch.equal(mixed.top_logprobs[:5, :2],
+                                                                            alone.top_logprobs)
+    forced = mixed.sampled_token_ids[5:].tolist()
+    assert forced[0] == 4 and forced[1] == 1 + int(logits[6, 2] > logits[6, 1]) and forced[2] in (5, 6, 7)
+    assert forced[3:] == [8, 9]
+    # Their logprobs are of the raw distribution, without bias or allowlist.
+    raw = logits[5:].float().log_softmax(-1)
+    assert torch.equal(mixed.logprobs[5:], raw.gather(1, mixed.sampled_token_ids[5:, None]).squeeze(1))
+    assert torch.equal(mixed.top_ids[7], raw[2].topk(3).indices)

@@ -179,6 +179,46 @@ def test_sampler_uses_kernel_on_cuda(monkeypatch, params):
     assert (fused == unfused).float().mean().item() >= 0.999
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "params", "num_args"), [
+    (torch.bfloat16, dict(temperature=0.7, logit_bias={17: 100.0, 18: -2.0}), 4),  # float32 now, divided as read
+    (torch.bfloat16, dict(temperature=0.9, allowed_token_ids=[17, 300, 151_000]), 4),  # still 16-bit, masked
+    (torch.float32, dict(top_k=20, logit_bias={17: 100.0}, allowed_token_ids=[17, 18, 300]), 3),  # filtered
+], ids=["bias", "allowlist", "both+top_k"])
+def test_sampler_with_bias_and_allowlist_uses_kernel_on_cuda(monkeypatch, dtype, params, num_args):
+    """The fused Gumbel draw sees the biased, restricted logits: the same tokens as the torch draw of the
+    same logits, the forced token on every row a +100 bias forces, and only allowed ids elsewhere."""
+    pytest.importorskip("triton")
+    batch = 64
+    logits = make_case(batch, QWEN_VOCAB, seed=6)[0]
+    logits[logits.isinf()] = -20.0
+    logits = logits.to(dtype).cuda()
+    requests = _requests(batch, **params)
+    requests[5] = SamplerRequest(SamplingParams(temperature=0.0, **{k: v for k, v in params.items()
+                                                                     if k != "temperature"}), 7, [1, 2], 1, [])
+    requests[6] = SamplerRequest(SamplingParams(temperature=0.8), 8, [1, 2], 1, [])  # asks for neither
+    meta = SamplingMetadata.build(requests, QWEN_VOCAB, "cuda")
+    kernel = sampler._fused_gumbel_argmax()
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args))
+        return kernel(*args)
+
+    monkeypatch.setattr(sampler, "_fused_gumbel_argmax", lambda: counted)
+    fused = Sampler()(logits, meta).sampled_token_ids
+    assert calls == [num_args]
+    monkeypatch.setattr(sampler, "_fused_gumbel_argmax", lambda: None)
+    assert (fused == Sampler()(logits, meta).sampled_token_ids).float().mean().item() >= 0.999
+    rows = [i for i in range(batch) if i != 6]
+    if params.get("logit_bias", {}).get(17) == 100.0:
+        assert fused[rows].tolist() == [17] * len(rows)
+    if "allowed_token_ids" in params:
+        assert set(fused[rows].tolist()) <= set(params["allowed_token_ids"])
+    alone = Sampler()(logits[6:7], SamplingMetadata.build([requests[6]], QWEN_VOCAB, "cuda")).sampled_token_ids
+    assert fused[6] == alone[0]
+
+
 # ---- on the CPU, under Triton's interpreter ----
 
 _INTERPRETER_SCRIPT = textwrap.dedent("""

@@ -98,6 +98,11 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=_ranged(-1, 2**31 - 1), help="-1 or 0: no top-k")
     parser.add_argument("--seed", type=_ranged(0, 2**63 - 1), help="same seed, same answer")
+    parser.add_argument("--logit-bias", action="append", type=_bias_entry, metavar="ID=BIAS",
+                        help="add BIAS (-100 to 100) to token ID's logit (repeatable)")
+    parser.add_argument("--allowed-token-id", action="append", dest="allowed_token_ids",
+                        type=_ranged(0, 2**32 - 1), metavar="ID",
+                        help="draw only from these tokens (repeatable; EOS is not implied)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true",
                         help="no streaming: print each answer as one JSON line (text, finish_reason, usage)")
@@ -113,6 +118,17 @@ def _ranged(low: int, high: int) -> Callable[[str], int]:
 
     parse.__name__ = "integer"  # how argparse names the type in its errors
     return parse
+
+
+def _bias_entry(text: str) -> tuple[int, float]:
+    """A --logit-bias value, ID=BIAS."""
+    token, sep, bias = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS")
+    return _ranged(0, 2**32 - 1)(token), float(bias)
+
+
+_bias_entry.__name__ = "ID=BIAS"  # how argparse names the type in its errors
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -133,9 +149,11 @@ def _read(path: Path | None) -> bytes | None:
 
 def _options(args: argparse.Namespace) -> GenerateOptions:
     options = GenerateOptions(stop=args.stop)
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "allowed_token_ids"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)  # type: ignore[literal-required]
+    if args.logit_bias is not None:
+        options["logit_bias"] = dict(args.logit_bias)
     return options
 
 

@@ -40,6 +40,10 @@ class GenerateOptions(TypedDict, total=False):
     top_p: float
     top_k: int
     seed: int
+    # Token id -> bias added to its logit, in [-100, 100]; ids may be decimal strings, as in OpenAI's JSON.
+    logit_bias: Mapping[int | str, float]
+    # Only these token ids may be drawn; EOS is not implied (list it to let the answer stop).
+    allowed_token_ids: Sequence[int]
     # Strings that end the answer (one string, or several); the text is cut before the match.
     stop: str | Sequence[str]
     # Every other SamplingParams field (penalties, min_p, logprobs, ...); the options above override it.
@@ -324,6 +328,13 @@ def sampling_params(options: GenerateOptions) -> engine_pb2.SamplingParams:
     for name in _SAMPLING_OPTIONS:
         if options.get(name) is not None:
             setattr(params, name, options[name])
+    # The map and the list replace the sampling message's, as the scalars above do.
+    if options.get("logit_bias") is not None:
+        params.ClearField("logit_bias")
+        params.logit_bias.update({int(token): bias for token, bias in options["logit_bias"].items()})
+    if options.get("allowed_token_ids") is not None:
+        params.ClearField("allowed_token_ids")
+        params.allowed_token_ids.extend(options["allowed_token_ids"])
     if params.n > 1:
         # A text stream interleaves samples; keeping it to one keeps deltas simple to consume.
         raise ValueError("generate() and chat() stream one sample; for n > 1 call the pagoda.v1 stubs")

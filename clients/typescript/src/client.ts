@@ -31,6 +31,10 @@ export interface GenerateOptions {
   topP?: number;
   topK?: number;
   seed?: number;
+  // Token id -> bias added to its logit, in [-100, 100] (OpenAI's logit_bias).
+  logitBias?: Record<number, number>;
+  // Only these token ids may be drawn; EOS is not implied (list it to let the answer stop).
+  allowedTokenIds?: number[];
   // Strings that end the answer; the text is cut before the match.
   stop?: string[];
   // Deadline of the whole stream, in milliseconds.
@@ -186,10 +190,10 @@ export class PagodaClient {
   }
 }
 
-function samplingParams(options: GenerateOptions): Record<string, number> {
+function samplingParams(options: GenerateOptions): Record<string, unknown> {
   // proto3 `optional` fields are sent only when present, so an unset key keeps the service's default.
-  const params: Record<string, number> = {};
-  for (const key of ["maxTokens", "temperature", "topP", "topK", "seed"] as const) {
+  const params: Record<string, unknown> = {};
+  for (const key of ["maxTokens", "temperature", "topP", "topK", "seed", "logitBias", "allowedTokenIds"] as const) {
     const value = options[key];
     if (value !== undefined) params[key] = value;
   }

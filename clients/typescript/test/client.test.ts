@@ -36,6 +36,25 @@ describe("PagodaClient", { skip: target ? false : "PAGODA_TARGET is not set" }, 
     assert.equal(stream.usage?.completionTokens, 5);
   });
 
+  test("logitBias and allowedTokenIds reach the engine", async () => {
+    // The last token of "Hello world" forced at every position; EOS is not allowed, so both run to maxTokens.
+    const forced = (await client.tokenize("Hello world")).tokenIds.at(-1) as number;
+    const biased = client.generate("Once upon a time", { maxTokens: 4, temperature: 0, logitBias: { [forced]: 100 } });
+    const text = await biased.read();
+    const unit = text.slice(0, text.length / 4);
+    assert.ok(unit.length > 0 && unit.repeat(4) === text, `not one token four times: ${JSON.stringify(text)}`);
+    const restricted = client.generate("Once upon a time", { maxTokens: 4, seed: 3, allowedTokenIds: [forced] });
+    assert.equal(await restricted.read(), text);
+    assert.equal(restricted.finishReason, "length");
+    const bad = client.generate("Hello", { logitBias: { [forced]: 101 } });
+    await assert.rejects(bad.read(), (error: unknown) => {
+      assert.ok(error instanceof PagodaError);
+      assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+      assert.match(error.details, /logit_bias/);
+      return true;
+    });
+  });
+
   test("tokenizes and reports the model", async () => {
     const tokens = await client.tokenize("Hello world");
     assert.ok(tokens.tokenIds.length >= 2);

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -66,10 +66,11 @@ class RequestLimits:
         """Raise InvalidRequestError with a message a user can act on."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        self._check_in_vocabulary("prompt token id", prompt_token_ids)
         params.validate(self.max_logprobs, self.max_n)
+        # Past the logits' width a flat index would land in the next row.
+        self._check_in_vocabulary("logit_bias token id", params.logit_bias)
+        self._check_in_vocabulary("allowed_token_ids id", params.allowed_token_ids)
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -78,6 +79,15 @@ class RequestLimits:
         if params.min_tokens and len(self.stop_ids(params)) == self.vocab_size:
             raise InvalidRequestError(f"min_tokens {params.min_tokens} would ban every token: the stop token ids "
                                       f"and EOS cover the whole vocabulary of {self.vocab_size}")
+        allowed = params.allowed_token_ids
+        if params.min_tokens and allowed and self.stop_ids(params).issuperset(allowed):
+            raise InvalidRequestError(f"min_tokens {params.min_tokens} would ban every token: each of the "
+                                      "allowed_token_ids is EOS or a stop token id")
+
+    def _check_in_vocabulary(self, what: str, token_ids: Iterable[int]) -> None:
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"{what} {bad} is outside the vocabulary [0, {self.vocab_size})")
 
 
 def resolve_limits(config: EngineConfig, model_config: ModelConfig) -> EngineConfig:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# A request's stop_token_ids: more are refused (the sampler reads them every step while min_tokens holds).
-MAX_STOP_TOKEN_IDS = 1024
+# The most entries a request's list fields may hold: the sampler's metadata lists them anew every step
+# (stop ids while min_tokens holds), so their count bounds the host work a request adds to each step.
+MAX_ENTRIES = {"stop_token_ids": 1024, "logit_bias": 1024, "allowed_token_ids": 1024}
+# OpenAI's range: -100 bans a token and +100 forces it in practice, and float32 logits stay finite.
+MAX_ABS_LOGIT_BIAS = 100.0
 # The sampler works in float32: a larger temperature or penalty becomes inf there, and -inf / inf is NaN.
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -19,13 +23,23 @@ class InvalidRequestError(ValueError):
     """A request the user can fix: the message says what is wrong (gRPC INVALID_ARGUMENT)."""
 
 
+def check_entries(counts: Mapping[str, int]) -> None:
+    """Raise InvalidRequestError for the first field of ``counts`` (field name -> entries) past MAX_ENTRIES.
+
+    ``SamplingParams.validate`` calls it, and the server too, on the wire message before converting it.
+    """
+    for name, count in counts.items():
+        if count > MAX_ENTRIES[name]:
+            raise InvalidRequestError(f"at most {MAX_ENTRIES[name]} {name} entries are accepted, got {count}")
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
 
     Defaults follow vLLM: ``temperature=0`` means greedy; ``top_k`` of 0 or -1, ``top_p`` of 1 and
     ``min_p`` of 0 switch those filters off; penalties of 1 (repetition) and 0 (presence, frequency)
-    are neutral.
+    are neutral, and so are an empty ``logit_bias`` and ``allowed_token_ids``.
     """
 
     temperature: float = 1.0
@@ -46,6 +60,10 @@ class SamplingParams:
     # Number of most likely tokens whose logprobs are returned besides the chosen one (None: no logprobs).
     logprobs: int | None = None
     n: int = 1
+    # Token id -> added to its logit after the penalties (OpenAI's logit_bias); empty: none.
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Not empty: only these ids may be drawn (vLLM's allowed_token_ids); EOS and stop ids are not implied.
+    allowed_token_ids: list[int] = field(default_factory=list)
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +77,10 @@ class SamplingParams:
 
     def validate(self, max_logprobs: int = 20, max_n: int = 16) -> None:
         """Raise InvalidRequestError naming the first field out of range."""
+        check_entries({name: len(getattr(self, name)) for name in MAX_ENTRIES})
+        # `not <=` is also true of NaN.
+        biased, bias = next(((t, b) for t, b in self.logit_bias.items() if not abs(b) <= MAX_ABS_LOGIT_BIAS),
+                            (None, None))
         checks = [
             (_finite32(self.temperature) and self.temperature >= 0,
              f"temperature must be a finite float32 >= 0, got {self.temperature}"),
@@ -79,9 +101,11 @@ class SamplingParams:
              f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}"),
             (1 <= self.n <= max_n, f"n must be in [1, {max_n}], got {self.n}"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
-            (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
-             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are accepted, got {len(self.stop_token_ids)}"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+            (all(t >= 0 for t in self.logit_bias), "logit_bias token ids must be >= 0"),
+            (biased is None, f"logit_bias values must be in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}], "
+                             f"got {bias} for token {biased}"),
+            (all(t >= 0 for t in self.allowed_token_ids), "allowed_token_ids must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

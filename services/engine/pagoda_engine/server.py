@@ -37,7 +37,7 @@ from pagoda_engine.async_engine import AsyncEngine, EngineDeadError, QueueFullEr
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.engine import EngineLoad, SequenceOutput
 from pagoda_engine.metrics import EngineMetrics, StreamTimer
-from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
+from pagoda_engine.sampling_params import MAX_ENTRIES, InvalidRequestError, SamplingParams, check_entries
 from pagoda_engine.sequence import FinishReason
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ def to_sampling_params(proto: engine_pb2.SamplingParams, prompt_len: int, max_mo
             f"{max_model_len}"
         )
 
+    # Before converting any: a 64 MiB message holds millions of entries, seconds of work on the event loop.
+    check_entries({name: len(getattr(proto, name)) for name in MAX_ENTRIES})
+
     def optional(name: str, unset):
         return getattr(proto, name) if proto.HasField(name) else unset
 
@@ -90,6 +93,8 @@ def to_sampling_params(proto: engine_pb2.SamplingParams, prompt_len: int, max_mo
         ignore_eos=proto.ignore_eos,
         logprobs=optional("logprobs", None),
         n=proto.n or 1,
+        logit_bias=dict(proto.logit_bias),
+        allowed_token_ids=list(proto.allowed_token_ids),
     )
 
 

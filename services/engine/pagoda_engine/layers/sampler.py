@@ -1,27 +1,35 @@
 """The sampler: from a batch of next-token logits to token ids, on the logits' device.
 
-Per row, in this order (vLLM v1's order):
+Per row, in this order (vLLM v1's, but for the bias; see below):
 
 1. min_tokens: the row's stop ids (EOS + stop_token_ids) get -inf while the output is shorter than min_tokens.
 2. Repetition penalty (Hugging Face semantics) over tokens seen in the prompt or the output.
 3. Presence and frequency penalties (OpenAI semantics) over output tokens only.
-4. Greedy rows (temperature 0, or below 1e-5) take the argmax here.
-5. Temperature, then min_p, top_k and top_p filters, then a seeded draw (see ``random_noise``).
+4. logit_bias (OpenAI semantics): each listed token's bias is added to its logit.
+5. allowed_token_ids (vLLM semantics): on rows that list some, every other token gets -inf.
+6. Greedy rows (temperature 0, or below 1e-5) take the argmax here.
+7. Temperature, then min_p, top_k and top_p filters, then a seeded draw (see ``random_noise``).
+
+Steps 1 and 5 only set -inf, which every later step keeps (-inf plus a finite bias is -inf): a bias
+never brings back a suppressed token. vLLM v1 adds the bias before the penalties (and masks first); the
+orders differ only under a repetition penalty, which there scales the bias too. Here the bias is added
+after every penalty, as given, which is the request's last word on a token before temperature.
 
 Logprobs describe the model's raw distribution: log_softmax of the logits as they come in, before
-penalties, temperature and filters (what vLLM v1 returns by default).
+penalties, bias, allowlist, temperature and filters (what vLLM v1 returns by default).
 
 Everything Python-side (reading SamplingParams, flattening token lists) happens once per step in
 ``SamplingMetadata.build``, which moves its small host arrays to the device in one copy and sets flags
 so that the forward skips what no row asked for: no full-vocabulary sort unless a row uses top_p, no
-penalty tensors when every penalty is neutral. The forward has no per-row Python loop and no host sync.
+penalty, bias or allowlist tensors (nor their kernels) when no row has any. The forward has no per-row
+Python loop and no host sync.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -83,6 +91,10 @@ class SamplingMetadata:
     prompt_index: torch.Tensor | None  # flat row * V + token over prompts of rows with a repetition penalty
     output_index: torch.Tensor | None  # flat row * V + token over outputs of rows with any penalty
     suppress_index: torch.Tensor | None  # flat row * V + stop id of rows still under min_tokens
+    bias_index: torch.Tensor | None  # flat row * V + token of every logit_bias entry
+    bias: torch.Tensor | None  # float32, the bias of each bias_index entry
+    allowed_rows: torch.Tensor | None  # int64, the rows with allowed_token_ids
+    allowed_index: torch.Tensor | None  # flat row * V + token of every allowed token of those rows
     all_greedy: bool
     any_top_k: bool
     any_top_p: bool
@@ -105,6 +117,8 @@ class SamplingMetadata:
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         suppress_rows = [i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_tokens]
+        bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+        allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
         logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
 
         host = _HostArrays()
@@ -131,6 +145,15 @@ class SamplingMetadata:
             # A stop id past the logits' width cannot be drawn anyway, and its flat index would land in the next row.
             stop_ids = [[t for t in requests[i].stop_ids if t < vocab_size] for i in suppress_rows]
             host.add_int("suppress_index", _flat_index(suppress_rows, stop_ids, vocab_size))
+        # Admission checked that every id is below the vocabulary's size.
+        if bias_rows:
+            biases = [params[i].logit_bias for i in bias_rows]
+            host.add_int("bias_index", _flat_index(bias_rows, biases, vocab_size))
+            host.add_float("bias", [b for bias in biases for b in bias.values()])  # in the order of the keys above
+        if allowed_rows:
+            host.add_int("allowed_rows", allowed_rows)
+            host.add_int("allowed_index", _flat_index(allowed_rows, [params[i].allowed_token_ids for i in allowed_rows],
+                                                      vocab_size))
         t = host.to(device)
         f32 = {name: t[name].float() for name, is_float in host.floats.items() if is_float}
         return cls(
@@ -147,6 +170,10 @@ class SamplingMetadata:
             prompt_index=t.get("prompt_index"),
             output_index=t.get("output_index"),
             suppress_index=t.get("suppress_index"),
+            bias_index=t.get("bias_index"),
+            bias=f32.get("bias"),
+            allowed_rows=t.get("allowed_rows"),
+            allowed_index=t.get("allowed_index"),
             all_greedy=not sampled,
             any_top_k=any_top_k,
             any_top_p=any_top_p,
@@ -188,7 +215,7 @@ class _HostArrays:
         return out
 
 
-def _flat_index(rows: list[int], token_lists: list[list[int]], vocab_size: int) -> np.ndarray:
+def _flat_index(rows: list[int], token_lists: Sequence[Collection[int]], vocab_size: int) -> np.ndarray:
     """row * vocab_size + token for every token of every listed row (indices into the flattened logits)."""
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     tokens = np.fromiter((t for ts in token_lists for t in ts), dtype=np.int64, count=int(lengths.sum()))
@@ -214,6 +241,11 @@ class Sampler(nn.Module):
             logits = logits.flatten().index_fill(0, meta.suppress_index, float("-inf")).view_as(raw)
         if meta.any_penalties:
             logits = apply_penalties(logits.float(), meta)
+        if meta.bias_index is not None:
+            # float32 as the penalties: a bias added in 16 bits would round to the logit's precision.
+            logits = logits.float().flatten().index_add(0, meta.bias_index, meta.bias).view_as(raw)
+        if meta.allowed_index is not None:
+            logits = apply_allowed_token_ids(logits, meta.allowed_rows, meta.allowed_index)
 
         if meta.all_greedy:
             token_ids = logits.argmax(dim=-1)
@@ -241,6 +273,14 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     presence = meta.presence_penalty.unsqueeze(1) * (counts > 0)
     return logits - meta.frequency_penalty.unsqueeze(1) * counts - presence
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, rows: torch.Tensor, allowed_index: torch.Tensor) -> torch.Tensor:
+    """``rows`` keep only the logits at ``allowed_index`` (flat row * V + token); their other tokens get -inf."""
+    kept = logits.flatten().index_select(0, allowed_index)
+    restricted = logits.index_fill(0, rows, float("-inf"))  # a copy: the model's logits stay as they are
+    restricted.view(-1).index_copy_(0, allowed_index, kept)  # a repeated id copies the same value twice
+    return restricted
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
