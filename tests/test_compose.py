@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagoda_client import Client
 from pagoda_client.demo import free_port
@@ -350,10 +351,16 @@ def test_python_client_streams_a_chat(stack, python_answer):
     assert info.num_healthy_engines == 1
 
 
-def test_engine_serves_metrics_on_its_declared_port(stack):
-    port = stack.network.ports[int(stack.specs["engine"]["environment"]["PAGODA_METRICS_PORT"])]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert b"pagoda_engine_" in response.read()
+@pytest.mark.parametrize("service", ["engine", "tokenizer"])
+def test_services_serve_metrics_on_their_declared_ports(stack, python_answer, service):
+    declared = int(stack.specs[service]["environment"]["PAGODA_METRICS_PORT"])
+    assert declared in container_ports(stack.specs[service]), "expose the metrics port, as Prometheus scrapes it"
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.network.ports[declared]}/metrics", timeout=10) as response:
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(response.read().decode()) for s in family.samples}
+    assert samples[(f"pagoda_{service}_generation_tokens_total", ())] > 0  # the chat's answer
+    if service == "tokenizer":  # the supervisor's sum over the workers, one of which took the chat
+        assert samples[("pagoda_tokenizer_requests_received_total", (("method", "Chat"),))] >= 1
 
 
 @pytest.fixture(scope="session")

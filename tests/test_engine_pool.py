@@ -174,6 +174,10 @@ def stream_text(text: str, n: int = 1, until_abort: bool = False):
     return script
 
 
+def metric(pool: EnginePool, name: str, **labels: str) -> float:
+    return pool.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 def test_refusals_before_output_move_on_to_the_next_engine():
     async def main():
         scripts = [refuse(grpc.StatusCode.RESOURCE_EXHAUSTED), refuse(grpc.StatusCode.UNAVAILABLE),
@@ -185,6 +189,14 @@ def test_refusals_before_output_move_on_to_the_next_engine():
             outs = await run(pool, tokens_of("hello"))
             assert "".join(o.text for o in outs) == "fine"
             assert [len(e.requests) for e in engines] == [1, 1, 1]
+            first, second, third = (engine.address for engine in pool.engines)
+            errors = "pagoda_tokenizer_engine_errors_total"
+            assert metric(pool, errors, engine=first, code="RESOURCE_EXHAUSTED") == 1
+            assert metric(pool, errors, engine=second, code="UNAVAILABLE") == 1
+            assert metric(pool, "pagoda_tokenizer_engine_failovers_total") == 2
+            for address in (first, second, third):
+                assert metric(pool, "pagoda_tokenizer_engine_requests_in_flight", engine=address) == 0
+                assert metric(pool, "pagoda_tokenizer_engine_healthy", engine=address) == 1
 
     asyncio.run(main())
 
@@ -195,6 +207,7 @@ def test_when_every_engine_refuses_the_last_refusal_is_the_answer():
             with pytest.raises(RequestError) as error:
                 await run(pool, tokens_of("hello"))
             assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert metric(pool, "pagoda_tokenizer_engine_failovers_total") == 0  # no engine was left to try
 
     asyncio.run(main())
 
@@ -214,6 +227,10 @@ def test_errors_after_output_are_not_retried():
             assert error.value.code == grpc.StatusCode.INTERNAL and "engine bug" in error.value.message
             assert "".join(o.text for o in outs) == "partial"
             assert sum(len(e.requests) for e in engines) == 1
+            (failed,) = (client.address for client, engine in zip(pool.engines, engines, strict=True)
+                         if engine.requests)
+            assert metric(pool, "pagoda_tokenizer_engine_errors_total", engine=failed, code="INTERNAL") == 1
+            assert metric(pool, "pagoda_tokenizer_engine_failovers_total") == 0
 
     asyncio.run(main())
 

@@ -20,7 +20,8 @@ from pagoda.v1 import tokenizer_pb2 as tpb
 from pagoda_client import Client, UnauthenticatedError, cli
 from pagoda_tokenizer.config import TokenizerConfig
 from tests.conftest import make_tiny_model
-from tests.test_tokenizer_service import Engine, Front, free_port
+from tests.test_tokenizer_metrics import scrape, value
+from tests.test_tokenizer_service import Engine, Front, free_port, wait_for
 from tests.tls_helpers import KeyPair, Pki, make_pki
 from tests.tokenizer_helpers import byte_level_tokenizer_json, write_tokenizer_dir
 
@@ -79,12 +80,16 @@ def engine_flags(pki: Pki) -> list[str]:
 
 @pytest.fixture(scope="module")
 def front(tiny_dir, pki, engine, tmp_path_factory) -> Iterator[Front]:
-    """TLS for clients, a bearer token read from a file, mutual TLS to the engine; logging everything."""
+    """TLS for clients, a bearer token read from a file, mutual TLS to the engine; logging everything; metrics
+    on ``front.metrics_port``."""
     logs = tmp_path_factory.mktemp("front-logs")
     (logs / "token").write_text(TOKEN + "\n")
+    metrics_port = free_port()
     front = Front(tiny_dir, [engine.address], logs / "front.log", "--tls-cert-file", str(pki.server.cert),
                   "--tls-key-file", str(pki.server.key), "--auth-token-file", str(logs / "token"),
-                  "--log-level", "DEBUG", *engine_flags(pki), credentials=credentials(pki))
+                  "--log-level", "DEBUG", "--metrics-port", str(metrics_port), *engine_flags(pki),
+                  credentials=credentials(pki))
+    front.metrics_port = metrics_port
     try:
         front.wait_serving()  # health needs no token
         yield front
@@ -163,6 +168,23 @@ def test_calls_without_the_right_token_are_unauthenticated(front, metadata, word
         with pytest.raises(grpc.RpcError) as error:
             call()
         assert error.value.code() == UNAUTHENTICATED and words in error.value.details()
+
+
+def test_refused_calls_are_counted_unauthenticated(front):
+    """The metrics interceptor sits outside the token check: a refused call counts, under the status it got."""
+    def refusals() -> dict[str, float]:
+        metrics = scrape(front.metrics_port)
+        return {method: value(metrics, "pagoda_tokenizer_requests_finished_total", method=method,
+                              code="UNAUTHENTICATED") for method in ("Tokenize", "Generate")}
+
+    stub = tokenizer_pb2_grpc.TokenizerStub(front.channel)
+    before = refusals()
+    for call in (lambda: stub.Tokenize(tpb.TokenizeRequest(text="hi"), timeout=5),
+                 lambda: list(stub.Generate(tpb.TextGenerateRequest(prompt="hi"), timeout=5))):
+        with pytest.raises(grpc.RpcError):
+            call()
+    # A refusal's status can reach the client a moment before the service counts it.
+    wait_for(lambda: refusals() == {method: count + 1 for method, count in before.items()}, 5, "the refusals")
 
 
 def test_the_client_with_the_right_token_is_served_and_with_a_wrong_one_refused(front, pki):

@@ -16,13 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pagoda.latency_buckets import FIRST_TOKEN_BUCKETS, REQUEST_BUCKETS, TOKEN_BUCKETS
 from pagoda_engine.engine import EngineLoad
-
-# Between tokens: millisecond decode steps to the seconds a preempted sample waits to be recomputed.
-_TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# To the first token: the same, then minutes of queue (up to max_waiting_requests wait their turn).
-_FIRST_TOKEN_BUCKETS = (*_TOKEN_BUCKETS, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
-_REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 
 
 class EngineMetrics:
@@ -30,12 +25,12 @@ class EngineMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("pagoda_engine_time_to_first_token_seconds",
-                              "From a request's arrival to its sample's first token.", buckets=_FIRST_TOKEN_BUCKETS,
+                              "From a request's arrival to its sample's first token.", buckets=FIRST_TOKEN_BUCKETS,
                               registry=r)
         self.itl = Histogram("pagoda_engine_inter_token_latency_seconds",
-                             "Between consecutive tokens of a sample.", buckets=_TOKEN_BUCKETS, registry=r)
+                             "Between consecutive tokens of a sample.", buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("pagoda_engine_e2e_request_latency_seconds",
-                             "From a request's arrival to its sample's last message.", buckets=_REQUEST_BUCKETS,
+                             "From a request's arrival to its sample's last message.", buckets=REQUEST_BUCKETS,
                              registry=r)
         self.prompt_tokens = Counter("pagoda_engine_prompt_tokens", "Prompt tokens of admitted requests.",
                                      registry=r)

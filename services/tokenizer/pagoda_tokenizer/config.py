@@ -31,6 +31,9 @@ class TokenizerConfig:
     # Each worker has its own engine connections, and max_concurrent_streams is per worker; Abort works from
     # any connection (a worker that does not hold the stream passes it on to the engines).
     workers: int = 1
+    # Prometheus metrics over HTTP (/metrics) on this port, on the same host; 0: off. With several workers the
+    # supervisor serves them, summed over the workers.
+    metrics_port: int = 0
     # Caps on a request's stop strings: how many, and how long each may be (in characters).
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
@@ -75,6 +78,10 @@ class TokenizerConfig:
             raise ValueError("workers must be >= 1")
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 needs a fixed port: with port 0 each worker would pick its own")
+        if not (0 <= self.port < 65536 and 0 <= self.metrics_port < 65536):
+            raise ValueError(f"port and metrics_port must be in [0, 65535], got {self.port}, {self.metrics_port}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port ({self.port})")
         if self.max_stop_strings < 0 or self.max_stop_string_chars < 1:
             raise ValueError("max_stop_strings must be >= 0 and max_stop_string_chars >= 1")
         # Written so that NaN fails too (every comparison with it is false), and inf where it would overflow.

@@ -3,6 +3,7 @@
 Each client keeps one gRPC channel open, watches the engine's grpc.health.v1 status (a Watch stream that
 fails at once when the engine goes away, and is re-opened until it comes back), and polls GetLoad. A new
 instance_id in the load means the engine restarted, so its prefix cache, and our memory of it, is empty.
+The pool keeps the per-engine metrics: calls in flight, health, errors, and failovers to another engine.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagoda.v1 import engine_pb2, engine_pb2_grpc
 from pagoda_tokenizer.config import TokenizerConfig
+from pagoda_tokenizer.metrics import TokenizerMetrics
 from pagoda_tokenizer.prefix_affinity import PrefixAffinity
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ RPC_TIMEOUT_S = 5.0
 
 class EngineClient:
     def __init__(self, address: str, config: TokenizerConfig, on_health_change: Callable[[], None],
-                 on_restart: Callable[[EngineClient], None], credentials: grpc.ChannelCredentials | None = None):
+                 on_restart: Callable[[EngineClient], None], metrics: TokenizerMetrics,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.address = address
         reconnect_ms = int(config.reconnect_max_s * 1000)
         # gRPC backs off up to two minutes between reconnects by default; a restarted engine would sit idle.
@@ -51,6 +54,10 @@ class EngineClient:
         self.load: engine_pb2.Load | None = None
         # Sequences this service is running on the engine now: exact, where the polled load lags.
         self.in_flight = 0
+        self._calls_gauge = metrics.engine_in_flight.labels(address)
+        self._healthy_gauge = metrics.engine_healthy.labels(address)
+        self._healthy_gauge.set(0)
+        self._errors = metrics.engine_errors
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -70,12 +77,18 @@ class EngineClient:
 
     @contextlib.contextmanager
     def track(self, num_sequences: int) -> Iterator[None]:
-        """Count a request's sequences as in flight on this engine while the block runs."""
+        """Count a request's sequences, and its call, as in flight on this engine while the block runs."""
         self.in_flight += num_sequences
+        self._calls_gauge.inc()
         try:
             yield
         finally:
             self.in_flight -= num_sequences
+            self._calls_gauge.dec()
+
+    def count_error(self, code: grpc.StatusCode) -> None:
+        """A Generate call to this engine ended with ``code``."""
+        self._errors.labels(self.address, code.name).inc()
 
     async def abort(self, request_id: str, indices: Sequence[int] = ()) -> bool:
         """Whether the engine was running the request; False when it cannot be reached (its streams end
@@ -122,16 +135,19 @@ class EngineClient:
     def _set_healthy(self, healthy: bool) -> None:
         if healthy != self.healthy:
             self.healthy = healthy
+            self._healthy_gauge.set(int(healthy))
             logger.info("engine %s is %s", self.address, "serving" if healthy else "not serving")
             self._on_health_change()
 
 
 class EnginePool:
     def __init__(self, config: TokenizerConfig, on_health_change: Callable[[bool], None] = lambda serving: None,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, metrics: TokenizerMetrics | None = None):
         # credentials: TLS to every engine (tls.engine_channel_credentials); None: plaintext.
+        # metrics: the service's; a pool of its own (in tests) gets its own.
+        self.metrics = metrics if metrics is not None else TokenizerMetrics()
         self.engines = [
-            EngineClient(address, config, self._health_changed, self._restarted, credentials)
+            EngineClient(address, config, self._health_changed, self._restarted, self.metrics, credentials)
             for address in config.engines
         ]
         self._affinity = PrefixAffinity(config.affinity_prefix_blocks, config.affinity_table_size)
@@ -156,11 +172,14 @@ class EnginePool:
         return next((engine.model_info for engine in ranked if engine.model_info is not None), None)
 
     def pick(self, prompt_ids: Sequence[int], exclude: set[str]) -> EngineClient | None:
-        """The least-loaded healthy engine not in `exclude`, or the one that served the same prompt prefix
-        unless it runs more than affinity_max_extra_load sequences beyond that. None when none is left."""
+        """The least-loaded healthy engine not in `exclude` (those that refused the request), or the one that
+        served the same prompt prefix unless it runs more than affinity_max_extra_load sequences beyond that.
+        None when none is left."""
         candidates = [engine for engine in self.healthy_engines if engine.address not in exclude]
         if not candidates:
             return None
+        if exclude:  # they refused it before any output: it moves on
+            self.metrics.failovers.inc()
         # Random tie-breaks spread equal engines instead of always filling the first.
         chosen = min(candidates, key=lambda engine: (engine.score, random.random()))
         # A healthy engine has reported its model info (the health watch fetches it first).

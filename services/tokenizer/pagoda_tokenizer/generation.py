@@ -125,6 +125,7 @@ class Generation:
                         aborted.add(message.index)
                         await self.abort([message.index])
             except grpc.aio.AioRpcError as exc:
+                engine.count_error(exc.code())
                 raise self._engine_error(engine, exc, received) from exc
             finally:
                 call.cancel()

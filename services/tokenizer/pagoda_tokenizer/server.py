@@ -1,4 +1,5 @@
-"""The gRPC front door: pagoda.v1.Tokenizer, grpc.health.v1 and reflection on one asyncio server.
+"""The gRPC front door: pagoda.v1.Tokenizer, grpc.health.v1 and reflection on one asyncio server, and its
+Prometheus metrics over HTTP.
 
 Health is SERVING only while at least one engine serves, so a load balancer or compose health check
 sees the pair, not just this process.
@@ -11,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
@@ -29,6 +31,7 @@ from pagoda_tokenizer.config import TokenizerConfig
 from pagoda_tokenizer.engine_pool import EnginePool
 from pagoda_tokenizer.errors import RequestError
 from pagoda_tokenizer.generation import Generation
+from pagoda_tokenizer.metrics import CallMetrics, StreamTimer, TokenizerMetrics, serve_http
 from pagoda_tokenizer.sample_stream import TextOptions
 from pagoda_tokenizer.tokenizer import TextTokenizer
 
@@ -42,10 +45,12 @@ _Answer = TypeVar("_Answer", tokenizer_pb2.TokenizeResponse, tokenizer_pb2.Detok
 
 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
-    def __init__(self, config: TokenizerConfig, tokenizer: TextTokenizer, pool: EnginePool):
+    def __init__(self, config: TokenizerConfig, tokenizer: TextTokenizer, pool: EnginePool,
+                 metrics: TokenizerMetrics):
         self._config = config
         self._tokenizer = tokenizer
         self._pool = pool
+        self._metrics = metrics
         self._chat_template, self._no_chat_template_reason = _load_chat_template(tokenizer)
         self._running: dict[str, Generation] = {}
         # Requests being tokenized, by id: they hold a stream's place (the cap, a duplicate id) meanwhile,
@@ -54,7 +59,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
 
     async def Generate(self, request: tokenizer_pb2.TextGenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
-        async for out in self._generate(request, context, lambda: self._encode_text(request)):
+        async for out in self._generate("Generate", request, context, lambda: self._encode_text(request)):
             yield out
 
     async def Chat(self, request: tokenizer_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -64,13 +69,15 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
             prompt = self._render_chat(request.messages, add_generation_prompt, request.chat_template_kwargs)
             return self._tokenizer.encode(prompt, add_special_tokens=False)  # the template wrote them
 
-        async for out in self._generate(request, context, encode):
+        async for out in self._generate("Chat", request, context, encode):
             yield out
 
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
                        ) -> tokenizer_pb2.TokenizeResponse:
         try:
-            return self._fitting(await asyncio.to_thread(self._tokenize, request))
+            with self._metrics.timing_tokenization("Tokenize"):
+                response = await asyncio.to_thread(self._tokenize, request)
+            return self._fitting(response)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
 
@@ -127,15 +134,17 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         # Not ours: with --workers N another worker may run it, under the same id on an engine.
         return engine_pb2.AbortResponse(found=await self._pool.abort(request.request_id, request.indices))
 
-    async def _generate(self, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
+    async def _generate(self, method: str, request: tokenizer_pb2.TextGenerateRequest | tokenizer_pb2.ChatRequest,
                         context: grpc.aio.ServicerContext, encode: Callable[[], list[int]]
                         ) -> AsyncIterator[tokenizer_pb2.TextGenerateResponse]:
+        arrival = time.monotonic()
         try:
             request_id = self._admit(request)
             try:
                 # Off the event loop, which a long prompt would otherwise hold for seconds (every stream
                 # of this worker waiting), and after the checks that need no tokens.
-                prompt_ids = await asyncio.to_thread(encode)
+                with self._metrics.timing_tokenization(method):
+                    prompt_ids = await asyncio.to_thread(encode)
             finally:
                 early_aborts = self._tokenizing.pop(request_id)
             generation = self._new_generation(request, request_id, prompt_ids)
@@ -144,6 +153,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         for indices in early_aborts:
             await generation.abort(indices)  # kept until the engine has the request
         self._running[generation.request_id] = generation
+        timer = StreamTimer(self._metrics, method, len(prompt_ids), arrival)
         try:
             # aclosing: when the client leaves, close the stream now (cancelling the engine call, which aborts
             # the request there) rather than whenever the generator is garbage-collected.
@@ -151,6 +161,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 async for out in stream:
                     if generation.finished:  # the id is free for reuse once the client has this message
                         self._forget(generation)
+                    timer.record(out)
                     yield out
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
@@ -302,12 +313,14 @@ async def serve(config: TokenizerConfig, worker: int | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - a missing directory or a corrupt file: one line, not a traceback
         logger.error("cannot load the tokenizer from %s: %s", config.model, error)
         return 1
+    metrics = TokenizerMetrics()
     health_servicer = health.aio.HealthServicer()
     health_updates = _HealthPublisher(health_servicer)
-    pool = EnginePool(config, on_health_change=health_updates.publish, credentials=engine_credentials)
+    pool = EnginePool(config, on_health_change=health_updates.publish, credentials=engine_credentials,
+                      metrics=metrics)
     # Workers share the port on purpose (the supervisor checked it was free); one process alone must not.
-    server = _build_server(config, token, share_port=worker is not None)
-    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerService(config, tokenizer, pool), server)
+    server = _build_server(config, token, metrics, share_port=worker is not None)
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerService(config, tokenizer, pool, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = listen_address(config.host, config.port)
@@ -317,24 +330,41 @@ async def serve(config: TokenizerConfig, worker: int | None = None) -> int:
     except RuntimeError as error:  # gRPC's "Failed to bind": the port is taken or the host is not ours
         logger.error("cannot listen on %s: %s", address, error)
         return 1
-    await health_updates.set(serving=False)
-    await server.start()
-    pool.start()
-    logger.info("pagoda tokenizer listening on %s%s (%s), engines %s (%s)", listen_address(config.host, port),
-                "" if worker is None else f" as worker {worker} of {config.workers} (pid {os.getpid()})",
-                _security(credentials is not None, config.tls_client_ca_file, token),
-                ",".join(config.engines), "TLS" if config.engine_tls_ca_file else "plaintext")
+    # A worker's metrics are served by its supervisor, summed with the other workers' (pagoda_tokenizer.workers).
+    serves_metrics = bool(config.metrics_port) and worker is None
+    try:
+        stop_metrics = serve_http(metrics.registry, config.host, config.metrics_port) if serves_metrics else None
+    except OSError as error:  # the port is taken or the host is not ours
+        logger.error("cannot listen on %s (metrics): %s", metrics_url(config), error)
+        return 1
+    try:
+        await health_updates.set(serving=False)
+        await server.start()
+        pool.start()
+        logger.info("pagoda tokenizer listening on %s%s (%s), engines %s (%s)", listen_address(config.host, port),
+                    "" if worker is None else f" as worker {worker} of {config.workers} (pid {os.getpid()})",
+                    _security(credentials is not None, config.tls_client_ca_file, token),
+                    ",".join(config.engines), "TLS" if config.engine_tls_ca_file else "plaintext")
+        if serves_metrics:
+            logger.info("metrics on %s", metrics_url(config))
+        await _stop_signal(worker)
+        logger.info("shutting down")
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(config.shutdown_grace_s)
+        await pool.close()
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+    return 0
 
+
+async def _stop_signal(worker: int | None) -> None:
+    """Wait for SIGINT or SIGTERM; a worker for SIGTERM only, as its supervisor forwards SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM) if worker is None else (signal.SIGTERM,):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("shutting down")
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.shutdown_grace_s)
-    await pool.close()
-    return 0
 
 
 def listen_address(host: str, port: int) -> str:
@@ -342,10 +372,17 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _build_server(config: TokenizerConfig, token: str | None, share_port: bool) -> grpc.aio.Server:
+def metrics_url(config: TokenizerConfig) -> str:
+    return f"http://{listen_address(config.host, config.metrics_port)}/metrics"
+
+
+def _build_server(config: TokenizerConfig, token: str | None, metrics: TokenizerMetrics,
+                  share_port: bool) -> grpc.aio.Server:
     return grpc.aio.server(
-        # The token first: a caller without it learns nothing, not even whether its request parsed.
-        interceptors=([BearerTokenInterceptor(token)] if token is not None else []) + [DecodeGuard()],
+        # Metrics outermost, so that they count the calls refused inside too. Then the token: a caller without
+        # it learns nothing, not even whether its request parsed.
+        interceptors=[CallMetrics(metrics, SERVICE_NAME),
+                      *([BearerTokenInterceptor(token)] if token is not None else []), DecodeGuard()],
         options=[("grpc.max_send_message_length", config.max_message_bytes),
                  ("grpc.max_receive_message_length", config.max_message_bytes),
                  # With --workers every worker binds the same port and the kernel spreads connections over

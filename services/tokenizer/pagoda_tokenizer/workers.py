@@ -8,7 +8,8 @@ kernel spreads client connections over the workers.
 The supervisor only starts the workers, forwards SIGTERM/SIGINT to them once (they drain as a single
 process does) and fails fast: when a worker exits unexpectedly it stops the others and exits 1, for compose
 or Kubernetes to restart the whole set. Each worker holds the read end of a pipe from the supervisor and
-shuts down when it closes, so no worker outlives a killed supervisor.
+shuts down when it closes, so no worker outlives a killed supervisor. With metrics on, the supervisor also
+serves /metrics, summed over the files the workers write (pagoda_tokenizer.metrics says why).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from pagoda_tokenizer.config import TokenizerConfig
-from pagoda_tokenizer.server import listen_address, serve
+from pagoda_tokenizer.metrics import WorkerMetrics
+from pagoda_tokenizer.server import listen_address, metrics_url, serve
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +48,24 @@ class _Supervisor:
         self._lifelines: list[Connection] = []
         self._stopping = False
         self._failed = False
+        self._metrics: WorkerMetrics | None = None
 
     def run(self) -> int:
         if not self._port_is_free():
             return 1
+        if self._config.metrics_port:
+            try:  # before the workers start: they inherit the metrics directory it names in the environment
+                self._metrics = WorkerMetrics(self._config.host, self._config.metrics_port)
+            except OSError as error:
+                logger.error("cannot listen on %s (metrics): %s", metrics_url(self._config), error)
+                return 1
+        try:
+            return self._supervise()
+        finally:
+            if self._metrics is not None:
+                self._metrics.close()
+
+    def _supervise(self) -> int:
         self._start_workers()
         # Installed only now: a signal before this kills the supervisor, and its closed pipes stop the workers.
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,6 +100,8 @@ class _Supervisor:
             self._lifelines.append(supervisor_end)
             logger.info("worker %d started (pid %d)", index, process.pid)
         logger.info("%d workers serve %s:%d", self._config.workers, self._config.host, self._config.port)
+        if self._metrics is not None:
+            logger.info("metrics of every worker on %s", metrics_url(self._config))
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self._stopping:  # forwarded once: a second Ctrl-C does not cut the drain short
@@ -92,6 +110,8 @@ class _Supervisor:
 
     def _reap(self, process: BaseProcess) -> None:
         process.join()
+        if self._metrics is not None:
+            self._metrics.process_dead(process.pid)
         if not self._stopping:
             logger.error("%s (pid %d) exited with code %s; stopping the others", process.name, process.pid,
                          process.exitcode)
