@@ -165,7 +165,10 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending_tokens or (seq.wait_for is not None and not self._prompt_cached_by(seq.wait_for)):
                 break  # preempted while its last step runs, or an n > 1 sample before the prompt is cached
-            cached = self.block_manager.find_cached_prefix(seq)
+            # Cached positions get no logits: a prompt still to be scored (prompt_logprobs) is computed whole,
+            # as vLLM v1 does. Its blocks still join the cache.
+            lookup = not seq.needs_prompt_logprobs
+            cached = self.block_manager.find_cached_prefix(seq) if lookup else []
             num_cached = len(cached) * self.block_manager.block_size
             num_new = seq.num_tokens - num_cached
             if num_new > budget:
@@ -174,7 +177,7 @@ class Scheduler:
                 num_new = budget
             if not self.block_manager.allocate(seq, num_new, cached):
                 break
-            if seq.num_preemptions == 0:  # a re-admission finds its own recomputed blocks: not a hit
+            if seq.num_preemptions == 0 and lookup:  # a re-admission finds its own recomputed blocks: not a hit
                 seq.num_cached_tokens = num_cached
                 self.prefix_query_tokens += seq.num_tokens
                 self.prefix_hit_tokens += num_cached
