@@ -112,6 +112,8 @@ class StepShape(NamedTuple):
     max_seq_len: int
     num_prompt_logits: int
     prompt_num_top: int  # alternatives per scored row: the largest prompt_logprobs of the step
+    # Rows per LM-head slice of them: rank 0's, so that every rank's vocabulary gathers pair up.
+    prompt_slice_rows: int
 
     @property
     def flat_size(self) -> int:
@@ -147,8 +149,9 @@ class ModelInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor
-    prompt_rows: torch.Tensor
-    prompt_token_ids: torch.Tensor
+    # The rows scored for prompt logprobs and the token each predicts; None when none is.
+    prompt_rows: torch.Tensor | None
+    prompt_token_ids: torch.Tensor | None
     # Rank 0 only: the sequences that sample this step, in batch order, and the prompt logprobs' plan.
     sample_seqs: list[Sequence]
     prompt_plan: PromptLogprobsPlan | None = None
@@ -171,8 +174,9 @@ def inputs_from_flat(shape: StepShape, flat: torch.Tensor, query_start_loc_host:
         query_start_loc_host=query_start_loc_host,
         seq_lens_host=seq_lens_host,
     )
+    prompt_rows, prompt_token_ids = flat[ends[6] : ends[6] + 2 * p].split(p) if p else (None, None)
     return ModelInputs(shape, flat, flat[: ends[0]], flat[ends[0] : ends[1]], meta, flat[ends[4] : ends[5]],
-                       flat[ends[6] : ends[6] + p], flat[ends[6] + p : ends[6] + 2 * p], [])
+                       prompt_rows, prompt_token_ids, [])
 
 
 class ModelRunner:
@@ -190,7 +194,7 @@ class ModelRunner:
             layer.backend = backend
         self.backend_name = backend.name
         self.sampler = Sampler()
-        # Rows of the LM head per slice of prompt logprobs; every tensor-parallel rank slices alike.
+        # Rows of the LM head per slice of prompt logprobs (rank 0's travel in each step's StepShape).
         self.prompt_slice_rows = rows_per_slice(model_config.vocab_size)
         self.num_kv_blocks = 0
         self.kv_cache: torch.Tensor | None = None
@@ -413,7 +417,7 @@ class ModelRunner:
         prompt = None
         if shape.num_prompt_logits:
             prompt = compute_prompt_logprobs(self.model, hidden, inputs.prompt_rows, inputs.prompt_token_ids,
-                                             shape.prompt_num_top, self.prompt_slice_rows)
+                                             shape.prompt_num_top, shape.prompt_slice_rows)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if shape.num_logits else None
         return logits, prompt
 
@@ -451,7 +455,7 @@ class ModelRunner:
                                block_tables.ravel(), prompt.rows, prompt.token_ids, pending_slots,
                                np.array(pending_rows, dtype=np.int64)])
         shape = StepShape(len(input_ids), len(batch), len(logits_indices), max_blocks, batch.num_decodes,
-                          int(counts.max()), int(ends.max()), prompt.num_rows, prompt.num_top)
+                          int(counts.max()), int(ends.max()), prompt.num_rows, prompt.num_top, self.prompt_slice_rows)
         dev = torch.from_numpy(flat).to(self.device, non_blocking=True)
         inputs = inputs_from_flat(shape, dev[: shape.flat_size], query_start_loc.tolist(), ends.tolist())
         if pending:  # the tail past the StepShape's array: where each pending token goes, and its row
