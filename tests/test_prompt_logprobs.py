@@ -47,6 +47,11 @@ def assert_matches(entries, reference: torch.Tensor, prompt: list[int], k: int, 
         torch.testing.assert_close(logprobs, row[ids], atol=atol, rtol=0)
 
 
+def assert_idle(llm) -> None:
+    assert_all_blocks_free(llm)
+    assert llm.engine.scheduler.num_scoring == 0
+
+
 def params(prompt_logprobs: int = 5, **fields) -> SamplingParams:
     return SamplingParams(**{"temperature": 0.0, "max_tokens": 3, "ignore_eos": True,
                              "prompt_logprobs": prompt_logprobs, **fields})
@@ -65,7 +70,7 @@ def test_prompt_logprobs_match_transformers_across_chunks(tiny_model_dirs, hf_mo
         assert out.outputs[0].token_ids == expected.outputs[0].token_ids  # what is sampled does not change
         assert out.num_cached_tokens == 0
     assert all(out.prompt_logprobs is None for out in plain)
-    assert_all_blocks_free(llm)
+    assert_idle(llm)
 
 
 def test_zero_gives_the_prompt_tokens_own_logprobs_only(tiny_model_dirs, hf_models):
@@ -90,6 +95,30 @@ def test_the_lm_head_runs_in_slices_that_stay_small(tiny_model_dirs, hf_models):
         assert_matches(b.prompt_logprobs, reference, prompt, 3)
 
 
+def test_steps_look_for_prompt_rows_only_while_a_request_asks(tiny_model_dirs):
+    """The decode path of requests without prompt logprobs is unchanged: their steps build no plan at all."""
+    llm = make_llm(tiny_model_dirs["llama"])
+    runner = llm.engine.runner
+    real_prepare, seen = runner.prepare_inputs, []
+
+    def prepare(batch):
+        inputs = real_prepare(batch)
+        seen.append((batch.may_score_prompts, inputs.shape.num_prompt_logits, inputs.prompt_rows is None))
+        return inputs
+
+    runner.prepare_inputs = prepare
+    plain = params(None, max_tokens=4)
+    llm.generate(prompts_of([9, 5]), plain)
+    assert set(seen) == {(False, 0, True)}
+    seen.clear()
+    llm.generate(prompts_of([9, 5]), [params(2, max_tokens=4), plain])
+    assert seen[0] == (True, 8, False) and set(seen[1:]) == {(True, 0, True)}
+    seen.clear()
+    llm.generate(prompts_of([9]), plain)
+    assert set(seen) == {(False, 0, True)}
+    assert_idle(llm)
+
+
 def test_a_cached_prompt_is_scored_whole_and_still_feeds_the_cache(tiny_model_dirs, hf_models):
     """Cached positions have no logits, so a request asking for prompt logprobs skips the lookup (as vLLM
     v1) and is not counted as one; its blocks still join the cache for the requests after it."""
@@ -106,7 +135,7 @@ def test_a_cached_prompt_is_scored_whole_and_still_feeds_the_cache(tiny_model_di
     assert (load.prefix_query_tokens, load.prefix_hit_tokens) == (40, 0)
     again = llm.generate(prompt, params(None))[0]
     assert again.num_cached_tokens == 36  # nine full blocks of 4: the last token is always computed
-    assert_all_blocks_free(llm)
+    assert_idle(llm)
 
 
 def test_n_samples_score_the_prompt_once(tiny_model_dirs, hf_models):
@@ -123,7 +152,7 @@ def test_n_samples_score_the_prompt_once(tiny_model_dirs, hf_models):
     out = llm.generate(prompt, params(2, temperature=1.0, seed=5, n=3, max_tokens=6))[0]
     assert len(out.outputs) == 3 and out.num_cached_tokens == 32
     assert out.prompt_logprobs == carrying[0].prompt_logprobs
-    assert_all_blocks_free(llm)
+    assert_idle(llm)
 
 
 def test_a_prompt_preempted_mid_prefill_is_scored_once(tiny_model_dirs, hf_models):
@@ -145,7 +174,7 @@ def test_a_prompt_preempted_mid_prefill_is_scored_once(tiny_model_dirs, hf_model
     assert preempted_while_scoring
     for request_id, prompt in zip("ab", prompts, strict=True):
         assert_matches(results[request_id], hf_logprobs(hf_models["llama"], prompt), prompt, 1)
-    assert_all_blocks_free(llm)
+    assert_idle(llm)
 
 
 def test_a_launch_interrupted_mid_prompt_scores_nothing_twice(tiny_model_dirs, hf_models):
@@ -172,4 +201,4 @@ def test_a_launch_interrupted_mid_prompt_scores_nothing_twice(tiny_model_dirs, h
         outputs += llm.engine.step()
     (carrying,) = [out for out in outputs if out.prompt_logprobs is not None]
     assert_matches(carrying.prompt_logprobs, hf_logprobs(hf_models["llama"], prompt), prompt, 2)
-    assert_all_blocks_free(llm)
+    assert_idle(llm)

@@ -148,13 +148,14 @@ def greedy(max_tokens: int, **fields) -> epb.SamplingParams:
 
 
 def collect(responses) -> dict[int, dict]:
-    """Per sample: its text, tokens, and last message."""
-    samples: dict[int, dict] = defaultdict(lambda: {"text": "", "token_ids": [], "last": None})
+    """Per sample: its text, tokens, prompt logprobs entries, and last message."""
+    samples: dict[int, dict] = defaultdict(lambda: {"text": "", "token_ids": [], "prompt_logprobs": [], "last": None})
     for r in responses:
         sample = samples[r.index]
         assert sample["last"] is None, "a message after the sample's last"
         sample["text"] += r.text
         sample["token_ids"] += list(r.token_ids)
+        sample["prompt_logprobs"] += list(r.prompt_logprobs)
         if r.finish_reason != epb.FINISH_REASON_UNSPECIFIED:
             sample["last"] = r
     return dict(samples)

@@ -28,6 +28,7 @@ from pagoda_engine.layers.sampler import Sampler, SamplerOutput, SamplerRequest,
 from pagoda_engine.model_config import ModelConfig
 from pagoda_engine.models.loader import load_model
 from pagoda_engine.prompt_logprobs import (
+    NO_PROMPT_LOGPROBS,
     PromptLogprobsOutput,
     PromptLogprobsPlan,
     compute_prompt_logprobs,
@@ -448,7 +449,8 @@ class ModelRunner:
         logits_indices = query_start_loc[1:][batch.samples] - 1
         pending_slots = query_start_loc[1:][pending] - 1
         pending_rows = [self._last_rows[batch.seqs[i].seq_id] for i in pending]
-        prompt = PromptLogprobsPlan.build(batch.seqs, starts, ends, query_start_loc)
+        prompt = (PromptLogprobsPlan.build(batch.seqs, starts, ends, query_start_loc) if batch.may_score_prompts
+                  else NO_PROMPT_LOGPROBS)
 
         # One host-to-device copy of everything, then views.
         flat = np.concatenate([input_ids, positions, slot_mapping, query_start_loc, ends, logits_indices,

@@ -33,7 +33,7 @@ def rows_per_slice(vocab_size: int) -> int:
     return max(1, SLICE_BYTES // (4 * vocab_size))
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptLogprobsPlan:
     """Which rows of a step's flat batch are scored, and for which sequences (in batch order)."""
 
@@ -52,28 +52,23 @@ class PromptLogprobsPlan:
     def build(cls, seqs: list[Sequence], starts: np.ndarray, ends: np.ndarray,
               query_start_loc: np.ndarray) -> PromptLogprobsPlan:
         """The plan of a step computing positions ``starts[i] .. ends[i] - 1`` of ``seqs[i]``."""
-        plan = cls([], [], [], _NO_ROWS, _NO_ROWS, 0)
-        # A step without prompt logprobs pays one attribute read per sequence, no more.
-        wanted = [i for i, seq in enumerate(seqs) if seq.prompt_logprobs is not None]
-        if not wanted:
-            return plan
-        rows, token_ids = [], []
-        for i in wanted:
-            seq = seqs[i]
+        scored, firsts, counts, rows, token_ids = [], [], [], [], []
+        for i, seq in enumerate(seqs):
+            if seq.prompt_logprobs is None:
+                continue
             # Past what the host has (a recompute scores nothing twice), short of the last prompt position.
             first = max(int(starts[i]), len(seq.prompt_logprobs))
             last = min(int(ends[i]), seq.num_prompt_tokens - 1)
-            if first >= last:
-                continue
-            plan.seqs.append(seq)
-            plan.firsts.append(first)
-            plan.counts.append(last - first)
-            rows.append(np.arange(first, last) - starts[i] + query_start_loc[i])
-            token_ids.append(np.asarray(seq.token_ids[first + 1 : last + 1], dtype=np.int64))
-            plan.num_top = max(plan.num_top, seq.params.prompt_logprobs)
-        if plan.seqs:
-            plan.rows, plan.token_ids = np.concatenate(rows), np.concatenate(token_ids)
-        return plan
+            if first < last:
+                scored.append(seq)
+                firsts.append(first)
+                counts.append(last - first)
+                rows.append(np.arange(first, last) - starts[i] + query_start_loc[i])
+                token_ids.append(np.asarray(seq.token_ids[first + 1 : last + 1], dtype=np.int64))
+        if not scored:
+            return NO_PROMPT_LOGPROBS
+        return cls(scored, firsts, counts, np.concatenate(rows), np.concatenate(token_ids),
+                   max(seq.params.prompt_logprobs for seq in scored))
 
     def entries(self, out: PromptLogprobsOutput) -> list[tuple[Sequence, int, list[TokenLogprobs]]]:
         """Per planned sequence: (sequence, first position, its entries), from ``out`` in host memory."""
@@ -88,7 +83,9 @@ class PromptLogprobsPlan:
         return result
 
 
-_NO_ROWS = np.zeros(0, dtype=np.int64)
+# The plan of a step that scores no prompt position: most steps, which do not look for any while no
+# sequence asks for prompt logprobs (ScheduledBatch.may_score_prompts).
+NO_PROMPT_LOGPROBS = PromptLogprobsPlan([], [], [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0)
 
 
 @dataclass
