@@ -8,9 +8,9 @@ position predicts the first token of the next chunk, which the host knows (promp
 Normally the LM head runs only on a sequence's last position. For a sequence asking for prompt logprobs it
 also runs on those rows, in slices of at most ``rows_per_slice(vocab)`` rows, each reduced at once to the
 prompt token's logprob and the top alternatives: a 16k-token chunk never holds [16k, vocab] float32 logits
-(40 GB for Qwen's 152k vocabulary). Positions whose logits are already on the host are not scored again
-(a recompute after preemption). Tensor-parallel workers run the same slices (the LM head gathers the
-vocabulary across ranks) and drop the result.
+(10 GB for Qwen's 152k vocabulary). Positions whose logits are already on the host are not scored again
+(a recompute after preemption). Tensor-parallel workers run the same slices, rank 0's (the LM head gathers
+the vocabulary across ranks), and drop the result.
 """
 
 from __future__ import annotations
