@@ -220,6 +220,8 @@ def test_abort_of_one_sample_leaves_the_others_running(tiny_model_dirs):
         ([1], SamplingParams(top_p=0), "top_p"),
         ([1], SamplingParams(n=0), "n must be"),
         ([1], SamplingParams(logprobs=100), "logprobs"),
+        ([1], SamplingParams(prompt_logprobs=21), r"prompt_logprobs must be in \[0, 20\]"),
+        ([1], SamplingParams(prompt_logprobs=-1), "prompt_logprobs must be"),
         # Finite in float64, inf in the sampler's float32: a suppressed token's -inf / inf was NaN, drawn.
         ([1], SamplingParams(temperature=1e39), "temperature must be a finite float32"),
         ([1], SamplingParams(repetition_penalty=1e39), "repetition_penalty must be a finite float32"),

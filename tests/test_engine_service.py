@@ -106,6 +106,9 @@ class Server:
 class Sample:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
+    # Per message of the sample, in order: how many prompt_logprobs entries it carried.
+    prompt_logprobs_per_message: list[int] = field(default_factory=list)
+    prompt_logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
     stop_token_id: int | None = None
     usage: pb.Usage | None = None
@@ -120,6 +123,8 @@ def collect(responses) -> dict[int, Sample]:
         assert sample.finish_reason == pb.FINISH_REASON_UNSPECIFIED, "a message after the sample's last"
         sample.tokens += message.token_ids
         sample.logprobs += message.logprobs
+        sample.prompt_logprobs_per_message.append(len(message.prompt_logprobs))
+        sample.prompt_logprobs += message.prompt_logprobs
         sample.request_ids.add(message.request_id)
         if message.finish_reason:
             sample.finish_reason = message.finish_reason
@@ -164,9 +169,11 @@ def offline(model_dir):
 def test_unset_proto_params_take_the_documented_defaults():
     params = to_sampling_params(pb.SamplingParams(), prompt_len=10, max_model_len=512)
     assert params == SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_tokens=502, n=1,
-                                    seed=None, logprobs=None)
-    explicit = to_sampling_params(pb.SamplingParams(temperature=0, seed=0, logprobs=0, max_tokens=3, n=2), 10, 512)
+                                    seed=None, logprobs=None, prompt_logprobs=None)
+    explicit = to_sampling_params(pb.SamplingParams(temperature=0, seed=0, logprobs=0, max_tokens=3, n=2,
+                                                    prompt_logprobs=0), 10, 512)
     assert (explicit.temperature, explicit.seed, explicit.logprobs, explicit.max_tokens, explicit.n) == (0, 0, 0, 3, 2)
+    assert explicit.prompt_logprobs == 0
 
 
 def test_logit_bias_and_allowed_token_ids_travel_as_given():
@@ -280,6 +287,7 @@ INVALID = {
     "min_p > 1": (request([5, 6], min_p=1.5), "min_p"),
     "n above max_n": (request([5, 6], n=17), "n must"),
     "logprobs above the cap": (request([5, 6], logprobs=21), "logprobs"),
+    "prompt_logprobs above the cap": (request([5, 6], prompt_logprobs=21), "prompt_logprobs must be in [0, 20]"),
     "max_tokens 0": (request([5, 6], max_tokens=0), "max_tokens"),
     "empty prompt": (request([]), "empty"),
     "id outside the vocabulary": (request([5, 256]), "vocabulary"),
@@ -382,6 +390,26 @@ def test_logit_bias_and_allowed_token_ids_over_the_wire(server, offline):
     assert all(set(s.tokens) <= set(allowed) for s in samples.values())
     # EOS is not implied: with ignore_eos off, the allowlist still runs to max_tokens.
     assert all(s.finish_reason == pb.FINISH_REASON_LENGTH for s in samples.values())
+    server.wait_idle()
+
+
+def test_prompt_logprobs_over_the_wire(server, offline):
+    """Once per request, on sample 0's first message: one entry per prompt token after the first, naming it.
+    The prompt is scored whole even when cached (a request before this one cached it), and its KV blocks
+    are all freed after."""
+    prompt = prompts_of([30], seed=9)[0]
+    expected = offline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=5, prompt_logprobs=3))[0]
+    collect(server.stub.Generate(greedy(prompt, 2)))
+    samples = collect(server.stub.Generate(request(prompt, temperature=0.0, max_tokens=5, n=2, prompt_logprobs=3)))
+    first, other = samples[0], samples[1]
+    assert first.prompt_logprobs_per_message[0] == len(prompt) - 1 == len(expected.prompt_logprobs)
+    assert sum(first.prompt_logprobs_per_message) == len(prompt) - 1  # on no later message
+    assert sum(other.prompt_logprobs_per_message) == 0
+    assert first.usage.cached_prompt_tokens == 0
+    for token, got, (want_logprob, want_top) in zip(prompt[1:], first.prompt_logprobs, expected.prompt_logprobs,
+                                                    strict=True):
+        assert got.sampled.token_id == token and got.sampled.logprob == pytest.approx(want_logprob, abs=1e-4)
+        assert [t.logprob for t in got.top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
     server.wait_idle()
 
 

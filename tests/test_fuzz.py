@@ -60,7 +60,8 @@ def sampling_params(draw: st.DrawFn) -> epb.SamplingParams:
         "temperature": floats, "top_k": int32, "top_p": floats, "min_p": floats, "repetition_penalty": floats,
         "presence_penalty": floats, "frequency_penalty": floats, "seed": uint64, "max_tokens": uint32,
         "min_tokens": uint32, "stop_token_ids": st.lists(uint32, max_size=300), "ignore_eos": st.booleans(),
-        "logprobs": uint32, "n": st.one_of(st.integers(0, 20), uint32),
+        "logprobs": uint32, "prompt_logprobs": st.one_of(st.integers(0, 20), uint32),
+        "n": st.one_of(st.integers(0, 20), uint32),
         "logit_bias": st.dictionaries(token_ids, st.one_of(floats, st.floats(-100, 100, width=32)), max_size=40),
         "allowed_token_ids": st.lists(token_ids, max_size=40),
     }))

@@ -93,6 +93,7 @@ def cancel(calls: list, engine: Engine) -> None:
 @pytest.mark.parametrize(("params", "words"), [
     (dict(n=3), "n must be in [1, 2]"),
     (dict(logprobs=4), "logprobs must be in [0, 3]"),
+    (dict(prompt_logprobs=4), "prompt_logprobs must be in [0, 3]"),
     (dict(max_tokens=MAX_MODEL_LEN), f"max length is {MAX_MODEL_LEN}"),
     # Every id but EOS (2) is a stop id, and EOS is one too: min_tokens would leave nothing to draw.
     (dict(min_tokens=1, max_tokens=4, stop_token_ids=[i for i in range(400) if i != 2]), "would ban every token"),
@@ -111,10 +112,12 @@ def test_sampling_caps_are_invalid_argument(front, engine, params, words):
 
 
 def test_requests_at_the_sampling_caps_are_served(front):
-    params = epb.SamplingParams(n=2, logprobs=3, max_tokens=2, ignore_eos=True)
+    params = epb.SamplingParams(n=2, logprobs=3, prompt_logprobs=3, max_tokens=2, ignore_eos=True)
     responses = list(front.stub.Generate(tpb.TextGenerateRequest(prompt="hi", sampling_params=params), timeout=10))
     entries = [entry for r in responses for entry in r.logprobs]
     assert {r.index for r in responses} == {0, 1} and len(entries) == 4 and all(len(e.top) == 3 for e in entries)
+    prompt = [entry for r in responses for entry in r.prompt_logprobs]
+    assert prompt and all(len(e.top) == 3 for e in prompt)
 
 
 def test_a_bias_on_every_token_and_1024_allowed_ids_are_served(front, engine):

@@ -1,8 +1,8 @@
 """Soak: minutes of mixed traffic through the tokenizer service into a real engine, then a check that nothing
 was lost, nothing leaked and neither process grew.
 
-Workers stream Generate and Chat requests with short and long prompts, n > 1, stop strings, logprobs and
-random sampling settings; some cancel mid-stream, some run into a deadline, some are aborted by request id.
+Workers stream Generate and Chat requests with short and long prompts, n > 1, stop strings, logprobs, prompt
+logprobs and random sampling settings; some cancel mid-stream, some run into a deadline, some are aborted by request id.
 Every stream must end with a finish reason on every sample, or with the status its client caused. The
 engine has a small KV cache, so long requests contend for blocks (waiting and preemption are part of the
 load). Afterwards the engine runs and waits for nothing and holds no KV block, and the resident memory of
@@ -103,6 +103,8 @@ def plan(rng: random.Random, pool: list[Prompt], request_id: str) -> Plan:
         params.top_p, params.top_k = 0.9, 40
     if rng.random() < 0.2:
         params.logprobs = rng.randint(0, 5)
+    if rng.random() < 0.1:
+        params.prompt_logprobs = rng.randint(0, 3)
     stop = rng.sample(["e", "o ", "!", "\n", "世界", "ß"], k=rng.randint(1, 3)) if rng.random() < 0.3 else []
     behaviour = rng.choices(["read", "cancel", "deadline", "abort"], weights=[70, 12, 10, 8])[0]
     return Plan(prompt, params, stop, request_id, behaviour, cancel_after=rng.randint(1, 4),
@@ -173,6 +175,11 @@ def check_samples(p: Plan, samples: dict[int, dict], tally: Tally) -> str:
         # Output ends before the first match of any stop string, so none can appear in it.
         if any(stop in sample["text"] for stop in p.stop):
             problems.append(f"sample {index}: a stop string in the output {sample['text']!r}")
+        # Once, with sample 0's first token (preempted or not), one entry per prompt token after the first.
+        scored = p.params.HasField("prompt_logprobs") and index == 0 and sample["token_ids"]
+        if len(sample["prompt_logprobs"]) != (p.prompt.num_tokens - 1 if scored else 0):
+            problems.append(f"sample {index}: {len(sample['prompt_logprobs'])} prompt logprobs for a prompt of "
+                            f"{p.prompt.num_tokens} tokens")
     with tally.lock:
         tally.tokens += sum(len(s["token_ids"]) for s in samples.values())
         tally.errors += [f"{p.behaviour} request: {problem}" for problem in problems]

@@ -66,6 +66,28 @@ def test_two_ranks_match_one(model_dirs, name):
 
 
 @pytest.mark.timeout(60)
+def test_two_ranks_score_prompts_as_one(model_dirs):
+    """Prompt logprobs run the LM head, which gathers the vocabulary (split unevenly here) across ranks, on
+    every scored row: the worker follows rank 0's slices, here its default and then three rows (several
+    gathers per step). The 70-token prompt spans two steps; the repeated one is scored whole both times."""
+    model_dir = model_dirs["llama_one_kv_head"]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=4)
+    expected = make_llm(model_dir, **ENGINE).generate(PROMPTS, params)
+    with make_llm(model_dir, tensor_parallel_size=2, **ENGINE) as llm:
+        for slice_rows in (llm.engine.runner.prompt_slice_rows, 3):
+            llm.engine.runner.prompt_slice_rows = slice_rows
+            got = llm.generate(PROMPTS, params)
+            for prompt, ours, want in zip(PROMPTS, got, expected, strict=True):
+                assert ours.outputs[0].token_ids == want.outputs[0].token_ids
+                assert len(ours.prompt_logprobs) == len(prompt) - 1
+                for (logprob, top), (want_logprob, want_top) in zip(ours.prompt_logprobs, want.prompt_logprobs,
+                                                                    strict=True):
+                    assert logprob == pytest.approx(want_logprob, abs=1e-4)
+                    assert [lp for _, lp in top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+        assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+@pytest.mark.timeout(60)
 def test_a_model_that_does_not_split_is_a_clear_error_and_leaves_nothing_behind(tmp_path):
     model_dir = make_tiny_model(tmp_path, "LlamaForCausalLM", hidden_size=48, num_attention_heads=3,
                                 num_key_value_heads=3)

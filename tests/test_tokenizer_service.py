@@ -148,13 +148,14 @@ def greedy(max_tokens: int, **fields) -> epb.SamplingParams:
 
 
 def collect(responses) -> dict[int, dict]:
-    """Per sample: its text, tokens, and last message."""
-    samples: dict[int, dict] = defaultdict(lambda: {"text": "", "token_ids": [], "last": None})
+    """Per sample: its text, tokens, prompt logprobs entries, and last message."""
+    samples: dict[int, dict] = defaultdict(lambda: {"text": "", "token_ids": [], "prompt_logprobs": [], "last": None})
     for r in responses:
         sample = samples[r.index]
         assert sample["last"] is None, "a message after the sample's last"
         sample["text"] += r.text
         sample["token_ids"] += list(r.token_ids)
+        sample["prompt_logprobs"] += list(r.prompt_logprobs)
         if r.finish_reason != epb.FINISH_REASON_UNSPECIFIED:
             sample["last"] = r
     return dict(samples)
@@ -247,6 +248,37 @@ def test_n_samples_with_logprobs(front):
     assert entry.sampled.token_id == first.token_ids[0] and len(entry.top) == 2
     assert entry.sampled.token == detokenize(tpb.DetokenizeRequest(token_ids=[entry.sampled.token_id],
                                                                    skip_special_tokens=False)).text
+
+
+def test_prompt_logprobs_with_token_text(front, engines, tiny_dir):
+    """Generate and Chat: sample 0's first message carries an entry per prompt token after the first, with
+    the token's text, the values the offline API gives; no other message carries any. Nothing is left
+    running or holding KV blocks."""
+    from pagoda_engine import LLM, SamplingParams
+
+    messages = [tpb.ChatMessage(role="user", content="Score me")]
+    cases = [
+        ("Generate", tpb.TextGenerateRequest(prompt="Once upon a time, naïve 👍", sampling_params=greedy(
+            3, n=2, prompt_logprobs=2)), tpb.TokenizeRequest(text="Once upon a time, naïve 👍")),
+        ("Chat", tpb.ChatRequest(messages=messages, sampling_params=greedy(3, prompt_logprobs=2)),
+         tpb.TokenizeRequest(chat=tpb.ChatMessages(messages=messages))),
+    ]
+    llm = LLM(str(tiny_dir), device="cpu", dtype="float32", cpu_kv_cache_gib=0.05)
+    for method, request, tokenize in cases:
+        prompt = list(front.stub.Tokenize(tokenize).token_ids)
+        expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2))[0]
+        responses = list(getattr(front.stub, method)(request, timeout=30))
+        first_of_0 = next(r for r in responses if r.index == 0)
+        assert [len(r.prompt_logprobs) for r in responses if r is not first_of_0] == [0] * (len(responses) - 1)
+        entries = first_of_0.prompt_logprobs
+        assert len(entries) == len(prompt) - 1 == len(expected.prompt_logprobs), method
+        for token, entry, (logprob, top) in zip(prompt[1:], entries, expected.prompt_logprobs, strict=True):
+            assert entry.sampled.token_id == token and entry.sampled.logprob == pytest.approx(logprob, abs=1e-4)
+            assert [t.token_id for t in entry.top] == [t for t, _ in top]
+            for named in (entry.sampled, *entry.top):
+                assert named.token == front.stub.Detokenize(tpb.DetokenizeRequest(
+                    token_ids=[named.token_id], skip_special_tokens=False)).text
+    wait_for(lambda: all(e.load().num_running == e.load().kv_blocks_used == 0 for e in engines), 5, "engines idle")
 
 
 def test_stop_string_cuts_the_output_and_aborts_on_the_engine(front, engines):
@@ -377,6 +409,9 @@ def test_abort_of_one_sample(front):
     ("Generate", tpb.TextGenerateRequest(prompt="hi", stop=["ok", ""]), "must not be empty"),
     ("Generate", tpb.TextGenerateRequest(prompt="hi", sampling_params=epb.SamplingParams(temperature=-1)),
      "temperature"),
+    ("Chat", tpb.ChatRequest(messages=[tpb.ChatMessage(role="user", content="hi")],
+                             sampling_params=epb.SamplingParams(prompt_logprobs=21)),
+     "prompt_logprobs must be in [0, 20]"),
     ("Tokenize", tpb.TokenizeRequest(), "text or chat"),
     ("Detokenize", tpb.DetokenizeRequest(token_ids=[5, TINY_VOCAB]), "not in the vocabulary"),
 ])

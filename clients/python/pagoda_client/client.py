@@ -9,7 +9,8 @@
 ``AsyncClient`` has the same methods as coroutines and async iterators. Both are thin layers over the
 generated stubs (``pagoda.v1``): they build the request messages, turn the response stream into text
 deltas and failed calls into typed errors (``pagoda_client.errors``). Anything they do not expose (n > 1,
-logprobs, penalties, stop-string options) is one ``sampling=`` argument or a direct stub call away.
+logprobs, prompt logprobs, penalties, stop-string options) is one ``sampling=`` argument or a direct stub
+call away.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class _Stream:
         self.token_ids: list[int] = []
         # One entry per token when the request asked for logprobs (sampling=SamplingParams(logprobs=k)).
         self.logprobs: list[engine_pb2.TokenLogprobs] = []
+        # With sampling=SamplingParams(prompt_logprobs=k): one entry per prompt token from the second on
+        # (entry i is for prompt token i + 1), from the first message.
+        self.prompt_logprobs: list[engine_pb2.TokenLogprobs] = []
         # "stop", "length" or "abort" once the stream has ended; None before.
         self.finish_reason: str | None = None
         self.usage: engine_pb2.Usage | None = None
@@ -75,6 +79,7 @@ class _Stream:
         self.text += response.text
         self.token_ids.extend(response.token_ids)
         self.logprobs.extend(response.logprobs)
+        self.prompt_logprobs.extend(response.prompt_logprobs)
         if response.finish_reason:
             name = engine_pb2.FinishReason.Name(response.finish_reason)
             self.finish_reason = name.removeprefix("FINISH_REASON_").lower()

@@ -20,7 +20,7 @@ from pagoda_engine.model_config import ModelConfig
 from pagoda_engine.model_runner import LaunchedStep, ModelRunner, resolve_device, resolve_dtype
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
 from pagoda_engine.scheduler import Scheduler
-from pagoda_engine.sequence import FinishReason, Sequence
+from pagoda_engine.sequence import FinishReason, Sequence, TokenLogprobs
 from pagoda_engine.tp_workers import TPWorkers
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class SequenceOutput:
     index: int
     token_ids: list[int]
     # Per new token, when asked: (logprob of the chosen token, [(token id, logprob) of the top N]).
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None
+    logprobs: list[TokenLogprobs] | None
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
@@ -45,6 +45,9 @@ class SequenceOutput:
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    # With sample 0's first token, when the request asked for prompt_logprobs: one entry per prompt token
+    # from the second on (the first has nothing before it), as ``logprobs``. None on every other output.
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True)
@@ -222,13 +225,19 @@ class LLMEngine:
     def _finish(self, step: LaunchedStep) -> list[SequenceOutput]:
         self._in_flight = None
         result = self._guarded(lambda: self.runner.finish(step))
+        for seq, first, entries in result.prompt_logprobs:
+            if not seq.is_finished:
+                seq.add_prompt_logprobs(first, entries)
         # Requests aborted since the launch already had their final output from abort_request.
         live = [i for i, seq in enumerate(result.seqs) if not seq.is_finished]
         self.scheduler.update(step.batch, dict(zip((s.seq_id for s in result.seqs), result.token_ids, strict=True)))
         outputs = []
         for i in live:
             seq, logprobs = result.seqs[i], result.logprobs[i]
-            outputs.append(self._output(seq, [result.token_ids[i]], None if logprobs is None else [logprobs]))
+            output = self._output(seq, [result.token_ids[i]], None if logprobs is None else [logprobs])
+            if seq.num_output_tokens == 1:  # the step sampling the first token ends the prompt's last chunk
+                output.prompt_logprobs = seq.prompt_logprobs
+            outputs.append(output)
             if seq.is_finished:
                 self._forget_if_done(seq.request_id)
         return outputs

@@ -9,7 +9,7 @@ from pathlib import Path
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.engine import LLMEngine, SequenceOutput
 from pagoda_engine.sampling_params import SamplingParams
-from pagoda_engine.sequence import FinishReason
+from pagoda_engine.sequence import FinishReason, TokenLogprobs
 
 Prompt = str | list[int]
 
@@ -22,7 +22,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None
     finish_reason: FinishReason | None = None
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -31,6 +31,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: entry i is prompt_token_ids[i + 1]'s (logprob, top alternatives),
+    # given the tokens before it; the first prompt token has none (vLLM puts None there; we start after it).
+    prompt_logprobs: list[TokenLogprobs] | None = None
     # Seconds from arrival: to the first output token, and to the last.
     time_to_first_token: float | None = None
     latency: float | None = None
@@ -95,6 +98,8 @@ class LLM:
             completion.logprobs = completion.logprobs or []
             completion.logprobs.extend(out.logprobs)
         completion.finish_reason = out.finish_reason
+        if out.prompt_logprobs is not None:
+            result.prompt_logprobs = out.prompt_logprobs
         result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
         if result.time_to_first_token is None and out.first_token_time is not None:
             result.time_to_first_token = out.first_token_time - out.arrival_time

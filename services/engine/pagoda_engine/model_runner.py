@@ -2,8 +2,9 @@
 
 Per step it builds the inputs on the host with numpy as one flat int64 array, copies it to the device
 once, runs the model (a captured CUDA graph for pure-decode steps), computes logits only for the
-sequences that sample this step, samples on the device and starts one asynchronous copy of the new
-token ids back (``launch``); ``finish`` waits for that copy. A decode whose input token was drawn by
+sequences that sample this step (and for the prompt positions of those asking for prompt logprobs,
+prompt_logprobs.py), samples on the device and starts one asynchronous copy of the new token ids back
+(``launch``); ``finish`` waits for that copy. A decode whose input token was drawn by
 the previous launch and is not on the host yet reads it from that launch's output on the device.
 Under tensor parallelism every rank holds a ModelRunner over its shard; rank 0 alone schedules and
 samples, and the other ranks rebuild the same inputs from the flat array and its ``StepShape``.
@@ -12,8 +13,8 @@ samples, and the other ranks rebuild the same inputs from the flat array and its
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -26,14 +27,23 @@ from pagoda_engine.layers.attention.metadata import longest_first
 from pagoda_engine.layers.sampler import Sampler, SamplerOutput, SamplerRequest, SamplingMetadata
 from pagoda_engine.model_config import ModelConfig
 from pagoda_engine.models.loader import load_model
+from pagoda_engine.prompt_logprobs import (
+    NO_PROMPT_LOGPROBS,
+    PromptLogprobsOutput,
+    PromptLogprobsPlan,
+    compute_prompt_logprobs,
+    rows_per_slice,
+)
 from pagoda_engine.sampling_params import SamplingParams
 from pagoda_engine.scheduler import ScheduledBatch
-from pagoda_engine.sequence import Sequence
+from pagoda_engine.sequence import Sequence, TokenLogprobs
 
 if TYPE_CHECKING:
     from pagoda_engine.tp_workers import TPWorkers
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T", SamplerOutput, PromptLogprobsOutput)
 
 # One request of each kind whose logits reach a different variant of the draw kernel (_warm_up_sampling):
 # filtered (float32, already divided by the temperature), plain (16-bit, divided as read) and penalised
@@ -52,7 +62,9 @@ class StepResult:
     seqs: list[Sequence]
     token_ids: list[int]
     # Per sampled sequence, when it asked for logprobs: (chosen logprob, [(token id, logprob), ...]).
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    logprobs: list[TokenLogprobs | None]
+    # Per sequence that scored prompt positions: (sequence, first position, its entries from there).
+    prompt_logprobs: list[tuple[Sequence, int, list[TokenLogprobs]]] = field(default_factory=list)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,8 +104,9 @@ class StepShape(NamedTuple):
     """The sizes of one step's flat input array, and the scalars attention needs besides it.
 
     The array holds, in order: input ids, positions and slot mapping (``num_tokens`` each), query start
-    locations (``num_seqs + 1``), sequence lengths (``num_seqs``), logits indices (``num_logits``) and
-    the block tables (``num_seqs * max_blocks``). This and the array are all a worker is sent per step.
+    locations (``num_seqs + 1``), sequence lengths (``num_seqs``), logits indices (``num_logits``), the
+    block tables (``num_seqs * max_blocks``), then the rows scored for prompt logprobs and the prompt
+    token each predicts (``num_prompt_logits`` each). This and the array are all a worker is sent per step.
     """
 
     num_tokens: int
@@ -103,10 +116,15 @@ class StepShape(NamedTuple):
     num_decodes: int
     max_query_len: int
     max_seq_len: int
+    num_prompt_logits: int
+    prompt_num_top: int  # alternatives per scored row: the largest prompt_logprobs of the step
+    # Rows per LM-head slice of them: rank 0's, so that every rank's vocabulary gathers pair up.
+    prompt_slice_rows: int
 
     @property
     def flat_size(self) -> int:
-        return 3 * self.num_tokens + 2 * self.num_seqs + 1 + self.num_logits + self.num_seqs * self.max_blocks
+        return (3 * self.num_tokens + 2 * self.num_seqs + 1 + self.num_logits + self.num_seqs * self.max_blocks
+                + 2 * self.num_prompt_logits)
 
 
 @dataclass
@@ -117,6 +135,9 @@ class LaunchedStep:
     sample_seqs: list[Sequence]
     # The sampler's output in host memory, filled by asynchronous copies (None when nothing samples).
     output: SamplerOutput | None
+    prompt_plan: PromptLogprobsPlan
+    # Likewise the prompt logprobs of the plan's rows (None when no row is scored).
+    prompt_output: PromptLogprobsOutput | None
     copied: torch.cuda.Event | None  # recorded after those copies (None on the CPU, where there are none)
 
     @property
@@ -134,27 +155,34 @@ class ModelInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor
-    # Rank 0 only: the sequences that sample this step, in batch order.
+    # The rows scored for prompt logprobs and the token each predicts; None when none is.
+    prompt_rows: torch.Tensor | None
+    prompt_token_ids: torch.Tensor | None
+    # Rank 0 only: the sequences that sample this step, in batch order, and the prompt logprobs' plan.
     sample_seqs: list[Sequence]
+    prompt_plan: PromptLogprobsPlan | None = None
 
 
 def inputs_from_flat(shape: StepShape, flat: torch.Tensor, query_start_loc_host: list[int] | None = None,
                      seq_lens_host: list[int] | None = None) -> ModelInputs:
     """Views of the flat device array laid out as ``StepShape`` describes."""
-    t, b = shape.num_tokens, shape.num_seqs
+    t, b, p = shape.num_tokens, shape.num_seqs, shape.num_prompt_logits
     ends = [t, 2 * t, 3 * t, 3 * t + b + 1, 3 * t + 2 * b + 1, 3 * t + 2 * b + 1 + shape.num_logits]
+    ends.append(ends[5] + b * shape.max_blocks)
     meta = AttentionMetadata(
         slot_mapping=flat[ends[1] : ends[2]],
         query_start_loc=flat[ends[2] : ends[3]].int(),
         seq_lens=flat[ends[3] : ends[4]].int(),
-        block_tables=flat[ends[5] : ends[5] + b * shape.max_blocks].view(b, shape.max_blocks).int(),
+        block_tables=flat[ends[5] : ends[6]].view(b, shape.max_blocks).int(),
         num_decodes=shape.num_decodes,
         max_query_len=shape.max_query_len,
         max_seq_len=shape.max_seq_len,
         query_start_loc_host=query_start_loc_host,
         seq_lens_host=seq_lens_host,
     )
-    return ModelInputs(shape, flat, flat[: ends[0]], flat[ends[0] : ends[1]], meta, flat[ends[4] : ends[5]], [])
+    prompt_rows, prompt_token_ids = flat[ends[6] : ends[6] + 2 * p].split(p) if p else (None, None)
+    return ModelInputs(shape, flat, flat[: ends[0]], flat[ends[0] : ends[1]], meta, flat[ends[4] : ends[5]],
+                       prompt_rows, prompt_token_ids, [])
 
 
 class ModelRunner:
@@ -173,6 +201,8 @@ class ModelRunner:
             layer.backend = backend
         self.backend_name = backend.name
         self.sampler = Sampler()
+        # Rows of the LM head per slice of prompt logprobs (rank 0's travel in each step's StepShape).
+        self.prompt_slice_rows = rows_per_slice(model_config.vocab_size)
         self.num_kv_blocks = 0
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
@@ -265,7 +295,11 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         hidden = self.model(input_ids, positions, meta)
-        # The sampler's buffers at the largest batch, with every filter on, count too.
+        # A slice of prompt logprobs at the most alternatives, and the sampler's buffers at the largest batch
+        # with every filter on, count too.
+        rows = torch.arange(min(self.prompt_slice_rows, num_tokens), device=self.device)
+        num_top = min(self.config.max_logprobs, self.model_config.vocab_size)
+        compute_prompt_logprobs(self.model, hidden, rows, torch.zeros_like(rows), num_top, self.prompt_slice_rows)
         logits = self.model.compute_logits(hidden[: min(self.config.max_num_seqs, num_tokens)])
         self._sample_dummy(logits, _WARM_UP_SAMPLING[0])
         torch.cuda.synchronize()
@@ -341,42 +375,44 @@ class ModelRunner:
         """
         inputs = self.prepare_inputs(batch)
         if self.workers is None:
-            logits = self.forward(inputs)
+            logits, prompt = self.forward(inputs)
         else:
-            logits = self.workers.lockstep(inputs.shape, inputs.flat, lambda: self.forward(inputs))
+            logits, prompt = self.workers.lockstep(inputs.shape, inputs.flat, lambda: self.forward(inputs))
         seqs = inputs.sample_seqs
         self._last_sampled, self._last_rows = None, {}
-        if logits is None:
-            return LaunchedStep(batch, [], None, None)
-        # The scheduler already counts this step's token as pending: the draw is one position before.
-        requests = [
-            SamplerRequest(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens, seq.stop_ids,
-                           seq.num_pending_tokens - 1)
-            for seq in seqs
-        ]
-        out = self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
-        self._last_sampled = out.sampled_token_ids
-        self._last_rows = {seq.seq_id: row for row, seq in enumerate(seqs)}
-        if self.device.type != "cuda":
-            return LaunchedStep(batch, seqs, out, None)
-        # Logprobs too: a synchronous copy in finish() would wait for the step launched after this one.
-        host = _host_copy(out)
-        copied = torch.cuda.Event()
-        copied.record()
-        return LaunchedStep(batch, seqs, host, copied)
+        out = None
+        if logits is not None:
+            # The scheduler already counts this step's token as pending: the draw is one position before.
+            requests = [
+                SamplerRequest(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens, seq.stop_ids,
+                               seq.num_pending_tokens - 1)
+                for seq in seqs
+            ]
+            out = self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
+            self._last_sampled = out.sampled_token_ids
+            self._last_rows = {seq.seq_id: row for row, seq in enumerate(seqs)}
+        copied = None
+        if self.device.type == "cuda" and (out is not None or prompt is not None):
+            # Logprobs too: a synchronous copy in finish() would wait for the step launched after this one.
+            out, prompt = _host_copy(out), _host_copy(prompt)
+            copied = torch.cuda.Event()
+            copied.record()
+        return LaunchedStep(batch, seqs, out, inputs.prompt_plan, prompt, copied)
 
     def finish(self, step: LaunchedStep) -> StepResult:
-        """Wait for a launched step's tokens (and logprobs) on the host."""
-        if step.output is None:
-            return StepResult([], [], [])
+        """Wait for a launched step's tokens (and logprobs, prompt logprobs) on the host."""
         if step.copied is not None:
             step.copied.synchronize()
+        prompt = [] if step.prompt_output is None else step.prompt_plan.entries(step.prompt_output)
+        if step.output is None:
+            return StepResult([], [], [], prompt)
         token_ids = step.output.sampled_token_ids.tolist()
-        return StepResult(step.sample_seqs, token_ids, self._logprobs(step.output, step.sample_seqs))
+        return StepResult(step.sample_seqs, token_ids, self._logprobs(step.output, step.sample_seqs), prompt)
 
     @torch.inference_mode()
-    def forward(self, inputs: ModelInputs) -> torch.Tensor | None:
-        """The model on one step's inputs: the logits of the rows that sample, or None when none does."""
+    def forward(self, inputs: ModelInputs) -> tuple[torch.Tensor | None, PromptLogprobsOutput | None]:
+        """The model on one step's inputs: the logits of the rows that sample (None when none does), and the
+        prompt logprobs of the rows scored (None when none is)."""
         shape = inputs.shape
         if self.graphs is not None and shape.num_decodes == shape.num_seqs and self.graphs.fits(shape.num_seqs):
             hidden = self.graphs.replay(inputs.input_ids, inputs.positions, inputs.meta)  # sorts in the graph
@@ -385,9 +421,12 @@ class ModelRunner:
             if shape.num_decodes:
                 meta = replace(meta, decode_order=longest_first(meta.seq_lens[: shape.num_decodes]))
             hidden = self.model(inputs.input_ids, inputs.positions, meta)
-        if not shape.num_logits:
-            return None
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        prompt = None
+        if shape.num_prompt_logits:
+            prompt = compute_prompt_logprobs(self.model, hidden, inputs.prompt_rows, inputs.prompt_token_ids,
+                                             shape.prompt_num_top, shape.prompt_slice_rows)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]) if shape.num_logits else None
+        return logits, prompt
 
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
         block_size = self.block_size
@@ -416,22 +455,26 @@ class ModelRunner:
         logits_indices = query_start_loc[1:][batch.samples] - 1
         pending_slots = query_start_loc[1:][pending] - 1
         pending_rows = [self._last_rows[batch.seqs[i].seq_id] for i in pending]
+        prompt = (PromptLogprobsPlan.build(batch.seqs, starts, ends, query_start_loc) if batch.may_score_prompts
+                  else NO_PROMPT_LOGPROBS)
 
         # One host-to-device copy of everything, then views.
         flat = np.concatenate([input_ids, positions, slot_mapping, query_start_loc, ends, logits_indices,
-                               block_tables.ravel(), pending_slots, np.array(pending_rows, dtype=np.int64)])
+                               block_tables.ravel(), prompt.rows, prompt.token_ids, pending_slots,
+                               np.array(pending_rows, dtype=np.int64)])
         shape = StepShape(len(input_ids), len(batch), len(logits_indices), max_blocks, batch.num_decodes,
-                          int(counts.max()), int(ends.max()))
+                          int(counts.max()), int(ends.max()), prompt.num_rows, prompt.num_top, self.prompt_slice_rows)
         dev = torch.from_numpy(flat).to(self.device, non_blocking=True)
         inputs = inputs_from_flat(shape, dev[: shape.flat_size], query_start_loc.tolist(), ends.tolist())
         if pending:  # the tail past the StepShape's array: where each pending token goes, and its row
             slots, rows = dev[shape.flat_size :].split(len(pending))
             inputs.input_ids.index_copy_(0, slots, self._last_sampled.index_select(0, rows))
         inputs.sample_seqs = [seq for seq, s in zip(batch.seqs, batch.samples, strict=True) if s]
+        inputs.prompt_plan = prompt
         return inputs
 
     @staticmethod
-    def _logprobs(out, seqs: list[Sequence]) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    def _logprobs(out, seqs: list[Sequence]) -> list[TokenLogprobs | None]:
         if out.logprobs is None:
             return [None] * len(seqs)
         chosen = out.logprobs.tolist()
@@ -447,8 +490,12 @@ class ModelRunner:
         return result
 
 
-def _host_copy(out: SamplerOutput) -> SamplerOutput:
-    """``out``'s tensors copied into pinned host memory, asynchronously: read them after an event."""
+def _host_copy(out: T | None) -> T | None:
+    """``out``'s tensors (a dataclass of them) copied into pinned host memory, asynchronously: read them
+    after an event."""
+    if out is None:
+        return None
+
     def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
             return None

@@ -59,6 +59,8 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of most likely tokens whose logprobs are returned besides the chosen one (None: no logprobs).
     logprobs: int | None = None
+    # The same for every prompt token after the first, given the tokens before it (vLLM's prompt_logprobs).
+    prompt_logprobs: int | None = None
     n: int = 1
     # Token id -> added to its logit after the penalties (OpenAI's logit_bias); empty: none.
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -99,6 +101,8 @@ class SamplingParams:
              f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
              f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= max_logprobs,
+             f"prompt_logprobs must be in [0, {max_logprobs}], got {self.prompt_logprobs}"),
             (1 <= self.n <= max_n, f"n must be in [1, {max_n}], got {self.n}"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),

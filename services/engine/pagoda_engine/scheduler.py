@@ -35,6 +35,9 @@ class ScheduledBatch:
     samples: list[bool]  # whether the step reaches the sequence's end, so it samples a token
     num_decodes: int
     preempted: list[Sequence] = field(default_factory=list)
+    # Whether a sequence asking for prompt logprobs is unfinished, so that the step may score prompt
+    # positions: without one, the runner does not look for any.
+    may_score_prompts: bool = False
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -63,10 +66,13 @@ class Scheduler:
         # Prefix-cache statistics, in prompt tokens at first admission: looked up, and found cached.
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
+        # Unfinished sequences asking for prompt logprobs (ScheduledBatch.may_score_prompts).
+        self.num_scoring = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
         self.waiting_tokens += seq.num_tokens
+        self.num_scoring += seq.prompt_logprobs is not None
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -104,6 +110,7 @@ class Scheduler:
             samples=samples,
             num_decodes=sum(1 for _, n in scheduled if n == 1),
             preempted=preempted,
+            may_score_prompts=self.num_scoring > 0,
         )
 
     def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
@@ -165,7 +172,10 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending_tokens or (seq.wait_for is not None and not self._prompt_cached_by(seq.wait_for)):
                 break  # preempted while its last step runs, or an n > 1 sample before the prompt is cached
-            cached = self.block_manager.find_cached_prefix(seq)
+            # Cached positions get no logits: a prompt still to be scored (prompt_logprobs) is computed whole,
+            # as vLLM v1 does. Its blocks still join the cache.
+            lookup = not seq.needs_prompt_logprobs
+            cached = self.block_manager.find_cached_prefix(seq) if lookup else []
             num_cached = len(cached) * self.block_manager.block_size
             num_new = seq.num_tokens - num_cached
             if num_new > budget:
@@ -174,7 +184,7 @@ class Scheduler:
                 num_new = budget
             if not self.block_manager.allocate(seq, num_new, cached):
                 break
-            if seq.num_preemptions == 0:  # a re-admission finds its own recomputed blocks: not a hit
+            if seq.num_preemptions == 0 and lookup:  # a re-admission finds its own recomputed blocks: not a hit
                 seq.num_cached_tokens = num_cached
                 self.prefix_query_tokens += seq.num_tokens
                 self.prefix_hit_tokens += num_cached
@@ -206,6 +216,7 @@ class Scheduler:
             self.waiting.remove(seq)
             self.waiting_tokens -= seq.num_tokens
         self.block_manager.free(seq)
+        self.num_scoring -= seq.prompt_logprobs is not None
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = time.monotonic()

@@ -23,6 +23,9 @@ class FinishReason(enum.Enum):
 
 _seq_ids = itertools.count()
 
+# The logprobs of one position: (the token's logprob, [(token id, logprob) of the most likely, best first]).
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+
 
 class Sequence:
     """Token ids (prompt then output) and how far the KV cache has been computed.
@@ -59,6 +62,10 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
+        # Sample 0 of a request asking for prompt_logprobs (the prompt is scored once, whatever n is): entry
+        # j is prompt token j + 1's, filled as prefill chunks finish. None for every other sequence.
+        self.prompt_logprobs: list[TokenLogprobs] | None = (
+            [] if params.prompt_logprobs is not None and index == 0 else None)
         self.block_table: list[int] = []
         # Chained hashes of the leading full blocks of token_ids, extended as blocks fill.
         self.block_hashes: list[bytes] = []
@@ -97,6 +104,19 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt positions are still to be scored, so that cached ones cannot be skipped."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    def add_prompt_logprobs(self, first: int, entries: list[TokenLogprobs]) -> None:
+        """A finished step's entries for prompt positions ``first + 1`` on. A recompute after preemption may
+        have scored some again while the first scoring was in flight: those are dropped."""
+        known = len(self.prompt_logprobs)
+        if first > known:
+            raise RuntimeError(f"prompt logprobs from position {first + 1}, but only {known} are known")
+        self.prompt_logprobs.extend(entries[known - first :])
 
     def append_token(self, token_id: int) -> None:
         """The step that sampled ``token_id`` has finished: the pending token becomes a real one."""

@@ -38,7 +38,7 @@ from pagoda_engine.config import EngineConfig
 from pagoda_engine.engine import EngineLoad, SequenceOutput
 from pagoda_engine.metrics import EngineMetrics, StreamTimer
 from pagoda_engine.sampling_params import MAX_ENTRIES, InvalidRequestError, SamplingParams, check_entries
-from pagoda_engine.sequence import FinishReason
+from pagoda_engine.sequence import FinishReason, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,14 @@ def to_sampling_params(proto: engine_pb2.SamplingParams, prompt_len: int, max_mo
         stop_token_ids=list(proto.stop_token_ids),
         ignore_eos=proto.ignore_eos,
         logprobs=optional("logprobs", None),
+        prompt_logprobs=optional("prompt_logprobs", None),
         n=proto.n or 1,
         logit_bias=dict(proto.logit_bias),
         allowed_token_ids=list(proto.allowed_token_ids),
     )
 
 
-def to_responses(request_id: str, batch: list[SequenceOutput]) -> list[engine_pb2.GenerateResponse]:
+def to_responses(request_id: str, prompt: list[int], batch: list[SequenceOutput]) -> list[engine_pb2.GenerateResponse]:
     """One message per sample present in ``batch``, merging the outputs of several steps."""
     messages: dict[int, engine_pb2.GenerateResponse] = {}
     for out in batch:
@@ -108,12 +109,15 @@ def to_responses(request_id: str, batch: list[SequenceOutput]) -> list[engine_pb
         message.token_ids.extend(out.token_ids)
         if out.logprobs is not None:
             message.logprobs.extend(_token_logprobs(t, lp) for t, lp in zip(out.token_ids, out.logprobs, strict=True))
+        if out.prompt_logprobs is not None:  # entry i scores prompt token i + 1
+            message.prompt_logprobs.extend(
+                _token_logprobs(t, lp) for t, lp in zip(prompt[1:], out.prompt_logprobs, strict=True))
         if out.finish_reason is not None:
             _set_finish(message, out)
     return list(messages.values())
 
 
-def _token_logprobs(token_id: int, logprobs: tuple[float, list[tuple[int, float]]]) -> engine_pb2.TokenLogprobs:
+def _token_logprobs(token_id: int, logprobs: TokenLogprobs) -> engine_pb2.TokenLogprobs:
     sampled, top = logprobs
     return engine_pb2.TokenLogprobs(
         sampled=engine_pb2.Logprob(token_id=token_id, logprob=sampled),
@@ -239,7 +243,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         cut_short = False
         async with contextlib.aclosing(engine.generate(request_id, prompt, params)) as outputs:
             async for batch in outputs:
-                for message in to_responses(request_id, batch):
+                for message in to_responses(request_id, prompt, batch):
                     if self._cutting_short and message.finish_reason == engine_pb2.FINISH_REASON_ABORT:
                         cut_short = True  # the shutdown's abort, not the client's: the answer is incomplete
                         continue

@@ -16,7 +16,8 @@ orders differ only under a repetition penalty, which there scales the bias too. 
 after every penalty, as given, which is the request's last word on a token before temperature.
 
 Logprobs describe the model's raw distribution: log_softmax of the logits as they come in, before
-penalties, bias, allowlist, temperature and filters (what vLLM v1 returns by default).
+penalties, bias, allowlist, temperature and filters (what vLLM v1 returns by default). Prompt logprobs
+(prompt_logprobs.py) are computed the same way, by ``token_logprobs``.
 
 Everything Python-side (reading SamplingParams, flattening token lists) happens once per step in
 ``SamplingMetadata.build``, which moves its small host arrays to the device in one copy and sets flags
@@ -255,10 +256,17 @@ class Sampler(nn.Module):
 
         if meta.max_num_logprobs is None:
             return SamplerOutput(token_ids)
-        logprobs = raw.float().log_softmax(dim=-1)
-        top_logprobs, top_ids = logprobs.topk(meta.max_num_logprobs, dim=-1)
-        chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        chosen, top_logprobs, top_ids = token_logprobs(raw, token_ids, meta.max_num_logprobs)
         return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                   num_top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of raw ``logits``: the logprob of its ``token_ids`` entry [B], and the ``num_top`` largest
+    logprobs [B, num_top] with their token ids, most likely first (the module doc's raw distribution)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
+    return logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1), top_logprobs, top_ids
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
