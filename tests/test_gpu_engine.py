@@ -198,7 +198,7 @@ samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.6),
             SamplingParams(temperature=0.8, top_k=20, top_p=0.9), SamplingParams(repetition_penalty=1.2),
             SamplingParams(min_p=0.1, logprobs=2), SamplingParams(temperature=0.7, n=2, prompt_logprobs=3),
             SamplingParams(temperature=0.9, logit_bias={5: 2.0, 9: -100.0}),
-            SamplingParams(allowed_token_ids=list(range(3, 8192, 7))),
+            SamplingParams(allowed_token_ids=list(range(3, 8192, 9))),
             SamplingParams(temperature=0.0, logit_bias={3: 1.0}, allowed_token_ids=[3, 4, 5], top_p=0.9)]
 params = [replace(samplers[i % len(samplers)], max_tokens=4 + 5 * i, ignore_eos=True) for i in range(len(lengths))]
 with triton_compiles() as compiled:
