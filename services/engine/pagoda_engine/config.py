@@ -19,7 +19,8 @@ class EngineConfig:
     dtype: str = "auto"
     # The KV cache's element type: "auto" is the model's dtype; "fp8" (alias "fp8_e4m3") stores float8
     # e4m3 with a scale of 1 (vLLM's fp8 without calibrated scales): half the bytes of bf16, so twice the
-    # tokens in the same memory and half decode attention's reads, at 3 mantissa bits per element.
+    # tokens in the same memory, at 3 mantissa bits per element. Decode attention reads half the bytes but
+    # is not faster yet: widening the tiles bounds it (bench/RESULTS.md, sixth session).
     kv_cache_dtype: str = "auto"
     # "auto" is CUDA when present, else CPU.
     device: str = "auto"
