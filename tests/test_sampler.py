@@ -18,6 +18,7 @@ from pagoda_engine.layers.sampler import (
     random_noise,
 )
 from pagoda_engine.sampling_params import SamplingParams
+from pagoda_engine.sequence import Sequence
 
 V = 64
 
@@ -489,3 +490,23 @@ def test_rows_without_bias_or_allowlist_are_bit_unchanged(dtype):
     raw = logits[5:].float().log_softmax(-1)
     assert torch.equal(mixed.logprobs[5:], raw.gather(1, mixed.sampled_token_ids[5:, None]).squeeze(1))
     assert torch.equal(mixed.top_ids[7], raw[2].topk(3).indices)
+
+
+def test_metadata_reads_sequence_token_arrays_as_lists():
+    """The runner hands the sampler Sequence.token_array (an int64 view kept in step with token_ids across
+    buffer growth); penalty, bias and allowlist indices come out as from plain lists."""
+    params = SamplingParams(temperature=0.7, repetition_penalty=1.2, presence_penalty=0.5,
+                            logit_bias={7: 1.5, 3: -2.0}, allowed_token_ids=[3, 7, 9])
+    seqs = [Sequence(f"r{i}", list(range(i + 1, i + 6)), params, i, frozenset([2])) for i in range(3)]
+    for step in range(40):  # past the buffer's first two doublings
+        for seq in seqs:
+            seq.num_pending_tokens += 1
+            seq.append_token((step * 7 + seq.seed) % V)
+    assert all(seq.token_array.tolist() == seq.token_ids for seq in seqs)
+    as_arrays = SamplingMetadata.build(
+        [SamplerRequest(s.params, s.seed, s.token_array, s.num_prompt_tokens, s.stop_ids) for s in seqs], V, "cpu")
+    as_lists = SamplingMetadata.build(
+        [SamplerRequest(s.params, s.seed, list(s.token_ids), s.num_prompt_tokens, s.stop_ids) for s in seqs], V,
+        "cpu")
+    for name in ("prompt_index", "output_index", "bias_index", "bias", "allowed_index"):
+        assert torch.equal(getattr(as_arrays, name), getattr(as_lists, name)), name

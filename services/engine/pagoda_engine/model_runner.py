@@ -384,7 +384,7 @@ class ModelRunner:
         if logits is not None:
             # The scheduler already counts this step's token as pending: the draw is one position before.
             requests = [
-                SamplerRequest(seq.params, seq.seed, seq.token_ids, seq.num_prompt_tokens, seq.stop_ids,
+                SamplerRequest(seq.params, seq.seed, seq.token_array, seq.num_prompt_tokens, seq.stop_ids,
                                seq.num_pending_tokens - 1)
                 for seq in seqs
             ]

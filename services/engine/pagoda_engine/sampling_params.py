@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 # The most entries a request's list fields may hold: the sampler's metadata lists them anew every step
 # (stop ids while min_tokens holds), so their count bounds the host work a request adds to each step.
@@ -71,6 +74,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Temperatures below 1e-5 are greedy, as in vLLM: dividing by them would overflow float32 logits."""
         return self.temperature < 1e-5
+
+    @functools.cached_property
+    def logit_bias_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """logit_bias as (token ids, biases) arrays, built once: the sampler lists them every step."""
+        ids = np.fromiter(self.logit_bias.keys(), dtype=np.int64, count=len(self.logit_bias))
+        return ids, np.fromiter(self.logit_bias.values(), dtype=np.float64, count=len(self.logit_bias))
+
+    @functools.cached_property
+    def allowed_token_array(self) -> np.ndarray:
+        """allowed_token_ids as an int64 array, built once for the same reason."""
+        return np.asarray(self.allowed_token_ids, dtype=np.int64)
 
     @property
     def has_penalties(self) -> bool:

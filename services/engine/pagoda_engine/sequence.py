@@ -6,6 +6,8 @@ import enum
 import itertools
 import time
 
+import numpy as np
+
 from pagoda_engine.sampling_params import SamplingParams
 
 
@@ -58,6 +60,8 @@ class Sequence:
         # EOS ids (unless ignore_eos) and the request's stop token ids.
         self.stop_ids = stop_ids
         self.token_ids: list[int] = list(prompt_token_ids)
+        # token_ids again as int64, with room to grow (see token_array).
+        self._token_buffer = np.array(self.token_ids, dtype=np.int64)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
@@ -123,7 +127,19 @@ class Sequence:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         self.token_ids.append(token_id)
+        n = len(self.token_ids)
+        if n > len(self._token_buffer):
+            grown = np.empty(2 * n, dtype=np.int64)
+            grown[: n - 1] = self._token_buffer[: n - 1]
+            self._token_buffer = grown
+        self._token_buffer[n - 1] = token_id
         self.num_pending_tokens -= 1
+
+    @property
+    def token_array(self) -> np.ndarray:
+        """``token_ids`` as an int64 view, kept in step with it by ``append_token``: the sampler lists the
+        tokens of every penalised row each step, and converting 256 rows of 1,500 Python ints took 23 ms."""
+        return self._token_buffer[: len(self.token_ids)]
 
     def check_stop(self, max_model_len: int) -> FinishReason | None:
         """Why the sequence ends after its newest token in ``token_ids``, if it does.

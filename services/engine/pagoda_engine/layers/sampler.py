@@ -52,9 +52,9 @@ class SamplerRequest(NamedTuple):
 
     params: SamplingParams
     seed: int  # always set: the engine resolves SamplingParams.seed=None beforehand
-    # The sequence's tokens, prompt then output, shared rather than sliced: only rows with a
-    # penalty look at them, so the per-step cost does not grow with sequence length.
-    token_ids: list[int]
+    # The sequence's tokens, prompt then output, shared rather than copied (Sequence.token_array): only
+    # rows with a penalty look at them, and then as one numpy concatenation.
+    token_ids: np.ndarray | list[int]
     num_prompt_tokens: int
     stop_ids: frozenset[int] | list[int]  # EOS ids + stop_token_ids, suppressed until min_tokens
     # Tokens drawn by a step still running on the device, not in token_ids yet. Rows with penalties
@@ -62,11 +62,11 @@ class SamplerRequest(NamedTuple):
     num_pending_tokens: int = 0
 
     @property
-    def prompt_token_ids(self) -> list[int]:
+    def prompt_token_ids(self) -> np.ndarray | list[int]:
         return self.token_ids[: self.num_prompt_tokens]
 
     @property
-    def output_token_ids(self) -> list[int]:
+    def output_token_ids(self) -> np.ndarray | list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
@@ -148,13 +148,13 @@ class SamplingMetadata:
             host.add_int("suppress_index", _flat_index(suppress_rows, stop_ids, vocab_size))
         # Admission checked that every id is below the vocabulary's size.
         if bias_rows:
-            biases = [params[i].logit_bias for i in bias_rows]
-            host.add_int("bias_index", _flat_index(bias_rows, biases, vocab_size))
-            host.add_float("bias", [b for bias in biases for b in bias.values()])  # in the order of the keys above
+            ids, biases = zip(*(params[i].logit_bias_arrays for i in bias_rows), strict=True)
+            host.add_int("bias_index", _flat_index(bias_rows, ids, vocab_size))
+            host.add_float("bias", np.concatenate(biases))
         if allowed_rows:
             host.add_int("allowed_rows", allowed_rows)
-            host.add_int("allowed_index", _flat_index(allowed_rows, [params[i].allowed_token_ids for i in allowed_rows],
-                                                      vocab_size))
+            allowed = [params[i].allowed_token_array for i in allowed_rows]
+            host.add_int("allowed_index", _flat_index(allowed_rows, allowed, vocab_size))
         t = host.to(device)
         f32 = {name: t[name].float() for name, is_float in host.floats.items() if is_float}
         return cls(
@@ -206,21 +206,27 @@ class _HostArrays:
         # Every part starts on a 16-byte boundary (an even int64 offset). Triton specialises a kernel on
         # whether each pointer is 16-byte aligned, so an offset following the batch size's parity would
         # compile a second variant of the sampling kernel in the middle of serving, at the first odd batch.
-        padded = [np.pad(part, (0, len(part) % 2)) for part in self.parts]
-        buffer = torch.from_numpy(np.concatenate(padded)).to(device, non_blocking=True)
-        out, start = {}, 0
-        for (name, is_float), part, room in zip(self.floats.items(), self.parts, padded, strict=True):
+        starts = np.cumsum([0] + [len(part) + len(part) % 2 for part in self.parts])
+        host = np.zeros(starts[-1], dtype=np.int64)
+        for part, start in zip(self.parts, starts, strict=False):
+            host[start : start + len(part)] = part
+        buffer = torch.from_numpy(host).to(device, non_blocking=True)
+        out = {}
+        for (name, is_float), part, start in zip(self.floats.items(), self.parts, starts, strict=False):
             view = buffer[start : start + len(part)]
             out[name] = view.view(torch.float64) if is_float else view
-            start += len(room)
         return out
 
 
-def _flat_index(rows: list[int], token_lists: Sequence[Collection[int]], vocab_size: int) -> np.ndarray:
-    """row * vocab_size + token for every token of every listed row (indices into the flattened logits)."""
-    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-    tokens = np.fromiter((t for ts in token_lists for t in ts), dtype=np.int64, count=int(lengths.sum()))
-    return np.repeat(np.asarray(rows, dtype=np.int64), lengths) * vocab_size + tokens
+def _flat_index(rows: list[int], token_lists: Sequence[np.ndarray | Collection[int]], vocab_size: int) -> np.ndarray:
+    """row * vocab_size + token for every token of every listed row (indices into the flattened logits).
+
+    Token arrays are joined as they are; lists (stop ids) are converted first."""
+    arrays = [t if isinstance(t, np.ndarray) else np.fromiter(t, dtype=np.int64, count=len(t)) for t in token_lists]
+    lengths = np.fromiter((len(t) for t in arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)  # a copy: free to add into
+    flat += np.repeat(np.asarray(rows, dtype=np.int64) * vocab_size, lengths)
+    return flat
 
 
 @dataclass
