@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
 from pagoda.v1 import engine_pb2 as pb
 from pagoda.v1 import engine_pb2_grpc
 from pagoda_tokenizer.config import TokenizerConfig
-from pagoda_tokenizer.engine_pool import EnginePool
+from pagoda_tokenizer.engine_pool import STARTUP_GRACE_S, EnginePool
 from pagoda_tokenizer.errors import RequestError
 from pagoda_tokenizer.generation import Generation
 from pagoda_tokenizer.prefix_affinity import PrefixAffinity
@@ -293,5 +293,56 @@ def test_an_abort_before_the_engine_has_the_request_is_sent_once_it_does():
             outs = [out async for out in generation.stream()]
             assert engines[0].aborted == [("req", [1])]
             assert {o.index for o in outs if o.finish_reason == pb.FINISH_REASON_ABORT} == {0, 1}
+
+    asyncio.run(main())
+
+
+class SlowHealth(health.aio.HealthServicer):
+    """An engine's health service whose first answer to each watch comes ``delay_s`` late."""
+
+    def __init__(self, delay_s: float, status=health_pb2.HealthCheckResponse.SERVING):
+        super().__init__()
+        self.delay_s = delay_s
+        self.status = status
+
+    async def Watch(self, request, context):
+        await asyncio.sleep(self.delay_s)
+        yield health_pb2.HealthCheckResponse(status=self.status)
+        await asyncio.Event().wait()  # the watch stays open, as a real one does
+
+
+@pytest.mark.parametrize(("statuses", "served"), [
+    ([health_pb2.HealthCheckResponse.SERVING], True),
+    ([health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING], True),
+    ([health_pb2.HealthCheckResponse.NOT_SERVING], False),
+])
+def test_a_new_pool_settles_on_its_engines_first_answers(statuses, served):
+    """Right after start no engine has answered yet: a request then (a worker's first moments, with --workers
+    the service already SERVING through another worker) was refused as if no engine served. ``settle`` waits
+    until one serves or all have answered, well inside the start-up grace."""
+    async def main():
+        servers, addresses = [], []
+        pool = None
+        try:
+            for i, status in enumerate(statuses):
+                server = grpc.aio.server()
+                engine_pb2_grpc.add_EngineServicer_to_server(ScriptedEngine(None), server)
+                health_pb2_grpc.add_HealthServicer_to_server(SlowHealth(0.3 * (i + 1), status), server)
+                addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+                servers.append(server)
+                await server.start()
+            pool = EnginePool(TokenizerConfig(model="m", engines=addresses))
+            pool.start()
+            assert not pool.healthy_engines
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await pool.settle()
+            assert bool(pool.healthy_engines) == served
+            assert loop.time() - start < STARTUP_GRACE_S  # settled on the answers, not on the grace running out
+        finally:
+            if pool is not None:
+                await pool.close()
+            for server in servers:
+                await server.stop(None)
 
     asyncio.run(main())

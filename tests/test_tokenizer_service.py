@@ -342,6 +342,27 @@ def test_chat_uses_the_template(front):
     assert tokenized.prompt.endswith("Hi<|im_end|>\n<think></think>42")
 
 
+def test_long_prompt_logprobs_come_in_messages_under_the_limit(engines, tiny_dir, tmp_path):
+    """A 480-token prompt at 20 alternatives is about 140 KB of prompt logprobs with their text: past this
+    front's 100 KB message limit in one message. They come in several, each under it, ahead of the first
+    token, and the front does not fail over when a message is too large for it."""
+    front = Front(tiny_dir, [engines[0].address], tmp_path / "front.log", "--max-message-bytes", "100000")
+    try:
+        front.wait_serving()
+        prompt = "the quick brown fox jumps over the lazy dog " * 24
+        prompt_ids = front.stub.Tokenize(tpb.TokenizeRequest(text=prompt)).token_ids
+        assert 400 < len(prompt_ids) < 512
+        params = epb.SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=20)
+        responses = list(front.stub.Generate(tpb.TextGenerateRequest(prompt=prompt, sampling_params=params),
+                                             timeout=60))
+        carrying = [r for r in responses if r.prompt_logprobs]
+        assert len(carrying) == 2 and not carrying[0].token_ids and carrying[1].token_ids
+        entries = [e for r in carrying for e in r.prompt_logprobs]
+        assert [e.sampled.token_id for e in entries] == list(prompt_ids[1:])
+    finally:
+        front.stop()
+
+
 def test_requests_spread_over_both_engines(front, engines):
     before = [e.load().prefix_cache_queried_tokens for e in engines]
     prompts = [f"{i} distinct opening words for spreading" for i in range(8)]

@@ -68,7 +68,7 @@ class _Stream:
         # One entry per token when the request asked for logprobs (sampling=SamplingParams(logprobs=k)).
         self.logprobs: list[engine_pb2.TokenLogprobs] = []
         # With sampling=SamplingParams(prompt_logprobs=k): one entry per prompt token from the second on
-        # (entry i is for prompt token i + 1), from the first message.
+        # (entry i is for prompt token i + 1), gathered from the messages up to the first token.
         self.prompt_logprobs: list[engine_pb2.TokenLogprobs] = []
         # "stop", "length" or "abort" once the stream has ended; None before.
         self.finish_reason: str | None = None

@@ -99,8 +99,15 @@ def to_sampling_params(proto: engine_pb2.SamplingParams, prompt_len: int, max_mo
     )
 
 
+# Prompt logprobs per message: a 32k-token prompt at 20 alternatives is about 7 MiB of entries once the
+# tokenizer service adds their text, past its 4 MiB message limit; 256 entries stay near 60-110 KiB.
+PROMPT_LOGPROBS_PER_MESSAGE = 256
+
+
 def to_responses(request_id: str, prompt: list[int], batch: list[SequenceOutput]) -> list[engine_pb2.GenerateResponse]:
-    """One message per sample present in ``batch``, merging the outputs of several steps."""
+    """One message per sample present in ``batch``, merging the outputs of several steps. Prompt logprobs
+    beyond PROMPT_LOGPROBS_PER_MESSAGE go ahead, in messages of their own for the same sample."""
+    ahead: list[engine_pb2.GenerateResponse] = []
     messages: dict[int, engine_pb2.GenerateResponse] = {}
     for out in batch:
         message = messages.get(out.index)
@@ -110,11 +117,15 @@ def to_responses(request_id: str, prompt: list[int], batch: list[SequenceOutput]
         if out.logprobs is not None:
             message.logprobs.extend(_token_logprobs(t, lp) for t, lp in zip(out.token_ids, out.logprobs, strict=True))
         if out.prompt_logprobs is not None:  # entry i scores prompt token i + 1
-            message.prompt_logprobs.extend(
-                _token_logprobs(t, lp) for t, lp in zip(prompt[1:], out.prompt_logprobs, strict=True))
+            entries = [_token_logprobs(t, lp) for t, lp in zip(prompt[1:], out.prompt_logprobs, strict=True)]
+            last = max(0, len(entries) - 1) // PROMPT_LOGPROBS_PER_MESSAGE * PROMPT_LOGPROBS_PER_MESSAGE
+            ahead.extend(engine_pb2.GenerateResponse(request_id=request_id, index=out.index,
+                                                     prompt_logprobs=entries[i : i + PROMPT_LOGPROBS_PER_MESSAGE])
+                         for i in range(0, last, PROMPT_LOGPROBS_PER_MESSAGE))
+            message.prompt_logprobs.extend(entries[last:])
         if out.finish_reason is not None:
             _set_finish(message, out)
-    return list(messages.values())
+    return ahead + list(messages.values())
 
 
 def _token_logprobs(token_id: int, logprobs: TokenLogprobs) -> engine_pb2.TokenLogprobs:

@@ -28,6 +28,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 RPC_TIMEOUT_S = 5.0
 
 
+# How long after a pool starts a request may wait for the engines' first health answers rather than be
+# refused for want of them. With --workers the service is SERVING once one worker's pool has heard from an
+# engine, while another worker's first probe may still be on its way.
+STARTUP_GRACE_S = 5.0
+
+
 class EngineClient:
     def __init__(self, address: str, config: TokenizerConfig, on_health_change: Callable[[], None],
                  on_restart: Callable[[EngineClient], None], metrics: TokenizerMetrics,
@@ -50,6 +56,8 @@ class EngineClient:
         self._on_health_change = on_health_change
         self._on_restart = on_restart
         self.healthy = False
+        # Set by the first health answer or failed watch: until then `healthy` is only a guess.
+        self.answered = asyncio.Event()
         self.model_info: engine_pb2.ModelInfo | None = None
         self.load: engine_pb2.Load | None = None
         # Sequences this service is running on the engine now: exact, where the polled load lags.
@@ -109,10 +117,17 @@ class EngineClient:
                     if response.status == SERVING:
                         await self._refresh()
                     self._set_healthy(response.status == SERVING)
+                    self._answer()
             except grpc.aio.AioRpcError as exc:
                 logger.debug("health watch of %s ended: %s", self.address, exc.code())
             self._set_healthy(False)
+            self._answer()
             await asyncio.sleep(self._retry_s)
+
+    def _answer(self) -> None:
+        if not self.answered.is_set():
+            self.answered.set()
+            self._on_health_change()  # the pool looks again at whether it has heard from every engine
 
     async def _poll_load(self) -> None:
         while True:
@@ -153,10 +168,23 @@ class EnginePool:
         self._affinity = PrefixAffinity(config.affinity_prefix_blocks, config.affinity_table_size)
         self._max_extra_load = config.affinity_max_extra_load
         self._on_health_change = on_health_change
+        # Set once an engine serves or every engine has answered; `settle` waits for it after start.
+        self._settled = asyncio.Event()
+        self._grace_ends = 0.0
 
     def start(self) -> None:
+        self._grace_ends = asyncio.get_running_loop().time() + STARTUP_GRACE_S
         for engine in self.engines:
             engine.start()
+
+    async def settle(self) -> None:
+        """Return once an engine serves or every engine has answered its first health watch, or at once
+        when the start-up grace (STARTUP_GRACE_S) is over: a request a worker gets in its first moments
+        waits for the verdict instead of being refused as if no engine served."""
+        remaining = self._grace_ends - asyncio.get_running_loop().time()
+        if remaining > 0 and not self._settled.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), remaining)
 
     async def close(self) -> None:
         await asyncio.gather(*(engine.close() for engine in self.engines))
@@ -196,6 +224,8 @@ class EnginePool:
         return any(await asyncio.gather(*(engine.abort(request_id, indices) for engine in self.engines)))
 
     def _health_changed(self) -> None:
+        if self.healthy_engines or all(engine.answered.is_set() for engine in self.engines):
+            self._settled.set()
         self._on_health_change(bool(self.healthy_engines))
 
     def _restarted(self, engine: EngineClient) -> None:

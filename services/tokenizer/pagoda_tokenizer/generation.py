@@ -140,7 +140,10 @@ class Generation:
             await engine.abort(self.request_id, sorted(self._early_aborts))
 
     def _engine_error(self, engine: EngineClient, exc: grpc.aio.AioRpcError, received: bool) -> Exception:
-        if not received and exc.code() in RETRYABLE:
+        # A message past this service's own receive limit is not the engine refusing: another engine would
+        # send the same one, after computing the whole request again.
+        too_large = "larger than max" in (exc.details() or "")
+        if not received and exc.code() in RETRYABLE and not too_large:
             return _Refused(RequestError(exc.code(), f"engine {engine.address}: {exc.details()}"))
         if received and exc.code() == grpc.StatusCode.UNAVAILABLE:
             return RequestError(exc.code(), f"engine {engine.address} failed mid-stream: {exc.details()}")

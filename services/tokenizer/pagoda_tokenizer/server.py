@@ -147,6 +147,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                     prompt_ids = await asyncio.to_thread(encode)
             finally:
                 early_aborts = self._tokenizing.pop(request_id)
+            await self._pool.settle()
             generation = self._new_generation(request, request_id, prompt_ids)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
