@@ -453,3 +453,31 @@ def test_fp8_kv_cache_holds_four_times_fp32_and_tracks_it(tmp_path):
         assert max(abs(ref_lp[t] - fp8_lp[t]) for t in ref_lp.keys() & fp8_lp.keys()) < 0.08
     with pytest.raises(ValueError, match="kv_cache_dtype must be auto, fp8 or fp8_e4m3"):
         make_llm(model_dir, kv_cache_dtype="int8")
+
+
+def test_engine_recovers_after_a_launch_interrupted_in_the_sampler(tiny_model_dirs):
+    """An interrupt inside the sampler, after the forward: the undone step must leave the previous launch's
+    tokens readable, or a decode whose input is still pending there raised KeyError on every later step."""
+    llm = make_llm(tiny_model_dirs["llama"], num_kv_blocks=8, max_num_batched_tokens=16)
+    engine = llm.engine
+    sampler, calls = engine.runner.sampler, [0]
+
+    def interrupted(logits, meta):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return sampler(logits, meta)
+
+    engine.runner.sampler = interrupted
+    for i, prompt in enumerate(prompts_of([6, 6, 6], seed=8)):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    interrupts = 0
+    for _ in range(300):
+        if not engine.has_unfinished_requests():
+            break
+        try:
+            engine.step()
+        except KeyboardInterrupt:
+            interrupts += 1
+    assert interrupts == 1
+    assert not engine.has_unfinished_requests()

@@ -379,8 +379,9 @@ class ModelRunner:
         else:
             logits, prompt = self.workers.lockstep(inputs.shape, inputs.flat, lambda: self.forward(inputs))
         seqs = inputs.sample_seqs
-        self._last_sampled, self._last_rows = None, {}
-        out = None
+        # The previous launch's tokens stay readable until this one can no longer raise: if it does, the
+        # scheduler undoes it and the next step may still read them (Scheduler.unschedule).
+        out, last_sampled, last_rows = None, None, {}
         if logits is not None:
             # The scheduler already counts this step's token as pending: the draw is one position before.
             requests = [
@@ -389,14 +390,15 @@ class ModelRunner:
                 for seq in seqs
             ]
             out = self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))
-            self._last_sampled = out.sampled_token_ids
-            self._last_rows = {seq.seq_id: row for row, seq in enumerate(seqs)}
+            last_sampled = out.sampled_token_ids
+            last_rows = {seq.seq_id: row for row, seq in enumerate(seqs)}
         copied = None
         if self.device.type == "cuda" and (out is not None or prompt is not None):
             # Logprobs too: a synchronous copy in finish() would wait for the step launched after this one.
             out, prompt = _host_copy(out), _host_copy(prompt)
             copied = torch.cuda.Event()
             copied.record()
+        self._last_sampled, self._last_rows = last_sampled, last_rows
         return LaunchedStep(batch, seqs, out, inputs.prompt_plan, prompt, copied)
 
     def finish(self, step: LaunchedStep) -> StepResult:
