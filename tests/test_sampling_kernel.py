@@ -147,6 +147,19 @@ def _requests(batch: int, **params) -> list[SamplerRequest]:
     return [SamplerRequest(SamplingParams(**params), 1000 + i, [1, 2, 3] + [4] * i, 3, []) for i in range(batch)]
 
 
+def count_kernel_calls(monkeypatch) -> list[int]:
+    """Wraps the sampler's fused kernel: the returned list gets each call's argument count."""
+    kernel = sampler._fused_gumbel_argmax()
+    calls: list[int] = []
+
+    def counted(*args):
+        calls.append(len(args))
+        return kernel(*args)
+
+    monkeypatch.setattr(sampler, "_fused_gumbel_argmax", lambda: counted)
+    return calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("params", [
     dict(temperature=0.6),  # the offline benchmark's: the kernel also divides by the temperature
@@ -162,14 +175,7 @@ def test_sampler_uses_kernel_on_cuda(monkeypatch, params):
     requests[5] = SamplerRequest(SamplingParams(temperature=0.0), 7, [1, 2], 1, [])  # a greedy row too
     meta = SamplingMetadata.build(requests, QWEN_VOCAB, "cuda")
 
-    kernel = sampler._fused_gumbel_argmax()
-    calls = []
-
-    def counted(*args):
-        calls.append(len(args))
-        return kernel(*args)
-
-    monkeypatch.setattr(sampler, "_fused_gumbel_argmax", lambda: counted)
+    calls = count_kernel_calls(monkeypatch)
     fused = Sampler()(logits, meta).sampled_token_ids
     # With no filter on, the kernel also takes the temperature (4 arguments); else pre-scaled logits.
     assert calls == [4 if params.keys() == {"temperature"} else 3]
@@ -198,14 +204,7 @@ def test_sampler_with_bias_and_allowlist_uses_kernel_on_cuda(monkeypatch, dtype,
                                                                      if k != "temperature"}), 7, [1, 2], 1, [])
     requests[6] = SamplerRequest(SamplingParams(temperature=0.8), 8, [1, 2], 1, [])  # asks for neither
     meta = SamplingMetadata.build(requests, QWEN_VOCAB, "cuda")
-    kernel = sampler._fused_gumbel_argmax()
-    calls = []
-
-    def counted(*args):
-        calls.append(len(args))
-        return kernel(*args)
-
-    monkeypatch.setattr(sampler, "_fused_gumbel_argmax", lambda: counted)
+    calls = count_kernel_calls(monkeypatch)
     fused = Sampler()(logits, meta).sampled_token_ids
     assert calls == [num_args]
     monkeypatch.setattr(sampler, "_fused_gumbel_argmax", lambda: None)

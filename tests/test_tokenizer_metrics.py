@@ -32,6 +32,7 @@ from tests.test_faults import slow_dir as slow_dir  # noqa: F401 - a fixture, sh
 from tests.test_tokenizer_service import Engine, Front, collect, free_port, greedy, wait_for
 from tests.test_tokenizer_service import tiny_dir as tiny_dir  # noqa: F401 - a fixture, shared
 from tests.test_tokenizer_workers import channels, worker_processes, workers_front
+from tests.test_tokenizer_workers import engine as engine  # noqa: F401 - a fixture, shared
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,16 +53,6 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 def by_labels(metrics: Metrics, name: str) -> dict[tuple, float]:
     """Every sample of ``name`` that is not zero, by its labels."""
     return {labels: v for (sample, labels), v in metrics.items() if sample == name and v}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir, tmp_path_factory) -> Iterator[Engine]:  # noqa: F811
-    engine = Engine(tiny_dir, tmp_path_factory.mktemp("metrics-logs") / "engine.log")
-    try:
-        engine.wait_serving()
-        yield engine
-    finally:
-        engine.stop()
 
 
 @contextlib.contextmanager
