@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from cuda_timing import graph_seconds_per_call  # bench/cuda_timing.py, beside this script
 
 from pagoda_engine.kernels import decode_attention as decode_attention_module
-from pagoda_engine.kernels.decode_attention import decode_attention, longest_first, plan_splits
+from pagoda_engine.kernels.decode_attention import (
+    decode_attention,
+    longest_first,
+    plan_splits,
+    target_programs_per_sm,
+)
 from pagoda_engine.kernels.prefill_attention import prefill_attention
 from pagoda_engine.kernels.sm_count import num_sms
 
@@ -43,7 +48,9 @@ REFERENCE_GBS = 3010.0
 # The length bound of the default engine's CUDA graphs (max_model_len of the offline benchmark).
 GRAPH_BOUND = 4096
 PIECE_SIZES = (64, 128, 256, 512)
-DECODE_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3), (16, 4, 3)]
+DECODE_CONFIGS = [(64, 2, 3), (64, 4, 3), (64, 4, 2), (32, 4, 2), (32, 2, 3), (32, 1, 3), (16, 1, 3), (128, 4, 2)]
+# An fp8 tile holds half the bytes of a bf16 one: the fp8 sweep adds one-warp programs and deeper pipelines.
+FP8_DECODE_CONFIGS = [(32, 1, 5), (32, 1, 3), (32, 1, 8), (16, 1, 5), (64, 2, 5), (64, 2, 3), (64, 4, 3), (128, 4, 5)]
 PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)]
 
 
@@ -175,7 +182,7 @@ def fp8_decode_table(batches: list[int], contexts: list[int]) -> list[dict]:
     return rows
 
 
-def ragged_table(rounds: int = 5) -> list[dict]:
+def ragged_table(rounds: int = 5, cache_dtype: torch.dtype = DTYPE) -> list[dict]:
     """Contexts of 100-1,024 tokens in random order, as the offline workload's first decode steps have them:
     an unsplit sequence's program is as long as its context, so the grid visits the longest first. At 256
     sequences the same contexts also run in batch order, and evened out at their mean (the same bytes).
@@ -188,22 +195,23 @@ def ragged_table(rounds: int = 5) -> list[dict]:
     cases = [(f"B={batch}", lengths[:batch], False) for batch in (256, 128, 64, 32)]
     cases += [("B=256 batch order", lengths, True), (f"B=256 all at {mean}", [mean] * 256, False)]
     policies = (("throughput", False), ("invariant", True))
-    benches = [PagedDecode(len(case), 1024, case) for _, case, _ in cases]
+    benches = [PagedDecode(len(case), 1024, case, cache_dtype) for _, case, _ in cases]
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(rounds):
         for i, (_, _, batch_order) in enumerate(cases):
             for policy, invariant in policies:
                 seconds = benches[i].seconds(batch_invariant=invariant, bound=GRAPH_BOUND, batch_order=batch_order)
                 times.setdefault((i, policy), []).append(seconds)
-    print(f"\nragged decode: contexts 100-1024, {GRAPH_BOUND}-token bound, us per call (GB/s), median of {rounds} "
-          "rounds [min-max]")
+    print(f"\nragged decode over a {'float8 e4m3' if cache_dtype.itemsize == 1 else 'bf16'} cache: contexts 100-1024, "
+          f"{GRAPH_BOUND}-token bound, us per call (GB/s), median of {rounds} rounds [min-max]")
     sm_count = num_sms(torch.device("cuda"))
     rows = []
     for i, (label, case, _) in enumerate(cases):
         row: dict = {"case": label, "batch": len(case), "kv_bytes": benches[i].kv_bytes}
         cells = []
         for policy, invariant in policies:
-            splits = plan_splits(len(case), NUM_KV_HEADS, GRAPH_BOUND, sm_count, invariant).num_splits
+            splits = plan_splits(len(case), NUM_KV_HEADS, GRAPH_BOUND, sm_count, invariant,
+                                 programs_per_sm=target_programs_per_sm(cache_dtype)).num_splits
             runs = times[(i, policy)]
             seconds = statistics.median(runs)
             gbs = benches[i].kv_bytes / seconds / 1e9
@@ -218,18 +226,24 @@ def ragged_table(rounds: int = 5) -> list[dict]:
     return rows
 
 
-def decode_sweep() -> list[dict]:
-    """Tile configs at the throughput policy's split count, then split counts around it."""
+def decode_sweep(cache_dtype: torch.dtype = DTYPE) -> list[dict]:
+    """Tile configs at the throughput policy's split count, then split counts around it. GB/s count the
+    cache's own bytes (an fp8 cache's are half of bf16's), and us per call is printed beside them."""
     rows = []
-    print("\ndecode sweep: (BLOCK_N, warps, stages) and split counts, GB/s")
+    fp8 = cache_dtype == torch.float8_e4m3fn
+    print(f"\ndecode sweep over a {'float8 e4m3' if fp8 else 'bf16'} cache: (BLOCK_N, warps, stages) and split "
+          "counts, GB/s")
     for batch, context in [(1, 8192), (32, 4096), (32, 8192), (256, 1024), (256, 4096)]:
-        bench = PagedDecode(batch, context)
-        default = plan_splits(batch, NUM_KV_HEADS, context, num_sms(torch.device("cuda")), False).num_splits
-        for config in DECODE_CONFIGS:
-            gbs = bench.kv_bytes / bench.seconds(config=config, batch_invariant=False) / 1e9
+        bench = PagedDecode(batch, context, cache_dtype=cache_dtype)
+        default = plan_splits(batch, NUM_KV_HEADS, context, num_sms(torch.device("cuda")), False,
+                              programs_per_sm=target_programs_per_sm(cache_dtype)).num_splits
+        for config in FP8_DECODE_CONFIGS if fp8 else DECODE_CONFIGS:
+            seconds = bench.seconds(config=config, batch_invariant=False)
+            gbs = bench.kv_bytes / seconds / 1e9
             rows.append({"batch": batch, "context": context, "config": config, "num_splits": default,
-                         "gbs": round(gbs, 1)})
-            print(f"  B={batch:<4} ctx={context:<5} config={config} splits={default:<3} {gbs:7.0f} GB/s", flush=True)
+                         "cache_dtype": str(cache_dtype), "gbs": round(gbs, 1), "us": round(seconds * 1e6, 2)})
+            print(f"  B={batch:<4} ctx={context:<5} config={config} splits={default:<3} {gbs:7.0f} GB/s "
+                  f"{seconds * 1e6:8.1f} us", flush=True)
         for splits in sorted({max(1, default // 2), default * 2, default * 4} - {default}):
             gbs = bench.kv_bytes / bench.seconds(num_splits=splits) / 1e9
             rows.append({"batch": batch, "context": context, "config": None, "num_splits": splits,
@@ -359,8 +373,11 @@ def main() -> None:
     }
     if args.fp8:
         result["fp8_decode"] = fp8_decode_table(args.batch, args.context)
+        result["fp8_ragged_decode"] = ragged_table(cache_dtype=torch.float8_e4m3fn)
     if args.sweep:
         result["decode_sweep"] = decode_sweep()
+        if args.fp8:
+            result["fp8_decode_sweep"] = decode_sweep(torch.float8_e4m3fn)
     if args.pieces:
         result["piece_sweep"] = piece_sweep()
     if not args.no_prefill:

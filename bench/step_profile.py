@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--max-input-len", type=int, default=1024)
     parser.add_argument("--max-output-len", type=int, default=1024)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     parser.add_argument("--trace", type=int, default=0, help="also profile this many decode steps' kernels")
     parser.add_argument("--trace-prefill", type=int, default=0, help="also profile this many prefill steps' calls")
     parser.add_argument("--skinny-max-rows", type=int, default=None, help="override skinny_gemm.MAX_ROWS")
@@ -167,7 +168,7 @@ def main() -> None:
 
         skinny_gemm.MAX_ROWS = args.skinny_max_rows
     llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len,
-              max_num_batched_tokens=16384)
+              max_num_batched_tokens=16384, kv_cache_dtype=args.kv_cache_dtype)
     prompts, params = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len)
     llm.generate([[1, 2, 3]], params[0])
     profiler = StepProfiler(llm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -13,6 +14,7 @@ from pagoda_engine.kernels.decode_attention import (  # noqa: E402
     THROUGHPUT_MIN_TOKENS,
     choose_num_splits,
     plan_splits,
+    target_programs_per_sm,
 )
 
 
@@ -28,6 +30,16 @@ def test_split_counts_fill_the_gpu_and_the_invariant_plan_ignores_the_batch():
     assert plan == plan_splits(1, 8, 8192, 132, batch_invariant=True)
     assert plan.num_splits == 8192 // 256 and plan.reduce_width == INVARIANT_SPLITS
     assert plan_splits(4, 8, 100, 132, batch_invariant=True).num_splits == 1
+
+
+def test_an_fp8_cache_cuts_big_batches_in_two():
+    """One-warp fp8 programs aim at twice the programs per SM: 256 ragged contexts spread over 2 pieces."""
+    fp8, bf16 = target_programs_per_sm(torch.float8_e4m3fn), target_programs_per_sm(torch.bfloat16)
+    assert fp8 == 2 * bf16
+    assert choose_num_splits(256, 8, 132, fp8) == 2 and choose_num_splits(256, 8, 132, bf16) == 1
+    for batch in (1, 7, 64, 200):
+        assert choose_num_splits(batch, 8, 132, fp8) >= choose_num_splits(batch, 8, 132, bf16)
+    assert plan_splits(256, 8, 4096, 132, False, programs_per_sm=fp8).num_splits == 2
 
 
 def test_throughput_plan_is_the_same_for_a_batch_and_its_cuda_graph_size():

@@ -64,9 +64,22 @@ MAX_SPLITS = 64
 # (runs M, N) was better on ragged short contexts at 16-64 sequences but 3-6% slower on uniform 1-8K
 # contexts at 32, and offline within the noise (+0.5%): kept at 16.
 TARGET_PROGRAMS_PER_SM = 16
+# Over an fp8 cache a program is one warp (``_default_config``), and its single warp walks a 1K context
+# at a fraction of the SM's bandwidth, so the longest contexts of a ragged batch set the kernel's time:
+# 256 ragged contexts of 100-1,024 tokens took 150 us unsplit, 128 with 2 splits, 97.5 at their mean
+# length (H200). 32 per SM cuts 256 sequences in two; offline 26,779 tok/s against 24,308 at 16 (one
+# pair in one call, seventh session). Over bf16, 2 splits at 256 were slower (154.5 against 148.9 us).
+FP8_TARGET_PROGRAMS_PER_SM = 32
 
 
-def choose_num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
+def target_programs_per_sm(cache_dtype: torch.dtype) -> int:
+    """The throughput policy's programs per SM for a cache of this dtype."""
+    return FP8_TARGET_PROGRAMS_PER_SM if cache_dtype.itemsize == 1 else TARGET_PROGRAMS_PER_SM
+
+
+def choose_num_splits(
+    batch_size: int, num_kv_heads: int, sm_count: int, programs_per_sm: int = TARGET_PROGRAMS_PER_SM
+) -> int:
     """Enough (sequence, KV head, split) programs to fill the GPU: the throughput policy's split count.
 
     The batch size is rounded up to a power of two first. A CUDA graph pads a batch to the next size of
@@ -75,7 +88,7 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, sm_count: int) -> int:
     Lengths do not enter: the kernel gives each context as many pieces as it has ``THROUGHPUT_MIN_TOKENS``.
     """
     programs = triton.next_power_of_2(batch_size) * num_kv_heads
-    return max(1, min(TARGET_PROGRAMS_PER_SM * sm_count // programs, MAX_SPLITS))
+    return max(1, min(programs_per_sm * sm_count // programs, MAX_SPLITS))
 
 
 @dataclass(frozen=True)
@@ -90,9 +103,10 @@ class SplitPlan:
 
 def plan_splits(
     batch_size: int, num_kv_heads: int, max_seq_len: int, sm_count: int, batch_invariant: bool,
-    num_splits: int | None = None,
+    num_splits: int | None = None, programs_per_sm: int = TARGET_PROGRAMS_PER_SM,
 ) -> SplitPlan:
     """The split plan for one launch; ``num_splits`` forces a count (tests and the benchmark sweep).
+    ``programs_per_sm`` is the throughput policy's target (``target_programs_per_sm``).
 
     The reduce's width is one per policy, not per count, so that no batch size compiles a variant of its
     own in the middle of serving.
@@ -102,7 +116,7 @@ def plan_splits(
     if batch_invariant:
         grid = max(1, min(INVARIANT_SPLITS, -(-max_seq_len // MIN_TOKENS_PER_SPLIT)))
         return SplitPlan(grid, INVARIANT_SPLITS, MIN_TOKENS_PER_SPLIT, INVARIANT_SPLITS)
-    num_splits = choose_num_splits(batch_size, num_kv_heads, sm_count)
+    num_splits = choose_num_splits(batch_size, num_kv_heads, sm_count, programs_per_sm)
     return SplitPlan(num_splits, num_splits, THROUGHPUT_MIN_TOKENS, MAX_SPLITS)
 
 
@@ -219,13 +233,27 @@ def _decode_reduce_kernel(
              mask=offs_d < HEAD_DIM)
 
 
-def _default_config(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for the split kernel; fewer tokens per tile for big heads.
+def _default_config(head_dim: int, q_dtype: torch.dtype, cache_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for the split kernel: small programs, many of them per SM.
 
-    (64, 4, 3) was best or within 4% of the best of 8 configs on every swept H100 shape
-    (bench/kernels.py --sweep), and reaches ~3.0 TB/s at 256 sequences.
+    A program's loads are all the memory traffic it has in flight, so what decides the bandwidth is how
+    many programs an SM holds at once (bench/RESULTS.md, seventh session, H200, `bench/kernels.py --sweep
+    --fp8`):
+    - a bf16 cache: 2 warps and 64-token tiles were at least as fast as 4 warps on every shape, and 7-14%
+      faster from 8 to 128 sequences (4.4 TB/s at 256 sequences either way);
+    - an fp8 cache: 4 warps held only ~48 KB of loads per SM (161 registers a thread, 3 programs) and read
+      2.1 TB/s; one warp with 32-token tiles reads 3.0-3.3 TB/s from 64 sequences up (256 x 4K: 654 us
+      against bf16's 975). It is slower only on short contexts of one sequence (1K: 10.4 against 7.7 us);
+    - fp32 (the tests' oracle dtype) keeps 4 warps: its tiles are twice the registers of bf16's.
+    Wider heads get shorter tiles for the same register reason.
     """
-    return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
+    if head_dim > 128:
+        return 32, 4, 2
+    if cache_dtype.itemsize == 1:
+        return 32, 1, 5
+    if q_dtype == torch.float32:
+        return 64, 4, 3
+    return 64, 2, 3
 
 
 def decode_attention(
@@ -256,9 +284,10 @@ def decode_attention(
         return out
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    plan = plan_splits(batch, num_kv_heads, max_seq_len, num_sms(q.device), batch_invariant, num_splits)
+    plan = plan_splits(batch, num_kv_heads, max_seq_len, num_sms(q.device), batch_invariant, num_splits,
+                       target_programs_per_sm(k_cache.dtype))
     num_splits = plan.num_splits
-    block_n, num_warps, num_stages = config or _default_config(head_dim)
+    block_n, num_warps, num_stages = config or _default_config(head_dim, q.dtype, k_cache.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
     split = num_splits > 1
     if order is None:
