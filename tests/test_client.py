@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -79,6 +81,29 @@ def test_sampling_message_carries_other_fields(client):
     assert stream.usage.completion_tokens == 5 and stream.finish_reason == "length"
     assert [entry.sampled.token_id for entry in stream.logprobs] == stream.token_ids
     assert all(len(entry.top) == 2 and entry.sampled.token for entry in stream.logprobs)
+
+
+def test_logprobs_options_and_summary(client):
+    prompt_ids = client.tokenize("The sky is").token_ids
+    # The named options override the sampling message's fields.
+    stream = client.generate("The sky is", max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=0,
+                             sampling=engine_pb2.SamplingParams(logprobs=5))
+    stream.read()
+    assert [entry.sampled.token_id for entry in stream.logprobs] == stream.token_ids
+    assert all(len(entry.top) == 2 for entry in stream.logprobs)
+    assert [entry.sampled.token_id for entry in stream.prompt_logprobs] == prompt_ids[1:]
+    summary = stream.summary()
+    assert [entry["token_id"] for entry in summary["logprobs"]] == stream.token_ids
+    assert [entry["token"] for entry in summary["logprobs"]] == [entry.sampled.token for entry in stream.logprobs]
+    for written, wire in zip(summary["logprobs"], stream.logprobs, strict=True):
+        # float32 on the wire, written as its shortest decimal: the same float32 once read back.
+        assert struct.unpack("f", struct.pack("f", written["logprob"]))[0] == wire.sampled.logprob
+        assert written["rank"] == 1 + [top.token_id for top in wire.top].index(wire.sampled.token_id)  # greedy
+    assert all(entry["top"] == [] and entry["rank"] is None for entry in summary["prompt_logprobs"])
+    # Not asked for: not in the summary.
+    plain = client.generate("The sky is", max_tokens=1)
+    plain.read()
+    assert "logprobs" not in plain.summary() and "prompt_logprobs" not in plain.summary()
 
 
 def test_logit_bias_and_allowed_token_ids_options(client):
@@ -203,6 +228,11 @@ def test_async_client(target):
             assert all(texts)
             tokens = await client.tokenize("Hello world")
             assert await client.detokenize(tokens.token_ids) == "Hello world"
+            scored = client.generate("The sky is", max_tokens=2, logprobs=1, prompt_logprobs=0)
+            await scored.read()
+            summary = scored.summary()
+            assert [entry["token_id"] for entry in summary["logprobs"]] == scored.token_ids
+            assert len(summary["prompt_logprobs"]) == summary["usage"]["prompt_tokens"] - 1
             assert (await client.model_info()).model.model_name == "SmolLM2-135M-Instruct"
             with pytest.raises(InvalidArgumentError):
                 await client.generate("Hello", stop=[""]).read()
@@ -228,6 +258,7 @@ def test_cli_generate_streams_and_json(target, monkeypatch, capsys):
                            stdin="Once upon a time", monkeypatch=monkeypatch, capsys=capsys)
     answer = json.loads(out)
     assert code == 0 and answer["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 5
+    assert "logprobs" not in answer and "prompt_logprobs" not in answer  # only when asked for
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -237,6 +268,9 @@ def test_cli_generate_streams_and_json(target, monkeypatch, capsys):
     (("generate", "hi", "--logit-bias", "5"), "'5' is not ID=BIAS"),
     (("generate", "hi", "--logit-bias", "x=2"), "invalid ID=BIAS value: 'x=2'"),
     (("generate", "hi", "--allowed-token-id", "-1"), "-1 is not in [0, 4294967295]"),
+    (("generate", "hi", "--logprobs", "-1"), "-1 is not in [0, 4294967295]"),
+    (("chat", "--once", "hi", "--prompt-logprobs", "-2"), "-2 is not in [0, 4294967295]"),
+    (("generate", "hi", "--logprobs", "two"), "invalid integer value: 'two'"),
 ])
 def test_cli_out_of_range_numbers_are_usage_errors(target, args, words, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -253,6 +287,88 @@ def test_cli_logit_bias_and_allowed_token_ids(target, monkeypatch, capsys):
                            "--allowed-token-id", "2", "--json", monkeypatch=monkeypatch, capsys=capsys)
     answer = json.loads(out)
     assert code == 0 and answer["text"] + "\n" == expected and answer["finish_reason"] == "length"
+
+
+def assert_logprob_entries(entries: list[dict], token_ids: list[int], k: int) -> None:
+    """The CLI's JSON logprobs: one entry per token of ``token_ids``, each a logprob <= 0 with k alternatives,
+    most likely first, and a rank that points at the token among them (or None when it is not there)."""
+    assert [entry["token_id"] for entry in entries] == token_ids
+    for entry in entries:
+        assert entry["logprob"] <= 0 and entry["token"], entry
+        assert len(entry["top"]) == k
+        top_ids = [top["token_id"] for top in entry["top"]]
+        assert entry["rank"] == (top_ids.index(entry["token_id"]) + 1 if entry["token_id"] in top_ids else None)
+        assert all(top["logprob"] <= 0 and top["token"] for top in entry["top"])
+        assert [top["logprob"] for top in entry["top"]] == sorted((top["logprob"] for top in entry["top"]),
+                                                                  reverse=True)
+
+
+def test_cli_generate_logprobs_json(target, monkeypatch, capsys):
+    _, out, _ = run_cli(target, "tokenize", "The sky is", monkeypatch=monkeypatch, capsys=capsys)
+    prompt_ids = [int(token) for token in out.split()]
+    code, out, _ = run_cli(target, "generate", "The sky is", "--max-tokens", "4", "--temperature", "0",
+                           "--logprobs", "3", "--prompt-logprobs", "2", "--json", monkeypatch=monkeypatch,
+                           capsys=capsys)
+    answer = json.loads(out)
+    assert code == 0 and answer["finish_reason"] == "length"
+    # One entry per generated token; greedy, so the sampled token is among the top ones (the first).
+    logprobs = answer["logprobs"]
+    assert len(logprobs) == answer["usage"]["completion_tokens"] == 4
+    assert_logprob_entries(logprobs, [entry["token_id"] for entry in logprobs], 3)
+    assert all(entry["rank"] == 1 for entry in logprobs)
+    assert "".join(entry["token"] for entry in logprobs) == answer["text"]
+    # One entry per prompt token from the second on; a scored prompt skips the prefix cache.
+    assert len(answer["prompt_logprobs"]) == answer["usage"]["prompt_tokens"] - 1 == len(prompt_ids) - 1
+    assert_logprob_entries(answer["prompt_logprobs"], prompt_ids[1:], 2)
+    assert answer["usage"]["cached_prompt_tokens"] == 0
+
+
+def test_cli_chat_logprobs_json(target, monkeypatch, capsys):
+    _, out, _ = run_cli(target, "tokenize", "--chat", "Hi", "--json", monkeypatch=monkeypatch, capsys=capsys)
+    prompt_ids = json.loads(out)["token_ids"]
+    code, out, _ = run_cli(target, "chat", "--once", "Hi", "--max-tokens", "3", "--seed", "4", "--logprobs", "0",
+                           "--prompt-logprobs", "0", "--json", monkeypatch=monkeypatch, capsys=capsys)
+    answer = json.loads(out)
+    assert code == 0 and len(answer["logprobs"]) == answer["usage"]["completion_tokens"] > 0
+    # 0: the token's own logprob only, so no alternatives and no rank.
+    assert_logprob_entries(answer["logprobs"], [entry["token_id"] for entry in answer["logprobs"]], 0)
+    assert all(entry["rank"] is None for entry in answer["logprobs"])
+    assert_logprob_entries(answer["prompt_logprobs"], prompt_ids[1:], 0)
+    assert len(answer["prompt_logprobs"]) == answer["usage"]["prompt_tokens"] - 1
+
+
+def test_cli_logprobs_table_goes_to_stderr(target, monkeypatch, capsys):
+    code, plain, err = run_cli(target, "generate", "The sky is", "--max-tokens", "3", "--temperature", "0",
+                               monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and err == ""
+    code, out, err = run_cli(target, "generate", "The sky is", "--max-tokens", "3", "--temperature", "0",
+                             "--logprobs", "2", "--prompt-logprobs", "1", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and out == plain  # stdout keeps the text alone
+    lines = err.splitlines()
+    prompt_at = lines.index("prompt logprobs (position in the prompt): 2 tokens")
+    answer_at = lines.index("logprobs (position in the answer): 3 tokens")
+    assert answer_at == prompt_at + 4  # title, header, two rows
+    header = lines[answer_at + 1].split()
+    assert header == ["pos", "id", "token", "logprob", "rank", "top"]
+    # Position, token id, the token's text as a JSON string, logprob, rank, then the alternatives.
+    row = re.compile(r'\s*(\d+)\s+(\d+)\s+("(?:[^"\\]|\\.)*")\s+(\S+)\s+(\S+)\s+(.*)')
+    rows = [row.fullmatch(line) for line in lines[answer_at + 2:]]
+    assert all(rows) and [int(match[1]) for match in rows] == [0, 1, 2], lines
+    assert "".join(json.loads(match[3]) for match in rows) + "\n" == plain
+    assert all(float(match[4]) <= 0 and match[5] == "1" and match[6].startswith(match[3]) for match in rows)  # greedy
+    assert [row.fullmatch(line)[1] for line in lines[prompt_at + 2:answer_at]] == ["1", "2"]  # from the second on
+
+
+def test_cli_logprobs_past_the_engines_cap_are_its_invalid_argument(target, monkeypatch, capsys):
+    _, out, _ = run_cli(target, "info", "--json", monkeypatch=monkeypatch, capsys=capsys)
+    cap = json.loads(out)["model"]["max_logprobs"]
+    for flag, field in (("--logprobs", "logprobs"), ("--prompt-logprobs", "prompt_logprobs")):
+        code, _, err = run_cli(target, "generate", "Hello", "--max-tokens", "1", flag, str(cap + 1),
+                               monkeypatch=monkeypatch, capsys=capsys)
+        assert code == 1 and err == f"pagoda: error: INVALID_ARGUMENT: {field} must be in [0, {cap}], got {cap + 1}\n"
+    code, _, _ = run_cli(target, "generate", "Hello", "--max-tokens", "1", "--logprobs", str(cap), "--json",
+                         monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0
 
 
 def test_cli_unreadable_certificate_is_one_line(target, monkeypatch, capsys):

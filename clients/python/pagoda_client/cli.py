@@ -3,6 +3,7 @@
     pagoda generate "Once upon a time" --max-tokens 50     # streams the completion
     pagoda chat                                            # interactive; one user message per line
     pagoda chat --once "What is the capital of France?" --json
+    pagoda generate "The sky is" --max-tokens 5 --logprobs 3 --prompt-logprobs 0   # logprobs table on stderr
     pagoda tokenize "Hello world" --json
     pagoda health --wait 60                                # exit 0 once serving
     pagoda info
@@ -25,7 +26,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from pagoda_client.client import DEFAULT_TARGET, Client, GenerateOptions, TextStream
+from pagoda_client.client import DEFAULT_TARGET, Client, GenerateOptions, TextStream, logprob_dicts
 from pagoda_client.errors import PagodaError
 
 
@@ -103,9 +104,21 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-token-id", action="append", dest="allowed_token_ids",
                         type=_ranged(0, 2**32 - 1), metavar="ID",
                         help="draw only from these tokens (repeatable; EOS is not implied)")
+    # As the engine checks them: K >= 0 here, and at most its --max-logprobs (20 by default; `pagoda info`
+    # shows it) there, which answers INVALID_ARGUMENT past it.
+    parser.add_argument("--logprobs", type=_ranged(0, 2**32 - 1), metavar="K",
+                        help="each generated token's logprob and its K most likely alternatives (0: the token's "
+                             "only; at most the engine's --max-logprobs, 20 by default, which `pagoda info` "
+                             "shows): a table on stderr after the answer, or a \"logprobs\" list with --json")
+    parser.add_argument("--prompt-logprobs", type=_ranged(0, 2**32 - 1), metavar="K",
+                        help="the same for every prompt token from the second on (for chat, of the rendered "
+                             "conversation; the prompt then skips the prefix cache): a table on stderr, or a "
+                             "\"prompt_logprobs\" list with --json")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true",
-                        help="no streaming: print each answer as one JSON line (text, finish_reason, usage)")
+                        help="no streaming: print each answer as one JSON line (text, finish_reason, usage; "
+                             "logprobs and prompt_logprobs when asked for: per position token_id, token, "
+                             "logprob, rank (1: most likely; null: not among the top K), top)")
 
 
 def _ranged(low: int, high: int) -> Callable[[str], int]:
@@ -149,7 +162,8 @@ def _read(path: Path | None) -> bytes | None:
 
 def _options(args: argparse.Namespace) -> GenerateOptions:
     options = GenerateOptions(stop=args.stop)
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "allowed_token_ids"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "allowed_token_ids", "logprobs",
+                 "prompt_logprobs"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)  # type: ignore[literal-required]
     if args.logit_bias is not None:
@@ -159,7 +173,7 @@ def _options(args: argparse.Namespace) -> GenerateOptions:
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    _show(client.generate(prompt, **_options(args)), args.json)
+    _show(client.generate(prompt, **_options(args)), args)
     return 0
 
 
@@ -168,7 +182,7 @@ def _chat(client: Client, args: argparse.Namespace) -> int:
     questions = [args.once] if args.once is not None else _user_lines()
     for question in questions:
         messages.append({"role": "user", "content": question})
-        answer = _show(client.chat(messages, **_options(args)), args.json)
+        answer = _show(client.chat(messages, **_options(args)), args)
         messages.append({"role": "assistant", "content": answer})
     return 0
 
@@ -186,17 +200,43 @@ def _user_lines() -> Iterator[str]:
             yield line.rstrip("\n")
 
 
-def _show(stream: TextStream, as_json: bool) -> str:
-    """Stream an answer to stdout (or print it as one JSON line); returns its text."""
+def _show(stream: TextStream, args: argparse.Namespace) -> str:
+    """Stream an answer to stdout (or print it as one JSON line); returns its text. Asked-for logprobs go
+    in the JSON line, or as tables on stderr after the streamed text (stdout keeps the text alone)."""
     with stream:
-        if as_json:
+        if args.json:
             stream.read()
             print(json.dumps(stream.summary(), ensure_ascii=False), flush=True)
         else:
             for delta in stream:
                 print(delta, end="", flush=True)
             print(flush=True)
+            if args.prompt_logprobs is not None:
+                _print_logprobs("prompt logprobs (position in the prompt)", stream.prompt_logprobs, first=1)
+            if args.logprobs is not None:
+                _print_logprobs("logprobs (position in the answer)", stream.logprobs, first=0)
     return stream.text
+
+
+def _print_logprobs(title: str, entries: Sequence[Any], first: int) -> None:
+    """One row per position to stderr: position, token id, token text (as a JSON string), logprob, rank
+    ("-": not among the top alternatives) and the top alternatives."""
+    print(f"{title}: {len(entries)} tokens", file=sys.stderr)
+    rows = logprob_dicts(entries)
+    width = max((len(_quoted(row["token"])) for row in rows), default=5)
+    width = min(max(width, 5), 24)
+    print(f"{'pos':>5} {'id':>7}  {'token':<{width}} {'logprob':>9} {'rank':>4}  top", file=sys.stderr)
+    for position, row in enumerate(rows, start=first):
+        top = ", ".join(f"{_quoted(alt['token'])} {alt['logprob']:.4f}" for alt in row["top"])
+        rank = "-" if row["rank"] is None else row["rank"]
+        print(f"{position:>5} {row['token_id']:>7}  {_quoted(row['token']):<{width}} {row['logprob']:>9.4f} "
+              f"{rank:>4}  {top}".rstrip(), file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _quoted(token: str) -> str:
+    """A token's text with its spaces and newlines visible."""
+    return json.dumps(token, ensure_ascii=False)
 
 
 def _tokenize(client: Client, args: argparse.Namespace) -> int:
@@ -233,6 +273,7 @@ def _info(client: Client, args: argparse.Namespace) -> int:
     print(f"engines:      {info.num_healthy_engines} of {info.num_engines} healthy")
     print(f"device:       {model.device}, {model.dtype}, tensor parallel {model.tensor_parallel_size}")
     print(f"max length:   {model.max_model_len} tokens; KV cache {model.kv_capacity_tokens} tokens")
+    print(f"logprobs:     at most {model.max_logprobs} alternatives per token")
     print(f"chat:         {'yes' if info.has_chat_template else 'no template'}")
     print(f"version:      {model.version}")
     return 0

@@ -9,13 +9,14 @@
 ``AsyncClient`` has the same methods as coroutines and async iterators. Both are thin layers over the
 generated stubs (``pagoda.v1``): they build the request messages, turn the response stream into text
 deltas and failed calls into typed errors (``pagoda_client.errors``). Anything they do not expose (n > 1,
-logprobs, prompt logprobs, penalties, stop-string options) is one ``sampling=`` argument or a direct stub
-call away.
+penalties, min_p, stop-string options) is one ``sampling=`` argument or a direct stub call away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import struct
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
@@ -45,9 +46,14 @@ class GenerateOptions(TypedDict, total=False):
     logit_bias: Mapping[int | str, float]
     # Only these token ids may be drawn; EOS is not implied (list it to let the answer stop).
     allowed_token_ids: Sequence[int]
+    # Each generated token's logprob and its k most likely alternatives (0: the token's only), in
+    # stream.logprobs; at most ModelInfo.max_logprobs (the engine's --max-logprobs, 20 by default).
+    logprobs: int
+    # The same for every prompt token from the second on (vLLM's prompt_logprobs), in stream.prompt_logprobs.
+    prompt_logprobs: int
     # Strings that end the answer (one string, or several); the text is cut before the match.
     stop: str | Sequence[str]
-    # Every other SamplingParams field (penalties, min_p, logprobs, ...); the options above override it.
+    # Every other SamplingParams field (penalties, min_p, ...); the options above override it.
     sampling: engine_pb2.SamplingParams
     # For abort(); empty: the service assigns one (TextStream.request_id).
     request_id: str
@@ -55,19 +61,22 @@ class GenerateOptions(TypedDict, total=False):
     timeout: float
 
 
-_SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+_SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "prompt_logprobs")
 
 
 class _Stream:
     """What a text stream has received so far; filled in as it is iterated."""
 
-    def __init__(self) -> None:
+    def __init__(self, sampling: engine_pb2.SamplingParams | None = None) -> None:
+        # What the request asked for, so that summary() lists logprobs (even none) exactly when asked.
+        self._wants_logprobs = sampling is not None and sampling.HasField("logprobs")
+        self._wants_prompt_logprobs = sampling is not None and sampling.HasField("prompt_logprobs")
         self.request_id = ""
         self.text = ""
         self.token_ids: list[int] = []
-        # One entry per token when the request asked for logprobs (sampling=SamplingParams(logprobs=k)).
+        # One entry per token when the request asked for logprobs (logprobs=k).
         self.logprobs: list[engine_pb2.TokenLogprobs] = []
-        # With sampling=SamplingParams(prompt_logprobs=k): one entry per prompt token from the second on
+        # With prompt_logprobs=k: one entry per prompt token from the second on
         # (entry i is for prompt token i + 1), gathered from the messages up to the first token.
         self.prompt_logprobs: list[engine_pb2.TokenLogprobs] = []
         # "stop", "length" or "abort" once the stream has ended; None before.
@@ -87,15 +96,50 @@ class _Stream:
         return response.text
 
     def summary(self) -> dict[str, Any]:
-        """The finished answer as plain JSON-able values."""
+        """The finished answer as plain JSON-able values; with "logprobs" and "prompt_logprobs" (as
+        logprob_dicts() writes them) when the request asked for them."""
         usage = self.usage or engine_pb2.Usage()
-        return {
+        summary: dict[str, Any] = {
             "request_id": self.request_id,
             "text": self.text,
             "finish_reason": self.finish_reason,
             "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                       "cached_prompt_tokens": usage.cached_prompt_tokens},
         }
+        if self._wants_logprobs:
+            summary["logprobs"] = logprob_dicts(self.logprobs)
+        if self._wants_prompt_logprobs:
+            summary["prompt_logprobs"] = logprob_dicts(self.prompt_logprobs)
+        return summary
+
+
+def logprob_dicts(entries: Sequence[engine_pb2.TokenLogprobs]) -> list[dict[str, Any]]:
+    """TokenLogprobs as JSON-able dicts, one per position: {"token_id", "token" (its text, "" where the
+    response has none), "logprob", "rank", "top": [{"token_id", "token", "logprob"}, ...]}. "rank" is the
+    token's place among the top alternatives (1: the most likely), or None when it is not among them (it is
+    then below the top; the wire does not say where). Logprobs are float32 on the wire and written as such."""
+    dicts = []
+    for entry in entries:
+        top = [_logprob_dict(alternative) for alternative in entry.top]
+        rank = next((i for i, alternative in enumerate(entry.top, start=1)
+                     if alternative.token_id == entry.sampled.token_id), None)
+        dicts.append({**_logprob_dict(entry.sampled), "rank": rank, "top": top})
+    return dicts
+
+
+def _logprob_dict(logprob: engine_pb2.Logprob) -> dict[str, Any]:
+    return {"token_id": logprob.token_id, "token": logprob.token, "logprob": _shortest_float32(logprob.logprob)}
+
+
+def _shortest_float32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 (-0.1 rather than -0.10000000149011612)."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(6, 10):
+        short = float(f"{value:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", short))[0] == value:
+            return short
+    return value
 
 
 class TextStream(_Stream):
@@ -103,8 +147,8 @@ class TextStream(_Stream):
     Leaving a ``with`` block or ``cancel()`` stops the generation on the server at once; leaving a loop
     early does not (the stream may be read on), so a stream given up half-way should be cancelled."""
 
-    def __init__(self, call: Any):
-        super().__init__()
+    def __init__(self, call: Any, sampling: engine_pb2.SamplingParams | None = None):
+        super().__init__(sampling)
         self._call = call
 
     def __iter__(self) -> Iterator[str]:
@@ -135,8 +179,8 @@ class TextStream(_Stream):
 class AsyncTextStream(_Stream):
     """TextStream for asyncio: ``async for delta in stream``."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall):
-        super().__init__()
+    def __init__(self, call: grpc.aio.UnaryStreamCall, sampling: engine_pb2.SamplingParams | None = None):
+        super().__init__(sampling)
         self._call = call
 
     async def __aiter__(self) -> AsyncIterator[str]:
@@ -245,7 +289,8 @@ class Client(_ClientBase):
         self.close()
 
     def _stream(self, method: Any, request: Any, options: GenerateOptions) -> TextStream:
-        return TextStream(method(request, metadata=self._metadata, timeout=options.get("timeout")))
+        return TextStream(method(request, metadata=self._metadata, timeout=options.get("timeout")),
+                          request.sampling_params)
 
     def _unary(self, method: Any, request: Any) -> Any:
         try:
@@ -316,7 +361,8 @@ class AsyncClient(_ClientBase):
         await self.close()
 
     def _stream(self, method: Any, request: Any, options: GenerateOptions) -> AsyncTextStream:
-        return AsyncTextStream(method(request, metadata=self._metadata, timeout=options.get("timeout")))
+        return AsyncTextStream(method(request, metadata=self._metadata, timeout=options.get("timeout")),
+                               request.sampling_params)
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:

@@ -35,6 +35,11 @@ export interface GenerateOptions {
   logitBias?: Record<number, number>;
   // Only these token ids may be drawn; EOS is not implied (list it to let the answer stop).
   allowedTokenIds?: number[];
+  // Each generated token's logprob and its k most likely alternatives (0: the token's only), in
+  // TextStream.logprobs; at most ModelInfo.maxLogprobs (the engine's --max-logprobs, 20 by default).
+  logprobs?: number;
+  // The same for every prompt token from the second on (vLLM's prompt_logprobs), in TextStream.promptLogprobs.
+  promptLogprobs?: number;
   // Strings that end the answer; the text is cut before the match.
   stop?: string[];
   // Deadline of the whole stream, in milliseconds.
@@ -45,6 +50,23 @@ export interface Usage {
   promptTokens: number;
   completionTokens: number;
   cachedPromptTokens: number;
+}
+
+// One token's log-probability (pagoda.v1.Logprob).
+export interface Logprob {
+  tokenId: number;
+  // Natural log of its probability under the model's raw distribution (before temperature, penalties,
+  // logitBias, allowedTokenIds and the top-k/top-p/min-p filters).
+  logprob: number;
+  // The token's text decoded on its own (may hold U+FFFD for part of a multi-byte character).
+  token: string;
+}
+
+// The log-probabilities at one position (pagoda.v1.TokenLogprobs): the sampled (or prompt) token, and the
+// `logprobs` (or `promptLogprobs`) most likely tokens, most likely first (may include the sampled one).
+export interface TokenLogprobs {
+  sampled: Logprob;
+  top: Logprob[];
 }
 
 export interface ClientOptions {
@@ -71,8 +93,17 @@ export class PagodaError extends Error {
 interface TextGenerateResponse {
   requestId: string;
   text: string;
+  tokenIds: number[];
+  logprobs: WireTokenLogprobs[];
   finishReason: string;
   usage?: Usage | null;
+  promptLogprobs: WireTokenLogprobs[];
+}
+
+// A message field is null when unset; the service always sets `sampled`.
+interface WireTokenLogprobs {
+  sampled?: Logprob | null;
+  top: Logprob[];
 }
 
 type Callback<T> = (error: grpc.ServiceError | null, value?: T) => void;
@@ -91,10 +122,18 @@ export interface TokenizeResponse {
   maxModelLen: number;
 }
 
-// The text deltas of one answer, as an async iterable; `text`, `finishReason` and `usage` fill in as it is read.
+// The text deltas of one answer, as an async iterable; `text`, `tokenIds`, `logprobs`, `promptLogprobs`,
+// `finishReason` and `usage` fill in as it is read.
 export class TextStream implements AsyncIterable<string> {
   requestId = "";
   text = "";
+  // The generated tokens (the stop token included), as usage.completionTokens counts them.
+  tokenIds: number[] = [];
+  // With the `logprobs` option: one entry per token of tokenIds, in the same order.
+  logprobs: TokenLogprobs[] = [];
+  // With the `promptLogprobs` option: one entry per prompt token from the second on (entry i is for prompt
+  // token i + 1, so a prompt of P tokens gets P - 1), gathered from the messages up to the first token.
+  promptLogprobs: TokenLogprobs[] = [];
   // "stop", "length" or "abort" once the stream has ended.
   finishReason: string | undefined;
   usage: Usage | undefined;
@@ -106,6 +145,9 @@ export class TextStream implements AsyncIterable<string> {
       for await (const response of this.call as AsyncIterable<TextGenerateResponse>) {
         this.requestId = response.requestId;
         this.text += response.text;
+        this.tokenIds.push(...response.tokenIds);
+        this.logprobs.push(...response.logprobs.map(tokenLogprobs));
+        this.promptLogprobs.push(...response.promptLogprobs.map(tokenLogprobs));
         if (response.finishReason !== "FINISH_REASON_UNSPECIFIED") {
           this.finishReason = response.finishReason.replace("FINISH_REASON_", "").toLowerCase();
           this.usage = response.usage ?? undefined;
@@ -193,11 +235,18 @@ export class PagodaClient {
 function samplingParams(options: GenerateOptions): Record<string, unknown> {
   // proto3 `optional` fields are sent only when present, so an unset key keeps the service's default.
   const params: Record<string, unknown> = {};
-  for (const key of ["maxTokens", "temperature", "topP", "topK", "seed", "logitBias", "allowedTokenIds"] as const) {
+  const keys = ["maxTokens", "temperature", "topP", "topK", "seed", "logitBias", "allowedTokenIds", "logprobs",
+    "promptLogprobs"] as const;
+  for (const key of keys) {
     const value = options[key];
     if (value !== undefined) params[key] = value;
   }
   return params;
+}
+
+// The service fills `sampled` in every entry; the fallback only keeps the type honest.
+function tokenLogprobs(entry: WireTokenLogprobs): TokenLogprobs {
+  return { sampled: entry.sampled ?? { tokenId: 0, logprob: 0, token: "" }, top: entry.top };
 }
 
 function callOptions(options: GenerateOptions): grpc.CallOptions {

@@ -55,6 +55,44 @@ describe("PagodaClient", { skip: target ? false : "PAGODA_TARGET is not set" }, 
     });
   });
 
+  test("logprobs and promptLogprobs come with the tokens", async () => {
+    const prompt = "The sky is";
+    const promptIds = (await client.tokenize(prompt)).tokenIds;
+    const stream = client.generate(prompt, { maxTokens: 4, temperature: 0, logprobs: 2, promptLogprobs: 1 });
+    await stream.read();
+    assert.equal(stream.usage?.completionTokens, 4);
+    assert.equal(stream.tokenIds.length, 4);
+    // One entry per generated token, the sampled one among the top alternatives (greedy: the most likely).
+    assert.deepEqual(stream.logprobs.map((entry) => entry.sampled.tokenId), stream.tokenIds);
+    for (const entry of stream.logprobs) {
+      assert.ok(entry.sampled.logprob <= 0 && entry.sampled.token.length > 0, JSON.stringify(entry));
+      assert.equal(entry.top.length, 2);
+      assert.ok(entry.top.some((top) => top.tokenId === entry.sampled.tokenId), JSON.stringify(entry));
+    }
+    // One entry per prompt token from the second on.
+    assert.ok(promptIds.length >= 2);
+    assert.deepEqual(stream.promptLogprobs.map((entry) => entry.sampled.tokenId), promptIds.slice(1));
+    assert.ok(stream.promptLogprobs.every((entry) => entry.sampled.logprob <= 0 && entry.top.length === 1));
+    // 0: the sampled token's logprob only; unset: none at all.
+    const bare = client.generate(prompt, { maxTokens: 2, temperature: 0, logprobs: 0 });
+    await bare.read();
+    assert.equal(bare.logprobs.length, 2);
+    assert.ok(bare.logprobs.every((entry) => entry.top.length === 0));
+    assert.deepEqual(bare.promptLogprobs, []);
+    const plain = client.generate(prompt, { maxTokens: 2, temperature: 0 });
+    await plain.read();
+    assert.deepEqual([plain.logprobs, plain.promptLogprobs], [[], []]);
+    // Past the engine's cap (ModelInfo.maxLogprobs): INVALID_ARGUMENT naming the field.
+    const info = (await client.modelInfo()) as { model: { maxLogprobs: number } };
+    const tooMany = client.generate(prompt, { maxTokens: 1, promptLogprobs: info.model.maxLogprobs + 1 });
+    await assert.rejects(tooMany.read(), (error: unknown) => {
+      assert.ok(error instanceof PagodaError);
+      assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+      assert.match(error.details, /prompt_logprobs/);
+      return true;
+    });
+  });
+
   test("tokenizes and reports the model", async () => {
     const tokens = await client.tokenize("Hello world");
     assert.ok(tokens.tokenIds.length >= 2);
