@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from pagoda.v1 import engine_pb2 as epb
 from pagoda.v1 import tokenizer_pb2 as tpb
 from pagoda.v1 import tokenizer_pb2_grpc
 from pagoda_tokenizer.config import TokenizerConfig
+from pagoda_tokenizer.metrics import WorkerMetrics
 from tests.test_faults import slow_dir as slow_dir  # noqa: F401 - a fixture, shared
 from tests.test_tokenizer_service import Engine, Front, collect, free_port, greedy, wait_for
 from tests.test_tokenizer_service import tiny_dir as tiny_dir  # noqa: F401 - a fixture, shared
@@ -295,3 +298,25 @@ def test_metrics_ports_that_cannot_work_are_refused(settings, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         TokenizerConfig(model="m", **settings)
     assert TokenizerConfig.from_args(["--model", "m"], env={"PAGODA_METRICS_PORT": "9401"}).metrics_port == 9401
+
+
+def test_directories_left_by_a_killed_supervisor_are_removed_at_the_next_start(tmp_path, monkeypatch):
+    """A SIGKILLed supervisor cannot remove its multiprocess directory: the next one does, and keeps those of
+    supervisors still running."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    stale = tmp_path / f"pagoda-metrics-{finished.stdout.strip()}-x1"
+    running = tmp_path / f"pagoda-metrics-{os.getppid()}-x2"
+    unrelated = tmp_path / "pagoda-metrics-notes"
+    for directory in (stale, running, unrelated):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"")
+    metrics = WorkerMetrics("127.0.0.1", free_port())
+    try:
+        assert not stale.exists() and running.exists() and unrelated.exists()
+        assert Path(metrics.directory).name.startswith(f"pagoda-metrics-{os.getpid()}-")
+    finally:
+        metrics.close()
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    assert not Path(metrics.directory).exists()

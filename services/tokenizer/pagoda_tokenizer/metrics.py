@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
@@ -208,14 +209,38 @@ def serve_http(registry: CollectorRegistry, host: str, port: int) -> Callable[[]
     return stop
 
 
+_DIRECTORY_PREFIX = "pagoda-metrics-"
+
+
+def remove_stale_directories() -> None:
+    """Delete the multiprocess directories of supervisors that died without closing them (SIGKILL, OOM):
+    those whose pid no longer runs, or is this process's own (which has not made one yet)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_DIRECTORY_PREFIX}*-*"):
+        pid = path.name.removeprefix(_DIRECTORY_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class WorkerMetrics:
     """The supervisor's side of multiprocess mode: the workers' directory, and /metrics summed over it.
 
     Create it before starting the workers: it names the directory in the environment they inherit."""
 
     def __init__(self, host: str, port: int):
-        # A fresh directory each run: files left by an earlier run would be added to the totals.
-        self.directory = tempfile.mkdtemp(prefix="pagoda-metrics-")
+        remove_stale_directories()
+        # A fresh directory each run: files left by an earlier run would be added to the totals. Its name
+        # holds this process's pid, so that a later run can tell when it was left behind.
+        self.directory = tempfile.mkdtemp(prefix=f"{_DIRECTORY_PREFIX}{os.getpid()}-")
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self.directory)
         try:
