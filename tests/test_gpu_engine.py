@@ -29,6 +29,10 @@ def gpu_model_dirs(tmp_path_factory):
                                  num_attention_heads=4, num_key_value_heads=2),
         "qwen3": make_tiny_model(tmp_path_factory.mktemp("qwen3_128"), "Qwen3ForCausalLM", hidden_size=128,
                                  num_attention_heads=4, num_key_value_heads=1, head_dim=128),
+        # A 24-token window: prompts and answers run past it in prefill, chunks and decodes.
+        "mistral_sliding": make_tiny_model(tmp_path_factory.mktemp("mistral64"), "MistralForCausalLM",
+                                           hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                           sliding_window=24),
     }
 
 
@@ -38,7 +42,7 @@ def gpu_llm(model_dir, **config) -> LLM:
     return LLM(model_dir, device="cuda", **config)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding"])
 def test_fp32_gpu_matches_transformers(gpu_model_dirs, name):
     model_dir = gpu_model_dirs[name]
     prompts = prompts_of([5, 17, 40, 64])

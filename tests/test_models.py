@@ -47,6 +47,13 @@ CASES = {
     "qwen3_yarn_rope": ("Qwen3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                                  rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                    original_max_position_embeddings=32)), {}),
+    # Sliding windows shorter than the prompts: every layer (Mistral), and only from max_window_layers on
+    # (Qwen2), where the paged test's chunks and decodes start past the window.
+    "mistral_sliding_window": ("MistralForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                          sliding_window=5, tie_word_embeddings=False), {}),
+    "qwen2_sliding_top_layer": ("Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                         use_sliding_window=True, sliding_window=6,
+                                                         max_window_layers=1), {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,
@@ -268,20 +275,25 @@ def test_model_config_reads_both_layouts(checkpoints):
     assert not new.tie_word_embeddings and new.num_key_value_heads == 2
 
 
-@pytest.mark.parametrize(("architecture", "window_fields", "max_positions"), [
-    ("MistralForCausalLM", {}, 4096),  # transformers' default window
-    ("MistralForCausalLM", {"sliding_window": 64, "use_sliding_window": False}, 64),  # Mistral has no switch
-    ("MistralForCausalLM", {"sliding_window": None}, 8192),
-    ("Qwen2ForCausalLM", {"sliding_window": 64}, 8192),  # off unless use_sliding_window
+@pytest.mark.parametrize(("architecture", "window_fields", "windows"), [
+    ("MistralForCausalLM", {}, (4096, 4096)),  # transformers' default window
+    ("MistralForCausalLM", {"sliding_window": 64, "use_sliding_window": False}, (64, 64)),  # Mistral has no switch
+    ("MistralForCausalLM", {"sliding_window": None}, (None, None)),
+    ("Qwen2ForCausalLM", {"sliding_window": 64}, (None, None)),  # off unless use_sliding_window
     # Qwen slides only the layers from max_window_layers (default 28) on: none of 2 layers, by default.
-    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, 8192),
-    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1}, 64),
-    ("Qwen3ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}, 4096),  # the default window
-    ("LlamaForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, 8192),
+    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, (None, None)),
+    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1}, (None, 64)),
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}, (4096, 4096)),  # the default window
+    # transformers 5 writes layer_types, which then decide.
+    ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1,
+                          "layer_types": ["sliding_attention", "full_attention"]}, (64, None)),
+    ("LlamaForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, (None, None)),
 ])
-def test_the_context_stops_where_transformers_would_slide(architecture, window_fields, max_positions):
+def test_layers_slide_where_transformers_would(architecture, window_fields, windows):
     config = {**TINY_QWEN3, "architectures": [architecture], "max_position_embeddings": 8192, **window_fields}
-    assert ModelConfig.from_dict(config).max_position_embeddings == max_positions
+    model_config = ModelConfig.from_dict(config)
+    assert model_config.sliding_windows == windows
+    assert model_config.max_position_embeddings == 8192  # the whole context, windowed or not
 
 
 @pytest.mark.parametrize(("change", "message"), [

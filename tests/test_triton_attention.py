@@ -115,10 +115,11 @@ def make_batch(
     )
 
 
-def reference(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference(batch: Batch, sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch backend's output and caches, on copies of the caches."""
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
-    out = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, k_cache, v_cache, batch.meta, batch.scale)
+    out = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, k_cache, v_cache, batch.meta, batch.scale,
+                                          sliding_window)
     return out, k_cache, v_cache
 
 
@@ -132,10 +133,10 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> N
     assert err <= TOLERANCE[dtype], f"relative error {err:.2e} > {TOLERANCE[dtype]:.0e} for {dtype}"
 
 
-def run_backend(batch: Batch, batch_invariant: bool = False) -> torch.Tensor:
+def run_backend(batch: Batch, batch_invariant: bool = False, sliding_window: int | None = None) -> torch.Tensor:
     out = poisoned_like(batch.q)
     return TritonAttentionBackend(batch_invariant).forward(
-        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale, out=out
+        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale, sliding_window, out=out
     )
 
 
@@ -223,6 +224,32 @@ def test_decode_split_counts_agree(num_splits):
     meta = batch.meta
     out = decode_attention(batch.q, batch.k_cache, batch.v_cache, meta.block_tables, meta.seq_lens, batch.scale,
                            meta.max_seq_len, poisoned_like(batch.q), num_splits=num_splits)
+    assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_sliding_window_decode_and_prefill(dtype, batch_invariant):
+    """Mistral's window: decodes and prefills (fresh, after a prefix, a chunk across the window's edge) see
+    their last W positions only, W from one position to more than the context."""
+    seqs = [(700, 1), (3, 1), (40, 1), (100, 1), (0, 37), (130, 20), (0, 300), (60, 200)]
+    batch = make_batch(seqs, num_decodes=4, num_heads=8, num_kv_heads=2, head_dim=128, block_size=16, dtype=dtype)
+    for window in (1, 17, 64, 1000):
+        ref, _, _ = reference(batch, window)
+        assert_close(run_backend(batch, batch_invariant, window), ref, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+def test_sliding_window_decode_at_any_split_count(num_splits):
+    """The pieces cover the window only: contexts shorter than, equal to and longer than it."""
+    lengths = [1, 5, 63, 64, 65, 300, 1000]
+    batch = make_batch([(n - 1, 1) for n in lengths], num_decodes=len(lengths), num_heads=4, num_kv_heads=2,
+                       head_dim=128, block_size=16, dtype=torch.float32)
+    ref, _, _ = reference(batch, 64)
+    store_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    meta = batch.meta
+    out = decode_attention(batch.q, batch.k_cache, batch.v_cache, meta.block_tables, meta.seq_lens, batch.scale,
+                           meta.max_seq_len, poisoned_like(batch.q), num_splits=num_splits, sliding_window=64)
     assert_close(out, ref, torch.float32)
 
 
@@ -400,7 +427,8 @@ def test_without_cache_attends_each_prompt_to_itself(dtype):
     """The memory-profiling pass: no cache, fresh prompts only (varlen FlashAttention or SDPA)."""
     batch = make_batch([(0, 5), (0, 130), (0, 64)], num_decodes=0, num_heads=16, num_kv_heads=8, head_dim=128,
                        block_size=16, dtype=dtype)
-    ref = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, None, None, batch.meta, batch.scale)
-    out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, None, None, batch.meta, batch.scale,
-                                           out=poisoned_like(batch.q))
-    assert_close(out, ref, dtype)
+    for window in (None, 7):
+        ref = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, None, None, batch.meta, batch.scale, window)
+        out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, None, None, batch.meta, batch.scale,
+                                               window, out=poisoned_like(batch.q))
+        assert_close(out, ref, dtype)

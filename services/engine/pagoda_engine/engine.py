@@ -104,7 +104,7 @@ def resolve_limits(config: EngineConfig, model_config: ModelConfig) -> EngineCon
     if config.max_model_len is not None and config.max_model_len > limit:
         # Positions past the rotary tables would read past their end (the Triton kernel has no mask).
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {limit} positions "
-                         "(max_position_embeddings, or its sliding window)")
+                         "(max_position_embeddings)")
     max_model_len = config.max_model_len or limit
     budget = config.max_num_batched_tokens
     if not config.enable_chunked_prefill:

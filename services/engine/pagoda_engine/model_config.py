@@ -47,6 +47,8 @@ class ModelConfig:
     # None for plain RoPE; else {"rope_type": "linear" | "llama3", plus that type's keys}.
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
+    # Per layer: how many positions back a query sees (itself included), or None for the whole context.
+    sliding_windows: tuple[int | None, ...]
     tie_word_embeddings: bool
     # Bias on q/k/v/o projections (Llama's ``attention_bias``); Qwen2 adds q/k/v bias regardless.
     attention_bias: bool
@@ -87,7 +89,8 @@ class ModelConfig:
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=_max_positions(config),
+            max_position_embeddings=_required(config, "max_position_embeddings"),
+            sliding_windows=_sliding_windows(config),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             attention_bias=config.get("attention_bias", False),
             torch_dtype=_dtype(config.get("dtype") or config.get("torch_dtype") or "float32"),
@@ -138,20 +141,22 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, {"rope_type": rope_type, **{key: scaling[key] for key in keys if key in scaling}}
 
 
-def _max_positions(config: dict[str, Any]) -> int:
-    max_positions = _required(config, "max_position_embeddings")
-    # We have no sliding-window attention; beyond the window full attention would give different
-    # outputs, so the usable context stops there. Where a window applies is transformers' rule for the
-    # architecture: Mistral always slides (4096 tokens unless the config says otherwise, None: off), Qwen2
-    # and Qwen3 only with use_sliding_window, in the layers from max_window_layers (28) on, Llama never.
+def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's window, by transformers' rule for the architecture: ``layer_types`` when the config
+    lists them; else Mistral slides every layer (4096 tokens unless the config says otherwise, None: off),
+    Qwen2 and Qwen3 only with use_sliding_window, in the layers from max_window_layers (28) on; Llama never.
+    """
     architecture = _architecture(config)
-    qwen_slides = (architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False)
-                   and config.get("max_window_layers", 28) < _required(config, "num_hidden_layers"))
+    num_layers = _required(config, "num_hidden_layers")
+    qwen_slides = architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False)
     window = config.get("sliding_window", 4096) if architecture == "MistralForCausalLM" or qwen_slides else None
-    if window and window < max_positions:
-        logger.warning("sliding window %d not supported: capping the context at %d tokens", window, window)
-        return window
-    return max_positions
+    if not window:
+        return (None,) * num_layers
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    first = config.get("max_window_layers", 28) if architecture != "MistralForCausalLM" else 0
+    return tuple(window if layer >= first else None for layer in range(num_layers))
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -128,6 +128,16 @@ def tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N: tl.const
 
 
 @triton.jit
+def visible_start(seq_len, WINDOW: tl.constexpr):
+    """The first position the newest query sees: 0, or with a sliding window of WINDOW (> 0) the start of
+    its last WINDOW positions. The pieces of a split cover the visible positions only."""
+    start = seq_len * 0
+    if WINDOW > 0:
+        start = tl.maximum(seq_len - WINDOW, 0)
+    return start
+
+
+@triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """``tl.dot`` that stays exact for fp32 inputs (tests), instead of silently rounding them to tf32."""
     if IEEE:
@@ -157,14 +167,15 @@ def _decode_split_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, FP16: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, FP16: tl.constexpr, WINDOW: tl.constexpr,
 ):
     seq = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    per_split = tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N)
-    start = split * per_split
+    first = visible_start(seq_len, WINDOW)
+    per_split = tokens_per_split(seq_len - first, split_divisor, split_min_tokens, BLOCK_N)
+    start = first + split * per_split
     # A split past the context's end (a short context in a grid sized for the longest) writes nothing:
     # the reduce reads only the pieces the context has. Under CUDA graphs most of the grid is such splits.
     if start >= seq_len:
@@ -214,11 +225,13 @@ def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, num_splits, split_divisor, split_min_tokens, num_heads,
     stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_pieces = tl.cdiv(seq_len, tokens_per_split(seq_len, split_divisor, split_min_tokens, BLOCK_N))
+    span = seq_len - visible_start(seq_len, WINDOW)
+    num_pieces = tl.cdiv(span, tokens_per_split(span, split_divisor, split_min_tokens, BLOCK_N))
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < num_pieces
@@ -269,6 +282,7 @@ def decode_attention(
     order: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attend ``q`` [B, num_heads, head_dim] (one token per sequence) over each sequence's paged context.
 
@@ -277,7 +291,8 @@ def decode_attention(
     ``out`` [B, num_heads, head_dim] is written in full. ``batch_invariant`` picks the split policy
     (module docstring). ``order`` is a permutation of the rows, the order the grid visits them in:
     ``longest_first(seq_lens)`` when None (the runner passes one computed once per step).
-    ``num_splits``/``config`` override the heuristics (the benchmark sweeps them).
+    ``num_splits``/``config`` override the heuristics (the benchmark sweeps them). With ``sliding_window``
+    W each sequence attends its last W positions only.
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -304,7 +319,7 @@ def decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
-        SPLIT=split, IEEE=q.dtype == torch.float32, FP16=fp16_over_fp8(q, k_cache),
+        SPLIT=split, IEEE=q.dtype == torch.float32, FP16=fp16_over_fp8(q, k_cache), WINDOW=sliding_window or 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
@@ -312,6 +327,6 @@ def decode_attention(
             part_out, part_lse, out, seq_lens, num_splits, plan.divisor, plan.min_tokens, num_heads,
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=plan.reduce_width, BLOCK_D=block_d, BLOCK_N=block_n,
-            num_warps=4,
+            WINDOW=sliding_window or 0, num_warps=4,
         )
     return out

@@ -1,4 +1,4 @@
-"""The Llama decoder (SmolLM2, Llama 3, Mistral-style), shared by Qwen2 and Qwen3.
+"""The Llama decoder (SmolLM2, Llama 3, Mistral with its sliding window), shared by Qwen2 and Qwen3.
 
 The three families differ only in the attention block: which projections carry a bias, and whether
 q and k get a per-head RMSNorm before RoPE. ``LlamaForCausalLM.attention_options`` is that
@@ -32,7 +32,8 @@ class AttentionOptions:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, options: AttentionOptions):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, options: AttentionOptions,
+                 sliding_window: int | None):
         super().__init__()
         head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
@@ -41,7 +42,8 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
-        self.attn = Attention(self.num_heads, head_dim, self.num_kv_heads, scale=head_dim**-0.5)
+        self.attn = Attention(self.num_heads, head_dim, self.num_kv_heads, scale=head_dim**-0.5,
+                              sliding_window=sliding_window)
         if options.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
@@ -68,9 +70,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, options: AttentionOptions):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, options: AttentionOptions, layer: int):
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, options)
+        self.self_attn = LlamaAttention(config, rotary_emb, options, config.sliding_windows[layer])
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -104,7 +106,7 @@ class LlamaModel(nn.Module):
         rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                      config.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, options) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary_emb, options, layer) for layer in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -16,7 +16,9 @@ class AttentionBackend(Protocol):
     ``k_cache``, ``v_cache`` [num_blocks, block_size, num_kv_heads, head_dim] (flash-attn's paged layout),
     or ``None`` before the cache exists (the memory-profiling pass: every sequence is then a fresh
     prefill and attends to its own new tokens only). Returns [num_tokens, num_heads, head_dim].
-    ``num_heads`` is a multiple of ``num_kv_heads`` (grouped-query attention).
+    ``num_heads`` is a multiple of ``num_kv_heads`` (grouped-query attention). With ``sliding_window`` W
+    a query at position p sees positions p - W + 1 .. p only (transformers' ``kv_idx > q_idx - W``); the
+    cache still holds every position.
     """
 
     name: str
@@ -30,4 +32,5 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor | None,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor: ...

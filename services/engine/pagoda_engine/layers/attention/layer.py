@@ -35,12 +35,15 @@ class Attention(nn.Module):
     the model is built; until then the cache is ``None`` and attention covers this step's tokens only.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 sliding_window: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        # A query sees at most this many positions, itself included (Mistral's window); None: all of them.
+        self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend: AttentionBackend = TorchAttentionBackend()
@@ -50,5 +53,5 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return out.reshape(-1, self.num_heads * self.head_dim)

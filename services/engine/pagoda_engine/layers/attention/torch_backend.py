@@ -42,8 +42,11 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int)
     return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Queries are the last ``len(q)`` of ``len(k)`` positions; computed in float32."""
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Queries are the last ``len(q)`` of ``len(k)`` positions; computed in float32. With ``sliding_window``
+    W a query sees its last W positions, itself included."""
     query_len, num_heads, _ = q.shape
     seq_len, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
@@ -53,7 +56,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     scores = torch.matmul(qf, kf.transpose(1, 2)) * scale
     query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
     key_pos = torch.arange(seq_len, device=q.device)[None, :]
-    scores.masked_fill_(key_pos > query_pos, float("-inf"))
+    hidden = key_pos > query_pos
+    if sliding_window is not None:
+        hidden |= key_pos <= query_pos - sliding_window
+    scores.masked_fill_(hidden, float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), vf)
     return out.transpose(0, 1).to(q.dtype)
 
@@ -70,6 +76,7 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor | None,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         if k_cache is not None:
             write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -83,5 +90,5 @@ class TorchAttentionBackend:
             else:
                 ctx_k = gather_context(k_cache, meta.block_tables[i], seq_len)
                 ctx_v = gather_context(v_cache, meta.block_tables[i], seq_len)
-            out[start:end] = causal_attention(q[start:end], ctx_k, ctx_v, scale)
+            out[start:end] = causal_attention(q[start:end], ctx_k, ctx_v, scale, sliding_window)
         return out

@@ -1,0 +1,53 @@
+"""The attention kernels compile for an H100 (sm_90) on a machine without a GPU.
+
+Triton's whole pipeline down to ptxas runs on the CPU, so every variant the engine launches (16-bit and
+fp8 caches, split and unsplit decode, the reduce, prefill, with and without a sliding window) is checked
+here in CI, ahead of the GPU machine, which alone can run them (tests/test_triton_attention.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from pagoda_engine.kernels.decode_attention import _decode_reduce_kernel, _decode_split_kernel  # noqa: E402
+from pagoda_engine.kernels.prefill_attention import _prefill_kernel  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+# (cache element type, query type, decode BLOCK_N, warps, stages): the engine's configs per cache dtype.
+CACHES = {"bf16": ("bf16", "bf16", 64, 2, 3), "fp8": ("fp8e4nv", "bf16", 32, 1, 5)}
+
+
+def compile_for_h100(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int):
+    """Scalars not named are int32, as the launches pass them; returns the compiled kernel."""
+    signature = {name: "constexpr" if name in constexprs else pointer_types.get(name, "i32")
+                 for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def paged_types(cache: str, query: str) -> dict[str, str]:
+    return {"q_ptr": f"*{query}", "out_ptr": f"*{query}", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}",
+            "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "order_ptr": "*i32", "query_start_loc_ptr": "*i32",
+            "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
+
+
+@pytest.mark.parametrize("window", [0, 64])
+@pytest.mark.parametrize("cache", CACHES)
+def test_attention_kernels_compile_for_sm90(cache, window):
+    cache_type, query_type, block_n, warps, stages = CACHES[cache]
+    types = paged_types(cache_type, query_type)
+    fp16_dots = cache == "fp8"
+    for split in (False, True):
+        compiled = compile_for_h100(_decode_split_kernel, types, dict(
+            GROUP=2, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_D=128, BLOCK_N=block_n, SPLIT=split, IEEE=False,
+            FP16=fp16_dots, WINDOW=window), warps, stages)
+        assert compiled.asm["cubin"]
+    compile_for_h100(_decode_reduce_kernel, types, dict(HEAD_DIM=128, BLOCK_S=64, BLOCK_D=128, BLOCK_N=block_n,
+                                                        WINDOW=window), 4, 2)
+    compile_for_h100(_prefill_kernel, types, dict(GROUP=2, HEAD_DIM=128, PAGE=16, BLOCK_M=128, BLOCK_N=128,
+                                                  BLOCK_D=128, IEEE=False, FP16=fp16_dots, WINDOW=window), 8, 3)
