@@ -46,6 +46,9 @@ TINY_CONFIGS = {
     # A sliding window shorter than most prompts plus their answers.
     "mistral_sliding": dict(arch="MistralForCausalLM", num_attention_heads=4, num_key_value_heads=2,
                             sliding_window=24, tie_word_embeddings=False),
+    # Fused qkv_proj and gate_up_proj in the checkpoint.
+    "phi3": dict(arch="Phi3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                 pad_token_id=0),
 }
 
 
@@ -59,7 +62,8 @@ def make_tiny_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
     import transformers
 
     config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
-                  "Qwen3ForCausalLM": transformers.Qwen3Config, "MistralForCausalLM": transformers.MistralConfig}[arch]
+                  "Qwen3ForCausalLM": transformers.Qwen3Config, "MistralForCausalLM": transformers.MistralConfig,
+                  "Phi3ForCausalLM": transformers.Phi3Config}[arch]
     settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     max_position_embeddings=512, initializer_range=0.15, bos_token_id=1, eos_token_id=2)
     settings.update(overrides)

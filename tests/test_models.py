@@ -54,6 +54,10 @@ CASES = {
     "qwen2_sliding_top_layer": ("Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                          use_sliding_window=True, sliding_window=6,
                                                          max_window_layers=1), {}),
+    # Phi-3 stores qkv_proj and gate_up_proj fused; with Phi-3-mini-4k's kind of window (every layer).
+    "phi3_fused_sliding": ("Phi3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+                                                   pad_token_id=0),
+                           {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,
@@ -254,6 +258,15 @@ def test_misshapen_tensor_is_named(checkpoints, tmp_path):
         load_ours(path)
 
 
+def test_a_fused_tensor_of_the_wrong_size_is_named_with_its_pieces(checkpoints, tmp_path):
+    src, _ = checkpoints["phi3_fused_sliding"]
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    path = _rewrite_checkpoint(src, tmp_path / "ckpt", lambda t: t.update({name: t[name][:-16]}))
+    expected = r"112 rows, expected 64 \+ 32 \+ 32 \(q, k, v\)"
+    with pytest.raises(ValueError, match=rf"cannot load tensor '{name}'.*{expected}"):
+        load_ours(path)
+
+
 def test_unknown_architecture_lists_supported():
     config = ModelConfig.from_dict({**TINY_QWEN3, "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
@@ -288,6 +301,8 @@ def test_model_config_reads_both_layouts(checkpoints):
     ("Qwen2ForCausalLM", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1,
                           "layer_types": ["sliding_attention", "full_attention"]}, (64, None)),
     ("LlamaForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, (None, None)),
+    ("Phi3ForCausalLM", {"sliding_window": 2047}, (2047, 2047)),
+    ("Phi3ForCausalLM", {}, (None, None)),
 ])
 def test_layers_slide_where_transformers_would(architecture, window_fields, windows):
     config = {**TINY_QWEN3, "architectures": [architecture], "max_position_embeddings": 8192, **window_fields}
@@ -303,6 +318,11 @@ def test_layers_slide_where_transformers_would(architecture, window_fields, wind
     ({"hidden_size": None}, "lacks 'hidden_size'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"torch_dtype": "int8"}, "dtype 'int8'"),
+    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
+    ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5"),
+    # Phi-3's old name for LongRoPE is not YaRN's.
+    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "yarn", "factor": 4.0}},
+     "rope type 'longrope' is not supported"),
 ])
 def test_model_config_rejects_what_we_cannot_run(change, message):
     with pytest.raises(ValueError, match=message):

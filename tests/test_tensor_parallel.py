@@ -35,6 +35,8 @@ CASES = {
     "qwen2": dict(arch="Qwen2ForCausalLM", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     # q/k RMSNorms over each rank's heads; an explicit head_dim.
     "qwen3": TINY_CONFIGS["qwen3"],
+    # Fused qkv_proj and gate_up_proj in the checkpoint, cut into pieces and then sliced per rank.
+    "phi3": TINY_CONFIGS["phi3"],
 }
 
 # A 48-token budget chunks the 70-token prompt; the repeated prefix is served from the prefix cache.

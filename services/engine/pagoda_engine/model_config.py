@@ -120,6 +120,10 @@ def _check_supported(config: dict[str, Any]) -> None:
         raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
     if config.get("mlp_bias"):
         raise ValueError("mlp_bias is not supported")
+    rope_parameters = config.get("rope_parameters") or {}
+    partial = config.get("partial_rotary_factor", rope_parameters.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor {partial} is not supported (RoPE over the whole head only)")
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -128,6 +132,8 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     scaling = config.get("rope_scaling") or params
     # Old configs say "type", newer ones "rope_type".
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if _architecture(config) == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi-3's old names for it, as transformers reads them
     if rope_type not in ROPE_SCALING_KEYS:
         raise ValueError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_SCALING_KEYS)})")
     if rope_type == "default":
@@ -144,18 +150,21 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
     """Each layer's window, by transformers' rule for the architecture: ``layer_types`` when the config
     lists them; else Mistral slides every layer (4096 tokens unless the config says otherwise, None: off),
-    Qwen2 and Qwen3 only with use_sliding_window, in the layers from max_window_layers (28) on; Llama never.
+    Phi-3 every layer when it names a window, Qwen2 and Qwen3 only with use_sliding_window, in the layers
+    from max_window_layers (28) on; Llama never.
     """
     architecture = _architecture(config)
     num_layers = _required(config, "num_hidden_layers")
     qwen_slides = architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False)
     window = config.get("sliding_window", 4096) if architecture == "MistralForCausalLM" or qwen_slides else None
+    if architecture == "Phi3ForCausalLM":  # every layer, when the config names a window (Phi-3-mini-4k: 2047)
+        window = config.get("sliding_window")
     if not window:
         return (None,) * num_layers
     layer_types = config.get("layer_types")
     if layer_types is not None:
         return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
-    first = config.get("max_window_layers", 28) if architecture != "MistralForCausalLM" else 0
+    first = config.get("max_window_layers", 28) if qwen_slides else 0
     return tuple(window if layer >= first else None for layer in range(num_layers))
 
 

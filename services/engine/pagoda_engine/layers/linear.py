@@ -78,6 +78,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             divide(output_size, tp_size(), "output size")
         self.output_sizes = output_sizes
         self.shard_ids = tuple(range(len(output_sizes)))
+        self.shard_sizes = tuple(output_sizes)  # each piece's rows in the checkpoint, in shard_ids' order
         super().__init__(input_size, sum(output_sizes), bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
@@ -113,6 +114,8 @@ class QKVParallelLinear(LinearBase):
             self.kv_replicas = size // total_num_kv_heads
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
+        total_kv = total_num_kv_heads * head_dim
+        self.shard_sizes = (total_num_heads * head_dim, total_kv, total_kv)  # rows in the checkpoint
         super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:

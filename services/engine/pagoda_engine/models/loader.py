@@ -1,7 +1,9 @@
 """Build a model on its device and fill it: from a safetensors checkpoint, or with dummy weights.
 
 Checkpoint names are Hugging Face's; ours differ only where we fuse projections, and
-``PACKED_MODULES`` is the one place that says how.
+``PACKED_MODULES`` is the one place that says how. A checkpoint that stores a fusion itself (Phi-3's
+``qkv_proj`` and ``gate_up_proj``) has our names; its tensor is cut into the pieces, so that each goes
+through the same per-piece loading (and tensor-parallel slicing) as separate tensors would.
 """
 
 from __future__ import annotations
@@ -148,13 +150,14 @@ def load_weights(model: nn.Module, model_dir: Path, tied: bool) -> None:
             for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 if _skipped(name, tied):
                     continue
-                param_name, shard_id = map_checkpoint_name(name)
+                param_name, named_shard = map_checkpoint_name(name)
                 if param_name not in params:
                     raise ValueError(f"unexpected tensor {name!r} in {path}: the model has no such parameter")
-                if shard_id in loaded[param_name]:
-                    raise ValueError(f"tensor {name!r} appears twice in the checkpoint, again in {path}")
-                _load_one(params[param_name], f.get_tensor(name), shard_id, name, path)
-                loaded[param_name].add(shard_id)
+                for shard_id, tensor in _pieces(model, param_name, named_shard, f.get_tensor(name), name, path):
+                    if shard_id in loaded[param_name]:
+                        raise ValueError(f"tensor {name!r} appears twice in the checkpoint, again in {path}")
+                    _load_one(params[param_name], tensor, shard_id, name, path)
+                    loaded[param_name].add(shard_id)
     missing = [
         checkpoint_name(name, shard_id)
         for name in params
@@ -177,6 +180,19 @@ def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard_id: str | int | N
             weight_loader(param, tensor, shard_id)
     except ValueError as err:
         raise ValueError(f"cannot load tensor {name!r} from {path}: {err}") from err
+
+
+def _pieces(model: nn.Module, param_name: str, shard_id: str | int | None, tensor: torch.Tensor, name: str,
+            path: Path) -> list[tuple[str | int | None, torch.Tensor]]:
+    """(shard id, tensor) pairs to load: the tensor itself, or a fused tensor's pieces along its rows."""
+    shard_ids = _shard_ids(model, param_name)
+    if shard_id is not None or shard_ids == (None,):
+        return [(shard_id, tensor)]
+    sizes = _owner(model, param_name).shard_sizes
+    if tensor.shape[0] != sum(sizes):
+        raise ValueError(f"cannot load tensor {name!r} from {path}: {tensor.shape[0]} rows, expected "
+                         f"{' + '.join(map(str, sizes))} ({', '.join(map(str, shard_ids))})")
+    return list(zip(shard_ids, tensor.split(sizes), strict=True))
 
 
 def _shard_ids(model: nn.Module, param_name: str) -> tuple:

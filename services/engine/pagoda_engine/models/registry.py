@@ -12,6 +12,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     # Mistral's checkpoints have Llama's layout and names.
     "MistralForCausalLM": LlamaForCausalLM,
+    # Phi-3 and Phi-4 too; their checkpoints store qkv_proj and gate_up_proj fused (the loader cuts them).
+    "Phi3ForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
