@@ -49,6 +49,10 @@ TINY_CONFIGS = {
     # Fused qkv_proj and gate_up_proj in the checkpoint.
     "phi3": dict(arch="Phi3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                  pad_token_id=0),
+    # Sliding and global layers (window 24), soft-capped logits, tied embeddings.
+    "gemma3": dict(arch="Gemma3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   sliding_window=24, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+                   final_logit_softcapping=30.0, pad_token_id=0),
 }
 
 
@@ -63,7 +67,7 @@ def make_tiny_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
 
     config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
                   "Qwen3ForCausalLM": transformers.Qwen3Config, "MistralForCausalLM": transformers.MistralConfig,
-                  "Phi3ForCausalLM": transformers.Phi3Config}[arch]
+                  "Phi3ForCausalLM": transformers.Phi3Config, "Gemma3ForCausalLM": transformers.Gemma3TextConfig}[arch]
     settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     max_position_embeddings=512, initializer_range=0.15, bos_token_id=1, eos_token_id=2)
     settings.update(overrides)

@@ -33,6 +33,11 @@ def gpu_model_dirs(tmp_path_factory):
         "mistral_sliding": make_tiny_model(tmp_path_factory.mktemp("mistral64"), "MistralForCausalLM",
                                            hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                                            sliding_window=24),
+        # Gemma 3's head dim (256), a sliding and a global layer, soft-capped logits.
+        "gemma3": make_tiny_model(tmp_path_factory.mktemp("gemma3_256"), "Gemma3ForCausalLM", hidden_size=256,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=24,
+                                  layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+                                  pad_token_id=0),
     }
 
 
@@ -42,7 +47,7 @@ def gpu_llm(model_dir, **config) -> LLM:
     return LLM(model_dir, device="cuda", **config)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding", "gemma3"])
 def test_fp32_gpu_matches_transformers(gpu_model_dirs, name):
     model_dir = gpu_model_dirs[name]
     prompts = prompts_of([5, 17, 40, 64])

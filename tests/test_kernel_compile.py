@@ -18,8 +18,13 @@ from pagoda_engine.kernels.decode_attention import _decode_reduce_kernel, _decod
 from pagoda_engine.kernels.prefill_attention import _prefill_kernel  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
-# (cache element type, query type, decode BLOCK_N, warps, stages): the engine's configs per cache dtype.
-CACHES = {"bf16": ("bf16", "bf16", 64, 2, 3), "fp8": ("fp8e4nv", "bf16", 32, 1, 5)}
+# (cache element type, query type, head dim, decode BLOCK_N, warps, stages, prefill BLOCK_M, BLOCK_N, warps,
+# stages): the engine's configs per cache dtype, and for Gemma 3's 256-wide heads.
+CACHES = {
+    "bf16": ("bf16", "bf16", 128, 64, 2, 3, 128, 128, 8, 3),
+    "fp8": ("fp8e4nv", "bf16", 128, 32, 1, 5, 128, 128, 8, 3),
+    "bf16_head_dim_256": ("bf16", "bf16", 256, 32, 4, 2, 64, 32, 4, 2),
+}
 
 
 def compile_for_h100(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int):
@@ -39,15 +44,17 @@ def paged_types(cache: str, query: str) -> dict[str, str]:
 @pytest.mark.parametrize("window", [0, 64])
 @pytest.mark.parametrize("cache", CACHES)
 def test_attention_kernels_compile_for_sm90(cache, window):
-    cache_type, query_type, block_n, warps, stages = CACHES[cache]
+    cache_type, query_type, head_dim, block_n, warps, stages, *prefill = CACHES[cache]
     types = paged_types(cache_type, query_type)
     fp16_dots = cache == "fp8"
     for split in (False, True):
         compiled = compile_for_h100(_decode_split_kernel, types, dict(
-            GROUP=2, HEAD_DIM=128, PAGE=16, BLOCK_H=16, BLOCK_D=128, BLOCK_N=block_n, SPLIT=split, IEEE=False,
-            FP16=fp16_dots, WINDOW=window), warps, stages)
+            GROUP=2, HEAD_DIM=head_dim, PAGE=16, BLOCK_H=16, BLOCK_D=head_dim, BLOCK_N=block_n, SPLIT=split,
+            IEEE=False, FP16=fp16_dots, WINDOW=window), warps, stages)
         assert compiled.asm["cubin"]
-    compile_for_h100(_decode_reduce_kernel, types, dict(HEAD_DIM=128, BLOCK_S=64, BLOCK_D=128, BLOCK_N=block_n,
-                                                        WINDOW=window), 4, 2)
-    compile_for_h100(_prefill_kernel, types, dict(GROUP=2, HEAD_DIM=128, PAGE=16, BLOCK_M=128, BLOCK_N=128,
-                                                  BLOCK_D=128, IEEE=False, FP16=fp16_dots, WINDOW=window), 8, 3)
+    compile_for_h100(_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, BLOCK_S=64, BLOCK_D=head_dim,
+                                                        BLOCK_N=block_n, WINDOW=window), 4, 2)
+    block_m, prefill_block_n, prefill_warps, prefill_stages = prefill
+    compile_for_h100(_prefill_kernel, types, dict(GROUP=2, HEAD_DIM=head_dim, PAGE=16, BLOCK_M=block_m,
+                                                  BLOCK_N=prefill_block_n, BLOCK_D=head_dim, IEEE=False,
+                                                  FP16=fp16_dots, WINDOW=window), prefill_warps, prefill_stages)

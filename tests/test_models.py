@@ -58,6 +58,15 @@ CASES = {
     "phi3_fused_sliding": ("Phi3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
                                                    pad_token_id=0),
                            {}),
+    # Gemma 3: a sliding layer (window 5, its own RoPE base) then a global one (linear scaling), a query scale
+    # that is not head_dim's, soft-capped logits, tied embeddings.
+    "gemma3_text": ("Gemma3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                                              query_pre_attn_scalar=24, final_logit_softcapping=3.0, pad_token_id=0,
+                                              rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0,
+                                                                                      rope_theta=1e6),
+                                                               "sliding_attention": dict(rope_type="default",
+                                                                                         rope_theta=1e4)}), {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,
@@ -74,7 +83,8 @@ def make_checkpoint(path: Path, arch: str, overrides: dict, save_kwargs: dict, s
     """
     settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**settings, **overrides})
+    config_class = "Gemma3TextConfig" if arch == "Gemma3ForCausalLM" else arch.replace("ForCausalLM", "Config")
+    config = getattr(transformers, config_class)(**{**settings, **overrides})
     config.architectures = [arch]
     model = getattr(transformers, arch)(config).float().eval()
     generator = torch.Generator().manual_seed(seed)
@@ -311,6 +321,17 @@ def test_layers_slide_where_transformers_would(architecture, window_fields, wind
     assert model_config.max_position_embeddings == 8192  # the whole context, windowed or not
 
 
+def test_a_gemma3_config_gets_transformers_defaults_for_what_it_leaves_out():
+    """transformers writes only what differs from Gemma3TextConfig's defaults (gemma-3-1b's style of config)."""
+    config = ModelConfig.from_dict({"architectures": ["Gemma3ForCausalLM"], "hidden_size": 1152,
+                                    "num_hidden_layers": 12, "num_attention_heads": 4, "num_key_value_heads": 1,
+                                    "sliding_window": 512, "intermediate_size": 6912, "vocab_size": 262_144})
+    assert (config.head_dim, config.query_pre_attn_scalar, config.tie_word_embeddings) == (256, 256, True)
+    assert (config.rope_theta, config.sliding_rope_theta, config.hidden_act) == (1e6, 1e4, "gelu_pytorch_tanh")
+    assert config.sliding_windows == (512,) * 5 + (None,) + (512,) * 5 + (None,)  # every sixth is global
+    assert config.max_position_embeddings == 131_072 and config.final_logit_softcapping is None
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope type 'longrope' is not supported"),
     ({"rope_scaling": {"rope_type": "yarn"}}, "lacks factor"),
@@ -320,6 +341,9 @@ def test_layers_slide_where_transformers_would(architecture, window_fields, wind
     ({"torch_dtype": "int8"}, "dtype 'int8'"),
     ({"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
     ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5"),
+    ({"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"}, "hidden_act 'gelu'"),
+    ({"architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"architectures": ["Gemma3ForCausalLM"], "use_bidirectional_attention": True}, "use_bidirectional_attention"),
     # Phi-3's old name for LongRoPE is not YaRN's.
     ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "yarn", "factor": 4.0}},
      "rope type 'longrope' is not supported"),

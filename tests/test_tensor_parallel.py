@@ -37,6 +37,8 @@ CASES = {
     "qwen3": TINY_CONFIGS["qwen3"],
     # Fused qkv_proj and gate_up_proj in the checkpoint, cut into pieces and then sliced per rank.
     "phi3": TINY_CONFIGS["phi3"],
+    # Gemma's four norms a layer and per-head q/k norms, a sliding layer and a global one.
+    "gemma3": TINY_CONFIGS["gemma3"],
 }
 
 # A 48-token budget chunks the 70-token prompt; the repeated prefix is served from the prefix cache.

@@ -29,6 +29,15 @@ ROPE_SCALING_OPTIONAL_KEYS = {
     "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
 }
 
+GEMMA3 = "Gemma3ForCausalLM"
+# transformers writes only what differs from a config class's defaults: Gemma3TextConfig's, for what we read.
+GEMMA3_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "bos_token_id": 2, "eos_token_id": 1,
+    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,6 +66,13 @@ class ModelConfig:
     bos_token_id: int | None
     # generation_config.json's eos ids when it names any, else config.json's (as transformers stops).
     eos_token_ids: tuple[int, ...]
+    # The MLP's gate activation: "silu", or "gelu_pytorch_tanh" (Gemma 3).
+    hidden_act: str = "silu"
+    # Gemma 3: the RoPE base of its sliding layers (plain RoPE there), the attention scale's
+    # query_pre_attn_scalar**-0.5 (None: head_dim**-0.5) and tanh's cap on the logits (None: none).
+    sliding_rope_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -72,6 +88,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
         """Build from the parsed ``config.json`` (and optionally ``generation_config.json``)."""
+        if _architecture(config) == GEMMA3:
+            config = {**GEMMA3_DEFAULTS, **config}
         _check_supported(config)
         generation_config = generation_config or {}
         heads = _required(config, "num_attention_heads")
@@ -97,6 +115,10 @@ class ModelConfig:
             bos_token_id=_first_id(config.get("bos_token_id"), generation_config.get("bos_token_id")),
             # transformers stops on generation_config.json's eos ids when it names any, else on config.json's.
             eos_token_ids=_unique_ids(generation_config.get("eos_token_id", config.get("eos_token_id"))),
+            hidden_act=_activation(config),
+            sliding_rope_theta=_sliding_rope_theta(config),
+            query_pre_attn_scalar=config.get("query_pre_attn_scalar"),
+            final_logit_softcapping=config.get("final_logit_softcapping"),
         )
 
 
@@ -113,11 +135,20 @@ def _architecture(config: dict[str, Any]) -> str:
     return architectures[0]
 
 
+def _activation(config: dict[str, Any]) -> str:
+    if _architecture(config) == GEMMA3:
+        return config.get("hidden_activation") or "gelu_pytorch_tanh"
+    return config.get("hidden_act", "silu")
+
+
 def _check_supported(config: dict[str, Any]) -> None:
     """Refuse what our layers would silently get wrong."""
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
+    act, expected = _activation(config), "gelu_pytorch_tanh" if _architecture(config) == GEMMA3 else "silu"
+    if act != expected:
+        raise ValueError(f"hidden_act {act!r} is not supported (only {expected})")
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):  # Gemma 2's, EmbeddingGemma's
+        if config.get(key):
+            raise ValueError(f"{key} is not supported")
     if config.get("mlp_bias"):
         raise ValueError("mlp_bias is not supported")
     rope_parameters = config.get("rope_parameters") or {}
@@ -126,8 +157,18 @@ def _check_supported(config: dict[str, Any]) -> None:
         raise ValueError(f"partial_rotary_factor {partial} is not supported (RoPE over the whole head only)")
 
 
+def _sliding_rope_theta(config: dict[str, Any]) -> float | None:
+    """Gemma 3's sliding layers: rope_parameters["sliding_attention"] (transformers 5), else rope_local_base_freq."""
+    if _architecture(config) != GEMMA3:
+        return None
+    params = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+    return float(params.get("rope_theta", config.get("rope_local_base_freq", 10000.0)))
+
+
 def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = config.get("rope_parameters") or {}
+    if "full_attention" in params:  # per layer type (Gemma 3 in transformers 5): the full layers' here
+        params = params["full_attention"]
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     scaling = config.get("rope_scaling") or params
     # Old configs say "type", newer ones "rope_type".
@@ -159,9 +200,14 @@ def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
     window = config.get("sliding_window", 4096) if architecture == "MistralForCausalLM" or qwen_slides else None
     if architecture == "Phi3ForCausalLM":  # every layer, when the config names a window (Phi-3-mini-4k: 2047)
         window = config.get("sliding_window")
+    if architecture == GEMMA3:
+        window = config.get("sliding_window", 4096)
     if not window:
         return (None,) * num_layers
     layer_types = config.get("layer_types")
+    if layer_types is None and architecture == GEMMA3:  # older configs: every pattern-th layer is global
+        pattern = config.get("sliding_window_pattern", 6)
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     if layer_types is not None:
         return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
     first = config.get("max_window_layers", 28) if qwen_slides else 0

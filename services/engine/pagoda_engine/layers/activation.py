@@ -1,4 +1,4 @@
-"""The gated activation of Llama-style MLPs."""
+"""The gated activations of Llama-style MLPs (SiLU) and Gemma's (tanh-approximated GELU)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ class SiluAndMul(nn.Module):
         """The CPU path and the kernel's oracle."""
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """``gelu_tanh(gate) * up`` for ``x = [gate | up]`` (Gemma's ``gelu_pytorch_tanh``), in torch everywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

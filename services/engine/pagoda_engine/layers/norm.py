@@ -1,4 +1,4 @@
-"""RMSNorm with the residual add of the next block folded in."""
+"""RMSNorm with the residual add of the next block folded in; Gemma's variant, which scales by 1 + weight."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ except ImportError:
 
 
 class RMSNorm(nn.Module):
+    # The weight that leaves a normalised input as it is (dummy weights use it).
+    unit_weight = 1.0
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -43,3 +46,22 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by ``1 + weight``, in float32, before the one rounding to the input dtype.
+
+    The torch code on every device: the Triton kernel rounds before the weight, as Llama's norm does.
+    """
+
+    unit_weight = 0.0
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_torch(x, residual)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pagoda_engine.layers.activation import SiluAndMul
+from pagoda_engine.layers.activation import GeluTanhAndMul, SiluAndMul
 from pagoda_engine.layers.attention import Attention, AttentionMetadata
 from pagoda_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagoda_engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -63,7 +63,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
-        self.act_fn = SiluAndMul()
+        self.act_fn = GeluTanhAndMul() if config.hidden_act == "gelu_pytorch_tanh" else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))

@@ -206,10 +206,11 @@ def _owner(model: nn.Module, param_name: str) -> nn.Module:
 
 @torch.no_grad()
 def fill_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Deterministic small random weights (norm scales at 1), generated on the parameters' device."""
+    """Deterministic small random weights (norms that change nothing), generated on the parameters' device."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
-        if isinstance(_owner(model, name), RMSNorm):
-            param.fill_(1.0)
+        owner = _owner(model, name)
+        if isinstance(owner, RMSNorm):
+            param.fill_(owner.unit_weight)
         else:
             param.normal_(0.0, DUMMY_STD, generator=generator)

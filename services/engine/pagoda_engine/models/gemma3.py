@@ -1,0 +1,126 @@
+"""Gemma 3, text only (``Gemma3ForCausalLM``: the 1B model; the larger ones ship as multimodal checkpoints).
+
+What differs from Llama, as transformers' modeling_gemma3.py has it:
+- norms scale by ``1 + weight`` (``GemmaRMSNorm``), and each block is wrapped in two: the attention and
+  MLP outputs are normalised before the residual add (post_attention / post_feedforward), the MLP input
+  by pre_feedforward_layernorm;
+- the embedding is scaled by sqrt(hidden_size), rounded to the weights' dtype;
+- q and k get a per-head GemmaRMSNorm before RoPE; the scale is query_pre_attn_scalar**-0.5;
+- most layers slide over a window with a RoPE of their own (base ``sliding_rope_theta``, no scaling);
+  every sixth (``layer_types``) attends globally with ``rope_theta`` and its scaling;
+- the MLP gate is tanh-approximated GELU; the logits may be soft-capped by tanh.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagoda_engine.layers.attention import Attention, AttentionMetadata
+from pagoda_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagoda_engine.layers.linear import QKVParallelLinear, RowParallelLinear
+from pagoda_engine.layers.norm import GemmaRMSNorm
+from pagoda_engine.layers.rotary import RotaryEmbedding
+from pagoda_engine.model_config import ModelConfig
+from pagoda_engine.models.llama import LlamaMLP
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None):
+        super().__init__()
+        head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
+                                        bias=config.attention_bias)
+        self.q_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
+        self.rotary_emb = rotary_emb
+        self.head_dim = head_dim
+        scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
+        self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads, scale, sliding_window)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
+        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(1)
+        k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, layer: int):
+        super().__init__()
+        self.self_attn = Gemma3Attention(config, rotary_emb, config.sliding_windows[layer])
+        self.mlp = LlamaMLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As LlamaDecoderLayer: this layer's (normalised) MLP output and the residual stream before it."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        attended = self.post_attention_layernorm(self.self_attn(positions, hidden_states, meta))
+        hidden_states, residual = self.pre_feedforward_layernorm(attended, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_scale = config.hidden_size**0.5
+        # One cos/sin cache per kind of layer, shared by the layers of that kind.
+        global_rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                      config.rope_scaling)
+        local_rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                     config.sliding_rope_theta or config.rope_theta, None)
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(config, global_rope if config.sliding_windows[layer] is None else local_rope, layer)
+            for layer in range(config.num_hidden_layers)
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        embedded = self.embed_tokens(input_ids)
+        # transformers rounds the scale to the weights' dtype first.
+        hidden_states, residual = embedded * torch.tensor(self.embed_scale, dtype=embedded.dtype), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, meta)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class Gemma3ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Gemma3Model(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Flat batch: ``input_ids``, ``positions`` [T] -> final hidden states [T, hidden]."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] in the model's dtype, soft-capped when the config says so."""
+        logits = self.lm_head(hidden_states)
+        cap = self.config.final_logit_softcapping
+        if cap is None:
+            return logits
+        return torch.tanh(logits / cap) * cap
