@@ -96,8 +96,9 @@ class Gemma3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         embedded = self.embed_tokens(input_ids)
-        # transformers rounds the scale to the weights' dtype first.
-        hidden_states, residual = embedded * torch.tensor(self.embed_scale, dtype=embedded.dtype), None
+        # transformers rounds the scale to the weights' dtype first; a Python float keeps it off the device.
+        scale = torch.tensor(self.embed_scale).to(embedded.dtype).item()
+        hidden_states, residual = embedded * scale, None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, meta)
         hidden_states, _ = self.norm(hidden_states, residual)
