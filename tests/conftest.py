@@ -53,6 +53,10 @@ TINY_CONFIGS = {
     "gemma3": dict(arch="Gemma3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    sliding_window=24, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
                    final_logit_softcapping=30.0, pad_token_id=0),
+    # Alternating sliding (24) and global layers, soft-capped scores and logits.
+    "gemma2": dict(arch="Gemma2ForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   sliding_window=24, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=30.0, pad_token_id=0),
 }
 
 
@@ -67,7 +71,8 @@ def make_tiny_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
 
     config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
                   "Qwen3ForCausalLM": transformers.Qwen3Config, "MistralForCausalLM": transformers.MistralConfig,
-                  "Phi3ForCausalLM": transformers.Phi3Config, "Gemma3ForCausalLM": transformers.Gemma3TextConfig}[arch]
+                  "Phi3ForCausalLM": transformers.Phi3Config, "Gemma3ForCausalLM": transformers.Gemma3TextConfig,
+                  "Gemma2ForCausalLM": transformers.Gemma2Config}[arch]
     settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     max_position_embeddings=512, initializer_range=0.15, bos_token_id=1, eos_token_id=2)
     settings.update(overrides)

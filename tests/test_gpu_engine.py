@@ -38,6 +38,10 @@ def gpu_model_dirs(tmp_path_factory):
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=24,
                                   layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
                                   pad_token_id=0),
+        # Gemma 2's soft-capped scores (a small cap, so that it bites) through the kernels.
+        "gemma2": make_tiny_model(tmp_path_factory.mktemp("gemma2_256"), "Gemma2ForCausalLM", hidden_size=256,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=24,
+                                  attn_logit_softcapping=5.0, pad_token_id=0),
     }
 
 
@@ -47,7 +51,7 @@ def gpu_llm(model_dir, **config) -> LLM:
     return LLM(model_dir, device="cuda", **config)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding", "gemma2", "gemma3"])
 def test_fp32_gpu_matches_transformers(gpu_model_dirs, name):
     model_dir = gpu_model_dirs[name]
     prompts = prompts_of([5, 17, 40, 64])

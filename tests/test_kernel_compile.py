@@ -1,7 +1,8 @@
 """The attention kernels compile for an H100 (sm_90) on a machine without a GPU.
 
 Triton's whole pipeline down to ptxas runs on the CPU, so every variant the engine launches (16-bit and
-fp8 caches, split and unsplit decode, the reduce, prefill, with and without a sliding window) is checked
+fp8 caches, split and unsplit decode, the reduce, prefill, with and without a sliding window and a score
+soft-cap) is checked
 here in CI, ahead of the GPU machine, which alone can run them (tests/test_triton_attention.py).
 """
 
@@ -41,20 +42,21 @@ def paged_types(cache: str, query: str) -> dict[str, str]:
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
 
 
-@pytest.mark.parametrize("window", [0, 64])
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (64, 0.0), (64, 50.0)])  # 64, 50.0: Gemma 2's kind
 @pytest.mark.parametrize("cache", CACHES)
-def test_attention_kernels_compile_for_sm90(cache, window):
+def test_attention_kernels_compile_for_sm90(cache, window, softcap):
     cache_type, query_type, head_dim, block_n, warps, stages, *prefill = CACHES[cache]
     types = paged_types(cache_type, query_type)
     fp16_dots = cache == "fp8"
     for split in (False, True):
         compiled = compile_for_h100(_decode_split_kernel, types, dict(
             GROUP=2, HEAD_DIM=head_dim, PAGE=16, BLOCK_H=16, BLOCK_D=head_dim, BLOCK_N=block_n, SPLIT=split,
-            IEEE=False, FP16=fp16_dots, WINDOW=window), warps, stages)
+            IEEE=False, FP16=fp16_dots, WINDOW=window, SOFTCAP=softcap), warps, stages)
         assert compiled.asm["cubin"]
     compile_for_h100(_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, BLOCK_S=64, BLOCK_D=head_dim,
                                                         BLOCK_N=block_n, WINDOW=window), 4, 2)
     block_m, prefill_block_n, prefill_warps, prefill_stages = prefill
     compile_for_h100(_prefill_kernel, types, dict(GROUP=2, HEAD_DIM=head_dim, PAGE=16, BLOCK_M=block_m,
                                                   BLOCK_N=prefill_block_n, BLOCK_D=head_dim, IEEE=False,
-                                                  FP16=fp16_dots, WINDOW=window), prefill_warps, prefill_stages)
+                                                  FP16=fp16_dots, WINDOW=window, SOFTCAP=softcap), prefill_warps,
+                     prefill_stages)

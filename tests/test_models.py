@@ -67,6 +67,11 @@ CASES = {
                                                                                       rope_theta=1e6),
                                                                "sliding_attention": dict(rope_type="default",
                                                                                          rope_theta=1e4)}), {}),
+    # Gemma 2: sliding and global layers, scores and logits soft-capped (small caps, so that they bite).
+    "gemma2_softcaps": ("Gemma2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                  sliding_window=5, query_pre_attn_scalar=24,
+                                                  attn_logit_softcapping=1.5, final_logit_softcapping=3.0,
+                                                  pad_token_id=0), {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,
@@ -342,7 +347,6 @@ def test_a_gemma3_config_gets_transformers_defaults_for_what_it_leaves_out():
     ({"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
     ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5"),
     ({"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"}, "hidden_act 'gelu'"),
-    ({"architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ({"architectures": ["Gemma3ForCausalLM"], "use_bidirectional_attention": True}, "use_bidirectional_attention"),
     # Phi-3's old name for LongRoPE is not YaRN's.
     ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "yarn", "factor": 4.0}},

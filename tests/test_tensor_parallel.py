@@ -39,6 +39,8 @@ CASES = {
     "phi3": TINY_CONFIGS["phi3"],
     # Gemma's four norms a layer and per-head q/k norms, a sliding layer and a global one.
     "gemma3": TINY_CONFIGS["gemma3"],
+    # Soft-capped scores and logits.
+    "gemma2": TINY_CONFIGS["gemma2"],
 }
 
 # A 48-token budget chunks the 70-token prompt; the repeated prefix is served from the prefix cache.

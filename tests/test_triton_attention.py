@@ -115,11 +115,12 @@ def make_batch(
     )
 
 
-def reference(batch: Batch, sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference(batch: Batch, sliding_window: int | None = None,
+              logit_softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch backend's output and caches, on copies of the caches."""
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     out = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, k_cache, v_cache, batch.meta, batch.scale,
-                                          sliding_window)
+                                          sliding_window, logit_softcap)
     return out, k_cache, v_cache
 
 
@@ -133,10 +134,12 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> N
     assert err <= TOLERANCE[dtype], f"relative error {err:.2e} > {TOLERANCE[dtype]:.0e} for {dtype}"
 
 
-def run_backend(batch: Batch, batch_invariant: bool = False, sliding_window: int | None = None) -> torch.Tensor:
+def run_backend(batch: Batch, batch_invariant: bool = False, sliding_window: int | None = None,
+                logit_softcap: float | None = None) -> torch.Tensor:
     out = poisoned_like(batch.q)
     return TritonAttentionBackend(batch_invariant).forward(
-        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale, sliding_window, out=out
+        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale, sliding_window,
+        logit_softcap, out=out
     )
 
 
@@ -237,6 +240,19 @@ def test_sliding_window_decode_and_prefill(dtype, batch_invariant):
     for window in (1, 17, 64, 1000):
         ref, _, _ = reference(batch, window)
         assert_close(run_backend(batch, batch_invariant, window), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_capped_scores_in_decode_and_prefill(dtype):
+    """Gemma 2's cap * tanh(score / cap), alone and with a window; small caps, so that they change the output."""
+    seqs = [(700, 1), (3, 1), (40, 1), (0, 37), (130, 20), (60, 200)]
+    batch = make_batch(seqs, num_decodes=3, num_heads=8, num_kv_heads=2, head_dim=128, block_size=16, dtype=dtype)
+    batch.q.mul_(4.0)  # scores of several units, where a cap of 2 bites
+    for window, cap in ((None, 2.0), (None, 50.0), (17, 2.0)):
+        ref, _, _ = reference(batch, window, cap)
+        assert_close(run_backend(batch, False, window, cap), ref, dtype)
+    uncapped, _, _ = reference(batch)
+    assert (uncapped.float() - reference(batch, None, 2.0)[0].float()).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
@@ -427,8 +443,9 @@ def test_without_cache_attends_each_prompt_to_itself(dtype):
     """The memory-profiling pass: no cache, fresh prompts only (varlen FlashAttention or SDPA)."""
     batch = make_batch([(0, 5), (0, 130), (0, 64)], num_decodes=0, num_heads=16, num_kv_heads=8, head_dim=128,
                        block_size=16, dtype=dtype)
-    for window in (None, 7):
-        ref = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, None, None, batch.meta, batch.scale, window)
+    for window, cap in ((None, None), (7, None), (None, 2.0)):
+        ref = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, None, None, batch.meta, batch.scale, window,
+                                              cap)
         out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, None, None, batch.meta, batch.scale,
-                                               window, out=poisoned_like(batch.q))
+                                               window, cap, out=poisoned_like(batch.q))
         assert_close(out, ref, dtype)

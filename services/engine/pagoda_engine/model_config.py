@@ -29,14 +29,21 @@ ROPE_SCALING_OPTIONAL_KEYS = {
     "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
 }
 
-GEMMA3 = "Gemma3ForCausalLM"
-# transformers writes only what differs from a config class's defaults: Gemma3TextConfig's, for what we read.
-GEMMA3_DEFAULTS = {
-    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
-    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-    "query_pre_attn_scalar": 256, "sliding_window": 4096, "bos_token_id": 2, "eos_token_id": 1,
-    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+GEMMA2, GEMMA3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM"
+GEMMA = (GEMMA2, GEMMA3)
+# transformers writes only what differs from a config class's defaults: Gemma2Config's and Gemma3TextConfig's,
+# for what we read.
+_GEMMA_COMMON = {
+    "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096, "bos_token_id": 2,
+    "eos_token_id": 1,
+}
+GEMMA_DEFAULTS = {
+    GEMMA2: {**_GEMMA_COMMON, "vocab_size": 256_000, "max_position_embeddings": 8192, "rope_theta": 10_000.0,
+             "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    GEMMA3: {**_GEMMA_COMMON, "vocab_size": 262_208, "max_position_embeddings": 131_072, "rope_theta": 1_000_000.0,
+             "rope_local_base_freq": 10_000.0},
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,10 +75,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     # The MLP's gate activation: "silu", or "gelu_pytorch_tanh" (Gemma 3).
     hidden_act: str = "silu"
-    # Gemma 3: the RoPE base of its sliding layers (plain RoPE there), the attention scale's
-    # query_pre_attn_scalar**-0.5 (None: head_dim**-0.5) and tanh's cap on the logits (None: none).
+    # Gemma: Gemma 3's RoPE base for its sliding layers (plain RoPE there), the attention scale's
+    # query_pre_attn_scalar**-0.5 (None: head_dim**-0.5), and tanh's caps on the attention scores (Gemma 2)
+    # and on the logits (None: none).
     sliding_rope_theta: float | None = None
     query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
 
     @classmethod
@@ -88,8 +97,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
         """Build from the parsed ``config.json`` (and optionally ``generation_config.json``)."""
-        if _architecture(config) == GEMMA3:
-            config = {**GEMMA3_DEFAULTS, **config}
+        config = {**GEMMA_DEFAULTS.get(_architecture(config), {}), **config}
         _check_supported(config)
         generation_config = generation_config or {}
         heads = _required(config, "num_attention_heads")
@@ -118,7 +126,8 @@ class ModelConfig:
             hidden_act=_activation(config),
             sliding_rope_theta=_sliding_rope_theta(config),
             query_pre_attn_scalar=config.get("query_pre_attn_scalar"),
-            final_logit_softcapping=config.get("final_logit_softcapping"),
+            attn_logit_softcapping=config.get("attn_logit_softcapping") if _architecture(config) in GEMMA else None,
+            final_logit_softcapping=config.get("final_logit_softcapping") if _architecture(config) in GEMMA else None,
         )
 
 
@@ -136,19 +145,18 @@ def _architecture(config: dict[str, Any]) -> str:
 
 
 def _activation(config: dict[str, Any]) -> str:
-    if _architecture(config) == GEMMA3:
+    if _architecture(config) in GEMMA:
         return config.get("hidden_activation") or "gelu_pytorch_tanh"
     return config.get("hidden_act", "silu")
 
 
 def _check_supported(config: dict[str, Any]) -> None:
     """Refuse what our layers would silently get wrong."""
-    act, expected = _activation(config), "gelu_pytorch_tanh" if _architecture(config) == GEMMA3 else "silu"
+    act, expected = _activation(config), "gelu_pytorch_tanh" if _architecture(config) in GEMMA else "silu"
     if act != expected:
         raise ValueError(f"hidden_act {act!r} is not supported (only {expected})")
-    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):  # Gemma 2's, EmbeddingGemma's
-        if config.get(key):
-            raise ValueError(f"{key} is not supported")
+    if config.get("use_bidirectional_attention"):  # EmbeddingGemma's
+        raise ValueError("use_bidirectional_attention is not supported")
     if config.get("mlp_bias"):
         raise ValueError("mlp_bias is not supported")
     rope_parameters = config.get("rope_parameters") or {}
@@ -200,13 +208,13 @@ def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
     window = config.get("sliding_window", 4096) if architecture == "MistralForCausalLM" or qwen_slides else None
     if architecture == "Phi3ForCausalLM":  # every layer, when the config names a window (Phi-3-mini-4k: 2047)
         window = config.get("sliding_window")
-    if architecture == GEMMA3:
+    if architecture in GEMMA:
         window = config.get("sliding_window", 4096)
     if not window:
         return (None,) * num_layers
     layer_types = config.get("layer_types")
-    if layer_types is None and architecture == GEMMA3:  # older configs: every pattern-th layer is global
-        pattern = config.get("sliding_window_pattern", 6)
+    if layer_types is None and architecture in GEMMA:  # older configs: every pattern-th layer is global
+        pattern = config.get("sliding_window_pattern", 6 if architecture == GEMMA3 else 2)
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     if layer_types is not None:
         return tuple(window if kind == "sliding_attention" else None for kind in layer_types)

@@ -43,11 +43,13 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from pagoda_engine.kernels.kv_cache import fp16_over_fp8, load_paged_tile
 from pagoda_engine.kernels.sm_count import num_sms
 from pagoda_engine.layers.attention.metadata import longest_first
 
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 # The batch-invariant policy's smallest piece, a multiple of every BLOCK_N so that pieces hold whole
 # tiles: 256 tokens amortise a piece's partial write and its share of the reduce at every batch size.
 MIN_TOKENS_PER_SPLIT = 256
@@ -138,6 +140,16 @@ def visible_start(seq_len, WINDOW: tl.constexpr):
 
 
 @triton.jit
+def scaled_scores(qk, qk_scale, SOFTCAP: tl.constexpr):
+    """q.k in log2 units (``qk_scale`` holds log2(e)); with SOFTCAP (> 0) capped first, as Gemma 2 does:
+    cap * tanh(score / cap) of the natural-unit score, which in log2 units has the cap times log2(e)."""
+    s = qk * qk_scale
+    if SOFTCAP > 0:
+        s = (SOFTCAP * LOG2E) * libdevice.tanh(s / (SOFTCAP * LOG2E))
+    return s
+
+
+@triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """``tl.dot`` that stays exact for fp32 inputs (tests), instead of silently rounding them to tf32."""
     if IEEE:
@@ -167,7 +179,7 @@ def _decode_split_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, FP16: tl.constexpr, WINDOW: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, FP16: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -204,7 +216,7 @@ def _decode_split_kernel(
         v = load_paged_tile(v_cache_ptr, block_table_row, pos, valid, kv_head,
                             stride_cache_block, stride_cache_slot, stride_cache_head,
                             offs_d, HEAD_DIM, BLOCK_D, PAGE, True).to(q.dtype)
-        s = dot(q, tl.trans(k), IEEE) * qk_scale
+        s = scaled_scores(dot(q, tl.trans(k), IEEE), qk_scale, SOFTCAP)
         s = tl.where(valid[None, :], s, float("-inf"))
         row_max, row_sum, acc = softmax_step(s, v, row_max, row_sum, acc, IEEE)
 
@@ -283,6 +295,7 @@ def decode_attention(
     num_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Attend ``q`` [B, num_heads, head_dim] (one token per sequence) over each sequence's paged context.
 
@@ -292,7 +305,7 @@ def decode_attention(
     (module docstring). ``order`` is a permutation of the rows, the order the grid visits them in:
     ``longest_first(seq_lens)`` when None (the runner passes one computed once per step).
     ``num_splits``/``config`` override the heuristics (the benchmark sweeps them). With ``sliding_window``
-    W each sequence attends its last W positions only.
+    W each sequence attends its last W positions only; ``logit_softcap`` c caps scores at c * tanh(s / c).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0:
@@ -320,7 +333,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=split, IEEE=q.dtype == torch.float32, FP16=fp16_over_fp8(q, k_cache), WINDOW=sliding_window or 0,
-        num_warps=num_warps, num_stages=num_stages,
+        SOFTCAP=float(logit_softcap or 0.0), num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _decode_reduce_kernel[(batch, num_heads)](

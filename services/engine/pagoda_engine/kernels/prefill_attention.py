@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda_engine.kernels.decode_attention import dot, softmax_step
+from pagoda_engine.kernels.decode_attention import dot, scaled_scores, softmax_step
 from pagoda_engine.kernels.kv_cache import fp16_over_fp8, load_paged_tile
 
 
@@ -28,7 +28,7 @@ def _attend_keys(
     k_cache_ptr, v_cache_ptr, block_table_row, kv_head,
     stride_cache_block, stride_cache_slot, stride_cache_head,
     offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Fold keys [key_start, key_end) into the running softmax; CAUSAL masks key > query and key >= seq_len,
     and with a sliding window (WINDOW > 0) key <= query - WINDOW too."""
@@ -42,7 +42,7 @@ def _attend_keys(
         v = load_paged_tile(v_cache_ptr, block_table_row, pos, valid, kv_head,
                             stride_cache_block, stride_cache_slot, stride_cache_head,
                             offs_d, HEAD_DIM, BLOCK_D, PAGE, CAUSAL).to(q.dtype)
-        s = dot(q, tl.trans(k), IEEE) * qk_scale
+        s = scaled_scores(dot(q, tl.trans(k), IEEE), qk_scale, SOFTCAP)
         if CAUSAL:
             seen = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
             if WINDOW > 0:
@@ -62,7 +62,7 @@ def _prefill_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FP16: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = (first_seq + tl.program_id(0)).to(tl.int64)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -98,12 +98,13 @@ def _prefill_kernel(
         # Keys from the first row's window on, all masked: the window's lower edge moves along the rows.
         window_start = tl.maximum(context_len + m_start - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
         row_max, row_sum, acc = _attend_keys(q, row_max, row_sum, acc, window_start, causal_end, q_pos, seq_len,
-                                             qk_scale, *paged, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, IEEE, WINDOW)
+                                             qk_scale, *paged, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, IEEE, WINDOW,
+                                             SOFTCAP)
     else:
         row_max, row_sum, acc = _attend_keys(q, row_max, row_sum, acc, 0, unmasked_end, q_pos, seq_len, qk_scale,
-                                             *paged, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, IEEE, 0)
+                                             *paged, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, False, IEEE, 0, SOFTCAP)
         row_max, row_sum, acc = _attend_keys(q, row_max, row_sum, acc, unmasked_end, causal_end, q_pos, seq_len,
-                                             qk_scale, *paged, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, IEEE, 0)
+                                             qk_scale, *paged, HEAD_DIM, BLOCK_D, BLOCK_N, PAGE, True, IEEE, 0, SOFTCAP)
     # Every real row saw at least its own key, so row_sum > 0 there; padded rows are not stored.
     acc = acc / row_sum[:, None]
     dst = out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -137,13 +138,15 @@ def prefill_attention(
     scale: float,
     config: tuple[int, int, int, int] | None = None,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention for sequences ``first_seq .. first_seq + num_seqs - 1`` of the flat batch.
 
     ``q``/``out`` are [num_tokens, num_heads, head_dim] for the whole batch (rows are found through
     ``query_start_loc``); only these sequences' rows of ``out`` are written. Their K/V, including this
     step's, must already be in the cache. ``max_query_len`` bounds every query length (it sizes the grid).
-    With ``sliding_window`` W a query sees its last W positions only.
+    With ``sliding_window`` W a query sees its last W positions only; ``logit_softcap`` c caps scores at
+    c * tanh(s / c).
     """
     if num_seqs == 0:
         return out
@@ -159,6 +162,6 @@ def prefill_attention(
         GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         IEEE=q.dtype == torch.float32, FP16=fp16_over_fp8(q, k_cache), WINDOW=sliding_window or 0,
-        num_warps=num_warps, num_stages=num_stages,
+        SOFTCAP=float(logit_softcap or 0.0), num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from pagoda_engine.models.gemma3 import Gemma3ForCausalLM
+from pagoda_engine.models.gemma import GemmaForCausalLM
 from pagoda_engine.models.llama import LlamaForCausalLM
 from pagoda_engine.models.qwen2 import Qwen2ForCausalLM
 from pagoda_engine.models.qwen3 import Qwen3ForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
-    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     # Mistral's checkpoints have Llama's layout and names.
     "MistralForCausalLM": LlamaForCausalLM,

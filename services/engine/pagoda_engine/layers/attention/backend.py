@@ -18,7 +18,7 @@ class AttentionBackend(Protocol):
     prefill and attends to its own new tokens only). Returns [num_tokens, num_heads, head_dim].
     ``num_heads`` is a multiple of ``num_kv_heads`` (grouped-query attention). With ``sliding_window`` W
     a query at position p sees positions p - W + 1 .. p only (transformers' ``kv_idx > q_idx - W``); the
-    cache still holds every position.
+    cache still holds every position. With ``logit_softcap`` c each scaled score s becomes c * tanh(s / c).
     """
 
     name: str
@@ -33,4 +33,5 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> torch.Tensor: ...

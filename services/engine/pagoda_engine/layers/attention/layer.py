@@ -36,7 +36,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, logit_softcap: float | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -44,6 +44,8 @@ class Attention(nn.Module):
         self.scale = scale
         # A query sees at most this many positions, itself included (Mistral's window); None: all of them.
         self.sliding_window = sliding_window
+        # Scores become cap * tanh(score / cap) before the softmax (Gemma 2); None: as they are.
+        self.logit_softcap = logit_softcap
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend: AttentionBackend = TorchAttentionBackend()
@@ -53,5 +55,6 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
+                                   self.logit_softcap)
         return out.reshape(-1, self.num_heads * self.head_dim)

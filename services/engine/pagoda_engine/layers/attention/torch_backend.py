@@ -43,10 +43,11 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int)
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Queries are the last ``len(q)`` of ``len(k)`` positions; computed in float32. With ``sliding_window``
-    W a query sees its last W positions, itself included."""
+    W a query sees its last W positions, itself included; ``logit_softcap`` c caps scores at c * tanh(s / c)."""
     query_len, num_heads, _ = q.shape
     seq_len, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
@@ -54,6 +55,8 @@ def causal_attention(
     kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
     vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
     scores = torch.matmul(qf, kf.transpose(1, 2)) * scale
+    if logit_softcap is not None:
+        scores = torch.tanh(scores / logit_softcap) * logit_softcap
     query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
     key_pos = torch.arange(seq_len, device=q.device)[None, :]
     hidden = key_pos > query_pos
@@ -77,6 +80,7 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> torch.Tensor:
         if k_cache is not None:
             write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -90,5 +94,5 @@ class TorchAttentionBackend:
             else:
                 ctx_k = gather_context(k_cache, meta.block_tables[i], seq_len)
                 ctx_v = gather_context(v_cache, meta.block_tables[i], seq_len)
-            out[start:end] = causal_attention(q[start:end], ctx_k, ctx_v, scale, sliding_window)
+            out[start:end] = causal_attention(q[start:end], ctx_k, ctx_v, scale, sliding_window, logit_softcap)
         return out

@@ -58,36 +58,38 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        logit_softcap: float | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See AttentionBackend. ``out`` lets tests hand in a poisoned buffer to prove every row is written."""
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if k_cache is None:
-            return attend_without_cache(q, k, v, meta, scale, out, sliding_window)
+            return attend_without_cache(q, k, v, meta, scale, out, sliding_window, logit_softcap)
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         num_decodes = meta.num_decodes
         if num_decodes > 0:
             decode_attention(
                 q[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
                 scale, meta.max_seq_len, out[:num_decodes], batch_invariant=self.batch_invariant,
-                order=meta.decode_order, sliding_window=sliding_window,
+                order=meta.decode_order, sliding_window=sliding_window, logit_softcap=logit_softcap,
             )
         if meta.num_seqs > num_decodes:
             prefill_attention(
                 q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 first_seq=num_decodes, num_seqs=meta.num_seqs - num_decodes, max_query_len=meta.max_query_len,
-                scale=scale, sliding_window=sliding_window,
+                scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap,
             )
         return out
 
 
 def attend_without_cache(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor,
-    sliding_window: int | None = None,
+    sliding_window: int | None = None, logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """The memory-profiling pass (no cache yet): every sequence is a fresh prompt attending to itself."""
-    if varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    fused = logit_softcap is None  # neither FlashAttention's varlen nor SDPA caps scores
+    if fused and varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         extra = {"enable_gqa": True} if _VARLEN_GQA_FLAG and q.shape[1] != k.shape[1] else {}
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         left = -1 if sliding_window is None else sliding_window - 1  # keys this far back, besides the query's own
@@ -98,8 +100,9 @@ def attend_without_cache(
         return out
     starts = meta.query_start_loc_host or meta.query_start_loc.tolist()
     for start, end in zip(starts[:-1], starts[1:], strict=True):
-        if sliding_window is not None:
-            out[start:end] = causal_attention(q[start:end], k[start:end], v[start:end], scale, sliding_window)
+        if sliding_window is not None or not fused:
+            out[start:end] = causal_attention(q[start:end], k[start:end], v[start:end], scale, sliding_window,
+                                              logit_softcap)
             continue
         rows = [x[start:end].transpose(0, 1) for x in (q, k, v)]  # [heads, tokens, dim]
         attended = F.scaled_dot_product_attention(*rows, is_causal=True, scale=scale, enable_gqa=True)

@@ -1,14 +1,17 @@
-"""Gemma 3, text only (``Gemma3ForCausalLM``: the 1B model; the larger ones ship as multimodal checkpoints).
+"""Gemma 2 and Gemma 3, text only (``Gemma2ForCausalLM``; ``Gemma3ForCausalLM``: the 1B model, the larger
+ones ship as multimodal checkpoints).
 
-What differs from Llama, as transformers' modeling_gemma3.py has it:
+What differs from Llama, as transformers' modeling_gemma2.py and modeling_gemma3.py have it:
 - norms scale by ``1 + weight`` (``GemmaRMSNorm``), and each block is wrapped in two: the attention and
   MLP outputs are normalised before the residual add (post_attention / post_feedforward), the MLP input
   by pre_feedforward_layernorm;
 - the embedding is scaled by sqrt(hidden_size), rounded to the weights' dtype;
-- q and k get a per-head GemmaRMSNorm before RoPE; the scale is query_pre_attn_scalar**-0.5;
-- most layers slide over a window with a RoPE of their own (base ``sliding_rope_theta``, no scaling);
-  every sixth (``layer_types``) attends globally with ``rope_theta`` and its scaling;
-- the MLP gate is tanh-approximated GELU; the logits may be soft-capped by tanh.
+- the attention scale is query_pre_attn_scalar**-0.5; Gemma 2 soft-caps the scores by tanh
+  (``attn_logit_softcapping``), Gemma 3 gives q and k a per-head GemmaRMSNorm before RoPE instead;
+- layers alternate between a sliding window and global attention (``layer_types``: every other one in
+  Gemma 2, five of six in Gemma 3, whose sliding layers have a RoPE base of their own,
+  ``sliding_rope_theta``, and no scaling);
+- the MLP gate is tanh-approximated GELU; the logits may be soft-capped by tanh too.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pagoda_engine.model_config import ModelConfig
 from pagoda_engine.models.llama import LlamaMLP
 
 
-class Gemma3Attention(nn.Module):
+class GemmaAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
         head_dim = config.head_dim
@@ -33,26 +36,31 @@ class Gemma3Attention(nn.Module):
                                           config.num_key_value_heads, bias=config.attention_bias)
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         bias=config.attention_bias)
-        self.q_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
+        if config.architecture == "Gemma3ForCausalLM":
+            self.q_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.rotary_emb = rotary_emb
         self.head_dim = head_dim
         scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
-        self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads, scale, sliding_window)
+        self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads, scale, sliding_window,
+                              config.attn_logit_softcapping)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(1)
-        k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(1)
+            k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(1)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
-class Gemma3DecoderLayer(nn.Module):
+class GemmaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, layer: int):
         super().__init__()
-        self.self_attn = Gemma3Attention(config, rotary_emb, config.sliding_windows[layer])
+        self.self_attn = GemmaAttention(config, rotary_emb, config.sliding_windows[layer])
         self.mlp = LlamaMLP(config)
         eps = config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
@@ -78,18 +86,18 @@ class Gemma3DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual
 
 
-class Gemma3Model(nn.Module):
+class GemmaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.embed_scale = config.hidden_size**0.5
-        # One cos/sin cache per kind of layer, shared by the layers of that kind.
+        # One cos/sin cache per kind of layer (one kind in Gemma 2), shared by the layers of that kind.
         global_rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling)
         local_rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                      config.sliding_rope_theta or config.rope_theta, None)
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, global_rope if config.sliding_windows[layer] is None else local_rope, layer)
+            GemmaDecoderLayer(config, global_rope if config.sliding_windows[layer] is None else local_rope, layer)
             for layer in range(config.num_hidden_layers)
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -105,11 +113,11 @@ class Gemma3Model(nn.Module):
         return hidden_states
 
 
-class Gemma3ForCausalLM(nn.Module):
+class GemmaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Gemma3Model(config)
+        self.model = GemmaModel(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
