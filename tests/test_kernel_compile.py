@@ -25,6 +25,8 @@ CACHES = {
     "bf16": ("bf16", "bf16", 128, 64, 2, 3, 128, 128, 8, 3),
     "fp8": ("fp8e4nv", "bf16", 128, 32, 1, 5, 128, 128, 8, 3),
     "bf16_head_dim_256": ("bf16", "bf16", 256, 32, 4, 2, 64, 32, 4, 2),
+    # The GPU tests' fp32 oracle runs exact (IEEE) dots, Gemma's wide heads included.
+    "fp32_head_dim_256": ("fp32", "fp32", 256, 32, 4, 2, 32, 32, 4, 2),
 }
 
 
@@ -47,16 +49,16 @@ def paged_types(cache: str, query: str) -> dict[str, str]:
 def test_attention_kernels_compile_for_sm90(cache, window, softcap):
     cache_type, query_type, head_dim, block_n, warps, stages, *prefill = CACHES[cache]
     types = paged_types(cache_type, query_type)
-    fp16_dots = cache == "fp8"
+    fp16_dots, ieee = cache == "fp8", query_type == "fp32"
     for split in (False, True):
         compiled = compile_for_h100(_decode_split_kernel, types, dict(
             GROUP=2, HEAD_DIM=head_dim, PAGE=16, BLOCK_H=16, BLOCK_D=head_dim, BLOCK_N=block_n, SPLIT=split,
-            IEEE=False, FP16=fp16_dots, WINDOW=window, SOFTCAP=softcap), warps, stages)
+            IEEE=ieee, FP16=fp16_dots, WINDOW=window, SOFTCAP=softcap), warps, stages)
         assert compiled.asm["cubin"]
     compile_for_h100(_decode_reduce_kernel, types, dict(HEAD_DIM=head_dim, BLOCK_S=64, BLOCK_D=head_dim,
                                                         BLOCK_N=block_n, WINDOW=window), 4, 2)
     block_m, prefill_block_n, prefill_warps, prefill_stages = prefill
     compile_for_h100(_prefill_kernel, types, dict(GROUP=2, HEAD_DIM=head_dim, PAGE=16, BLOCK_M=block_m,
-                                                  BLOCK_N=prefill_block_n, BLOCK_D=head_dim, IEEE=False,
+                                                  BLOCK_N=prefill_block_n, BLOCK_D=head_dim, IEEE=ieee,
                                                   FP16=fp16_dots, WINDOW=window, SOFTCAP=softcap), prefill_warps,
                      prefill_stages)
