@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from pagoda_engine.layers.attention import Attention, AttentionMetadata
-from pagoda_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagoda_engine.layers.embedding import VocabParallelEmbedding
 from pagoda_engine.layers.linear import QKVParallelLinear, RowParallelLinear
 from pagoda_engine.layers.norm import GemmaRMSNorm
 from pagoda_engine.layers.rotary import RotaryEmbedding
 from pagoda_engine.model_config import ModelConfig
-from pagoda_engine.models.llama import LlamaMLP
+from pagoda_engine.models.llama import LlamaForCausalLM, LlamaMLP, run_layers
 
 
 class GemmaAttention(nn.Module):
@@ -106,29 +106,16 @@ class GemmaModel(nn.Module):
         embedded = self.embed_tokens(input_ids)
         # transformers rounds the scale to the weights' dtype first; a Python float keeps it off the device.
         scale = torch.tensor(self.embed_scale).to(embedded.dtype).item()
-        hidden_states, residual = embedded * scale, None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, meta)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_layers(self.layers, self.norm, embedded * scale, positions, meta)
 
 
-class GemmaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.model = GemmaModel(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Flat batch: ``input_ids``, ``positions`` [T] -> final hidden states [T, hidden]."""
-        return self.model(input_ids, positions, meta)
+class GemmaForCausalLM(LlamaForCausalLM):
+    def build_model(self, config: ModelConfig) -> nn.Module:
+        return GemmaModel(config)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in the model's dtype, soft-capped when the config says so."""
-        logits = self.lm_head(hidden_states)
+        logits = super().compute_logits(hidden_states)
         cap = self.config.final_logit_softcapping
         if cap is None:
             return logits

@@ -111,21 +111,31 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, meta)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta)
+
+
+def run_layers(layers: nn.ModuleList, norm: nn.Module, hidden_states: torch.Tensor, positions: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+    """The decoder layers, their residual stream carried apart, then the final norm with the last add."""
+    residual = None
+    for layer in layers:
+        hidden_states, residual = layer(positions, hidden_states, residual, meta)
+    hidden_states, _ = norm(hidden_states, residual)
+    return hidden_states
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.attention_options(config))
+        self.model = self.build_model(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def build_model(self, config: ModelConfig) -> nn.Module:
+        """The decoder under the LM head (Gemma's differs in its blocks)."""
+        return LlamaModel(config, self.attention_options(config))
 
     @staticmethod
     def attention_options(config: ModelConfig) -> AttentionOptions:
