@@ -57,6 +57,8 @@ TINY_CONFIGS = {
     "gemma2": dict(arch="Gemma2ForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    sliding_window=24, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                    final_logit_softcapping=30.0, pad_token_id=0),
+    "granite": dict(arch="GraniteForCausalLM", num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0,
+                    residual_multiplier=0.22, logits_scaling=8.0, attention_multiplier=0.05),
 }
 
 
@@ -69,10 +71,9 @@ def make_tiny_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
     import torch
     import transformers
 
-    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
-                  "Qwen3ForCausalLM": transformers.Qwen3Config, "MistralForCausalLM": transformers.MistralConfig,
-                  "Phi3ForCausalLM": transformers.Phi3Config, "Gemma3ForCausalLM": transformers.Gemma3TextConfig,
-                  "Gemma2ForCausalLM": transformers.Gemma2Config}[arch]
+    # Each architecture's config class is named after it, but for Gemma 3's text-only one.
+    config_cls = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3ForCausalLM"
+                         else arch.replace("ForCausalLM", "Config"))
     settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     max_position_embeddings=512, initializer_range=0.15, bos_token_id=1, eos_token_id=2)
     settings.update(overrides)

@@ -72,6 +72,10 @@ CASES = {
                                                   sliding_window=5, query_pre_attn_scalar=24,
                                                   attn_logit_softcapping=1.5, final_logit_softcapping=3.0,
                                                   pad_token_id=0), {}),
+    # Granite's multipliers: embedding, residual branches, logits, and an attention scale of its own.
+    "granite_scalars": ("GraniteForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                   embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                   logits_scaling=8.0, attention_multiplier=0.05), {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,

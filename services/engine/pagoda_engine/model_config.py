@@ -29,6 +29,7 @@ ROPE_SCALING_OPTIONAL_KEYS = {
     "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
 }
 
+GRANITE = "GraniteForCausalLM"
 GEMMA2, GEMMA3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM"
 GEMMA = (GEMMA2, GEMMA3)
 # transformers writes only what differs from a config class's defaults: Gemma2Config's and Gemma3TextConfig's,
@@ -82,6 +83,12 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # Granite's scalars: the embedding and each block's output are multiplied, the logits divided, and the
+    # attention scale is given (None: head_dim**-0.5, as everywhere else).
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    attention_multiplier: float | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -128,6 +135,7 @@ class ModelConfig:
             query_pre_attn_scalar=config.get("query_pre_attn_scalar"),
             attn_logit_softcapping=config.get("attn_logit_softcapping") if _architecture(config) in GEMMA else None,
             final_logit_softcapping=config.get("final_logit_softcapping") if _architecture(config) in GEMMA else None,
+            **_granite_scalars(config),
         )
 
 
@@ -142,6 +150,15 @@ def _architecture(config: dict[str, Any]) -> str:
     if len(architectures) != 1:
         raise ValueError(f"config.json must name exactly one architecture, got {architectures!r}")
     return architectures[0]
+
+
+def _granite_scalars(config: dict[str, Any]) -> dict[str, float]:
+    if _architecture(config) != GRANITE:
+        return {}
+    return {"embedding_multiplier": float(config.get("embedding_multiplier", 1.0)),
+            "residual_multiplier": float(config.get("residual_multiplier", 1.0)),
+            "logits_scaling": float(config.get("logits_scaling", 1.0)),
+            "attention_multiplier": float(config.get("attention_multiplier", 1.0))}
 
 
 def _activation(config: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""The Llama decoder (SmolLM2, Llama 3, Mistral with its sliding window), shared by Qwen2 and Qwen3.
+"""The Llama decoder (SmolLM2, Llama 3, Mistral with its sliding window, Phi-3, Granite's scalars), shared
+by Qwen2 and Qwen3.
 
 The three families differ only in the attention block: which projections carry a bias, and whether
 q and k get a per-head RMSNorm before RoPE. ``LlamaForCausalLM.attention_options`` is that
@@ -42,8 +43,8 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
-        self.attn = Attention(self.num_heads, head_dim, self.num_kv_heads, scale=head_dim**-0.5,
-                              sliding_window=sliding_window)
+        scale = config.attention_multiplier or head_dim**-0.5
+        self.attn = Attention(self.num_heads, head_dim, self.num_kv_heads, scale=scale, sliding_window=sliding_window)
         if options.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
@@ -76,6 +77,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Granite scales each block's output before the residual add; 1 elsewhere, and skipped.
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(
         self,
@@ -93,9 +96,12 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, meta)
+        hidden_states = self._scaled(self.self_attn(positions, hidden_states, meta))
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return self._scaled(self.mlp(hidden_states)), residual
+
+    def _scaled(self, block_output: torch.Tensor) -> torch.Tensor:
+        return block_output if self.residual_multiplier == 1.0 else block_output * self.residual_multiplier
 
 
 class LlamaModel(nn.Module):
@@ -109,9 +115,13 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, rotary_emb, options, layer) for layer in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embedding_multiplier = config.embedding_multiplier  # Granite's; 1 elsewhere
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return run_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta)
+        embedded = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            embedded = embedded * self.embedding_multiplier
+        return run_layers(self.layers, self.norm, embedded, positions, meta)
 
 
 def run_layers(layers: nn.ModuleList, norm: nn.Module, hidden_states: torch.Tensor, positions: torch.Tensor,
@@ -147,4 +157,5 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in the model's dtype, the full vocabulary on every rank."""
-        return self.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states)
+        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling

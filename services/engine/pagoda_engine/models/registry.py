@@ -17,6 +17,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     # Phi-3 and Phi-4 too; their checkpoints store qkv_proj and gate_up_proj fused (the loader cuts them).
     "Phi3ForCausalLM": LlamaForCausalLM,
+    # Granite (3.x dense): Llama with multipliers on the embedding, the blocks and the logits (ModelConfig).
+    "GraniteForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
