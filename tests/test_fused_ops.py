@@ -18,8 +18,8 @@ import torch
 pytest.importorskip("triton")
 
 from pagoda_engine.kernels import fused_ops  # noqa: E402
-from pagoda_engine.layers.activation import SiluAndMul  # noqa: E402
-from pagoda_engine.layers.norm import RMSNorm  # noqa: E402
+from pagoda_engine.layers.activation import GeluTanhAndMul, SiluAndMul  # noqa: E402
+from pagoda_engine.layers.norm import GemmaRMSNorm, RMSNorm  # noqa: E402
 from pagoda_engine.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -33,10 +33,11 @@ TOLERANCE = {
 MAX_POSITION = 4096
 
 
-def make_norm(hidden: int, dtype: torch.dtype, device: str) -> RMSNorm:
-    norm = RMSNorm(hidden, eps=1e-6).to(device)
+def make_norm(hidden: int, dtype: torch.dtype, device: str, gemma: bool = False) -> RMSNorm:
+    """Llama's RMSNorm or Gemma's (which scales by 1 + weight), its weight drawn around the identity."""
+    norm = (GemmaRMSNorm if gemma else RMSNorm)(hidden, eps=1e-6).to(device)
     with torch.no_grad():
-        norm.weight.copy_(1 + 0.5 * torch.randn(hidden))
+        norm.weight.copy_(1 - norm.weight_offset + 0.5 * torch.randn(hidden))
     return norm.to(dtype)
 
 
@@ -56,12 +57,13 @@ def random_positions(tokens: int, device: str) -> torch.Tensor:
 @pytest.mark.parametrize("tokens", [1, 7, 256])
 @pytest.mark.parametrize("hidden", [64, 1000, 1024, 8192])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm(dtype, tokens, hidden, with_residual):
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rms_norm(dtype, tokens, hidden, with_residual, gemma):
     torch.manual_seed(tokens * hidden)
-    norm = make_norm(hidden, dtype, "cuda")
+    norm = make_norm(hidden, dtype, "cuda", gemma)
     x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
     residual = torch.randn_like(x) if with_residual else None
-    ours = fused_ops.rms_norm(x, norm.weight, norm.eps, residual)
+    ours = fused_ops.rms_norm(x, norm.weight, norm.eps, residual, gemma)
     expected = norm.forward_torch(x, residual)
     if with_residual:
         torch.testing.assert_close(ours[0], expected[0], **TOLERANCE[dtype])
@@ -113,12 +115,14 @@ def test_rotary(dtype, tokens, heads, kv_heads, head_dim, layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 7, 300])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (14, 2, 64), (40, 8, 128)])
-def test_rotary_with_qk_norm(dtype, tokens, heads, kv_heads, head_dim):
-    """Qwen3's per-head q/k RMSNorm folded into the rotary kernel, in place on the qkv output's views."""
+@pytest.mark.parametrize("heads,kv_heads,head_dim,gemma", [(16, 8, 128, False), (14, 2, 64, False),
+                                                            (40, 8, 128, False), (4, 1, 256, True), (8, 4, 128, True)])
+def test_rotary_with_qk_norm(dtype, tokens, heads, kv_heads, head_dim, gemma):
+    """Qwen3's (and Gemma 3's) per-head q/k RMSNorm folded into the rotary kernel, in place on the qkv
+    output's views."""
     torch.manual_seed(tokens * heads + 1)
     rope = RotaryEmbedding(head_dim, MAX_POSITION, theta=1e6).to("cuda")
-    norms = (make_norm(head_dim, dtype, "cuda"), make_norm(head_dim, dtype, "cuda"))
+    norms = (make_norm(head_dim, dtype, "cuda", gemma), make_norm(head_dim, dtype, "cuda", gemma))
     qkv, q, k = make_qkv(tokens, heads, kv_heads, head_dim, dtype, "cuda")
     positions = random_positions(tokens, "cuda")
     expected = reference_qk_norm_rotary(rope, norms, positions, q, k)
@@ -153,14 +157,31 @@ def test_silu_and_mul(dtype, tokens, intermediate):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 7, 256])
+@pytest.mark.parametrize("intermediate", [1000, 6912])
+def test_gelu_tanh_and_mul(dtype, tokens, intermediate):
+    """Gemma's gate: torch's tanh-approximated GELU (its kernel computes in float32 and calls tanhf too)."""
+    torch.manual_seed(tokens + intermediate)
+    x = 3 * torch.randn(tokens, 2 * intermediate, dtype=dtype, device="cuda")
+    torch.testing.assert_close(fused_ops.gelu_tanh_and_mul(x), GeluTanhAndMul().forward_torch(x),
+                               **TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
 def test_layers_use_the_kernels_on_cuda():
     torch.manual_seed(0)
     norm = make_norm(256, torch.bfloat16, "cuda")
     x, residual = torch.randn(2, 5, 256, dtype=torch.bfloat16, device="cuda")
     for ours, kernel in zip(norm(x, residual), fused_ops.rms_norm(x, norm.weight, norm.eps, residual), strict=True):
         assert torch.equal(ours, kernel)
+    gemma_norm = make_norm(256, torch.bfloat16, "cuda", gemma=True)
+    for ours, kernel in zip(gemma_norm(x, residual), fused_ops.rms_norm(x, gemma_norm.weight, gemma_norm.eps,
+                                                                        residual, gemma=True), strict=True):
+        assert torch.equal(ours, kernel)
     gate_up = torch.randn(5, 512, dtype=torch.bfloat16, device="cuda")
     assert torch.equal(SiluAndMul()(gate_up), fused_ops.silu_and_mul(gate_up))
+    assert torch.equal(GeluTanhAndMul()(gate_up), fused_ops.gelu_tanh_and_mul(gate_up))
     rope = RotaryEmbedding(64, MAX_POSITION, theta=1e4).to("cuda")
     _, q, k = make_qkv(5, 4, 2, 64, torch.bfloat16, "cuda")
     rotated_q, rotated_k = rope(random_positions(5, "cuda"), q, k)
@@ -243,6 +264,25 @@ def check_under_interpreter() -> None:
 
         gate_up = 3 * torch.randn(3, 2 * 1100, dtype=dtype)
         torch.testing.assert_close(fused_ops.silu_and_mul(gate_up), SiluAndMul().forward_torch(gate_up), **tolerance)
+        # 1 + tanh cancels for very negative gates, where this tanh and the CPU's differ by an ulp: outputs of
+        # about 1e-6 then differ by as much (on CUDA the kernel calls the tanhf torch's kernel calls).
+        torch.testing.assert_close(fused_ops.gelu_tanh_and_mul(gate_up), GeluTanhAndMul().forward_torch(gate_up),
+                                   **dict(tolerance, atol=1e-5))
+
+        # Gemma's norms: 1 + weight, one rounding; alone, with the residual add, and folded into the rotary.
+        gemma = make_norm(100, dtype, "cpu", gemma=True)
+        torch.testing.assert_close(fused_ops.rms_norm(x, gemma.weight, gemma.eps, gemma=True), gemma.forward_torch(x),
+                                   **tolerance)
+        ours, expected = fused_ops.rms_norm(x, gemma.weight, gemma.eps, residual, gemma=True), gemma.forward_torch(
+            x, residual)
+        torch.testing.assert_close(ours[0], expected[0], **tolerance)
+        assert torch.equal(ours[1], expected[1])
+        gemma_norms = (make_norm(head_dim, dtype, "cpu", gemma=True), make_norm(head_dim, dtype, "cpu", gemma=True))
+        expected_q, expected_k = reference_qk_norm_rotary(rope, gemma_norms, positions, q, k)
+        fused_ops.rotary_embedding_(positions, q, k, rope.cos_cache, rope.sin_cache,
+                                    (gemma_norms[0].weight, gemma_norms[1].weight), gemma_norms[0].eps, gemma=True)
+        torch.testing.assert_close(q, expected_q, **tolerance)
+        torch.testing.assert_close(k, expected_k, **tolerance)
 
 
 def test_kernels_under_the_triton_interpreter():

@@ -1,4 +1,4 @@
-"""The attention kernels compile for an H100 (sm_90) on a machine without a GPU.
+"""The attention and element-wise kernels compile for an H100 (sm_90) on a machine without a GPU.
 
 Triton's whole pipeline down to ptxas runs on the CPU, so every variant the engine launches (16-bit and
 fp8 caches, split and unsplit decode, the reduce, prefill, with and without a sliding window and a score
@@ -15,6 +15,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from pagoda_engine.kernels import fused_ops  # noqa: E402
 from pagoda_engine.kernels.decode_attention import _decode_reduce_kernel, _decode_split_kernel  # noqa: E402
 from pagoda_engine.kernels.prefill_attention import _prefill_kernel  # noqa: E402
 
@@ -30,12 +31,14 @@ CACHES = {
 }
 
 
-def compile_for_h100(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int):
+def compile_for_h100(kernel, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int,
+                     **options):
     """Scalars not named are int32, as the launches pass them; returns the compiled kernel."""
     signature = {name: "constexpr" if name in constexprs else pointer_types.get(name, "i32")
                  for name in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(source, target=H100,
+                          options={"num_warps": num_warps, "num_stages": num_stages, **options})
 
 
 def paged_types(cache: str, query: str) -> dict[str, str]:
@@ -62,3 +65,22 @@ def test_attention_kernels_compile_for_sm90(cache, window, softcap):
                                                   BLOCK_N=prefill_block_n, BLOCK_D=head_dim, IEEE=ieee,
                                                   FP16=fp16_dots, WINDOW=window, SOFTCAP=softcap), prefill_warps,
                      prefill_stages)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_fused_elementwise_kernels_compile_for_sm90(gemma):
+    """The norm and the rotary with Llama's or Gemma's norm, and both gated activations with libdevice (which
+    the interpreter test cannot run)."""
+    bf16 = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
+            "residual_out_ptr": "*bf16", "inv_n_cols": "fp32", "eps": "fp32"}
+    semantics = dict(fused_ops._TORCH_FLOAT_SEMANTICS)
+    for residual in (False, True):
+        compile_for_h100(fused_ops._rms_norm_kernel, bf16, dict(HAS_RESIDUAL=residual, GEMMA=gemma, BLOCK_ROWS=1,
+                                                                BLOCK_COLS=2048), 4, 2, **semantics)
+    rotary = {"positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+              "q_weight_ptr": "*bf16", "k_weight_ptr": "*bf16", "inv_head_dim": "fp32", "eps": "fp32"}
+    compile_for_h100(fused_ops._rotary_kernel, rotary, dict(HAS_NORM=True, GEMMA=gemma, HALF=128, BLOCK_HALF=128,
+                                                            BLOCK_Q_HEADS=8, BLOCK_K_HEADS=4), 4, 2, **semantics)
+    gated = {"x_ptr": "*bf16", "out_ptr": "*bf16"}
+    kernel = fused_ops._gelu_tanh_and_mul_kernel if gemma else fused_ops._silu_and_mul_kernel
+    compile_for_h100(kernel, gated, dict(LIBDEVICE=True, BLOCK=1024), 4, 2, **semantics)

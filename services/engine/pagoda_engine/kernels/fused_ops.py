@@ -12,6 +12,8 @@ The layers call these when their input is on CUDA; their torch code stays the CP
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,7 @@ _TORCH_FLOAT_SEMANTICS = {"enable_fp_fusion": False, "enable_reflect_ftz": False
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     n_rows, n_cols, x_stride, residual_stride, inv_n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_COLS)
@@ -44,16 +46,19 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     # torch's mean multiplies the sum by 1/n rather than dividing by n.
     mean_square = tl.sum(xf * xf, axis=1) * inv_n_cols
-    normed = (xf * tl.math.rsqrt(mean_square + eps)[:, None]).to(x.dtype)
-    weight = tl.load(weight_ptr + cols, mask=cols < n_cols)
-    out = normed.to(tl.float32) * weight.to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=cols < n_cols).to(tl.float32)
+    if GEMMA:  # x * (1 + weight) in float32, rounded once
+        out = xf * tl.math.rsqrt(mean_square + eps)[:, None] * (1.0 + weight)
+    else:
+        normed = (xf * tl.math.rsqrt(mean_square + eps)[:, None]).to(x.dtype)
+        out = normed.to(tl.float32) * weight
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, gemma: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``RMSNorm.forward`` in one pass over the last dimension (up to 8192 wide).
+    """``RMSNorm.forward`` in one pass over the last dimension (up to 8192 wide); ``gemma``: GemmaRMSNorm's.
 
     ``x`` (and ``residual``) are [..., n]; rows may be strided (a slice of a wider tensor), other layouts
     are copied first. Returns new contiguous tensors: ``norm(x)``, or ``(norm(x + residual), x + residual)``.
@@ -69,7 +74,7 @@ def rms_norm(
     _rms_norm_kernel[(triton.cdiv(n_rows, block_rows),)](
         x_rows, residual_rows, weight, out, residual_out,
         n_rows, n_cols, x_rows.stride(0), residual_rows.stride(0), 1.0 / n_cols, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        HAS_RESIDUAL=residual is not None, GEMMA=gemma, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         num_warps=min(max(block_rows * block_cols // 512, 1), 16), **_TORCH_FLOAT_SEMANTICS,
     )
     return out if residual is None else (out, residual_out)
@@ -88,8 +93,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _rotary_kernel(
     positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr,
     q_stride, k_stride, cache_stride, n_q_heads, n_k_heads, inv_head_dim, eps,
-    HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr,
-    BLOCK_K_HEADS: tl.constexpr,
+    HAS_NORM: tl.constexpr, GEMMA: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
 ):
     # One program per token: its cos/sin row is read once and used for every q and k head.
     token = tl.program_id(0).to(tl.int64)
@@ -101,14 +106,14 @@ def _rotary_kernel(
     cos = tl.load(cos_ptr + position * cache_stride + d, mask=d_mask).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + position * cache_stride + d, mask=d_mask).to(dtype).to(tl.float32)
     _rotate_heads(q_ptr + token * q_stride, n_q_heads, cos, sin, d, d_mask, q_weight_ptr, inv_head_dim, eps,
-                  HAS_NORM, HALF, BLOCK_Q_HEADS)
+                  HAS_NORM, GEMMA, HALF, BLOCK_Q_HEADS)
     _rotate_heads(k_ptr + token * k_stride, n_k_heads, cos, sin, d, d_mask, k_weight_ptr, inv_head_dim, eps,
-                  HAS_NORM, HALF, BLOCK_K_HEADS)
+                  HAS_NORM, GEMMA, HALF, BLOCK_K_HEADS)
 
 
 @triton.jit
 def _rotate_heads(head_ptr, n_heads, cos, sin, d, d_mask, weight_ptr, inv_head_dim, eps,
-                  HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+                  HAS_NORM: tl.constexpr, GEMMA: tl.constexpr, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
     heads = tl.arange(0, BLOCK_HEADS)
     mask = (heads < n_heads)[:, None] & d_mask[None, :]
     first = head_ptr + heads[:, None] * (2 * HALF) + d[None, :]
@@ -122,8 +127,12 @@ def _rotate_heads(head_ptr, n_heads, cos, sin, d, d_mask, weight_ptr, inv_head_d
         scale = tl.math.rsqrt(mean_square + eps)[:, None]
         w1 = tl.load(weight_ptr + d, mask=d_mask).to(tl.float32)[None, :]
         w2 = tl.load(weight_ptr + HALF + d, mask=d_mask).to(tl.float32)[None, :]
-        x1 = ((x1 * scale).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-        x2 = ((x2 * scale).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+        if GEMMA:  # GemmaRMSNorm: x * (1 + weight) in float32, rounded once
+            x1 = (x1 * scale * (1.0 + w1)).to(dtype).to(tl.float32)
+            x2 = (x2 * scale * (1.0 + w2)).to(dtype).to(tl.float32)
+        else:
+            x1 = ((x1 * scale).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+            x2 = ((x2 * scale).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     # Each product is rounded to the activation dtype before the sum, as the separate torch ops do.
     out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
     out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
@@ -133,14 +142,14 @@ def _rotate_heads(head_ptr, n_heads, cos, sin, d, d_mask, weight_ptr, inv_head_d
 
 def rotary_embedding_(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
-    norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0,
+    norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0, gemma: bool = False,
 ) -> None:
     """Rotate ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] in place, neox style.
 
     ``cos_cache``/``sin_cache`` are float32 [max_position, head_dim // 2], looked up by ``positions`` [T].
     q and k may be row views (e.g. slices of the fused qkv output) whose last dimension is contiguous.
     With ``norm_weights`` (q's and k's, [head_dim] each), every head is RMS-normalised first, as Qwen3's
-    q_norm/k_norm do: one kernel instead of three.
+    q_norm/k_norm do (``gemma``: as Gemma 3's GemmaRMSNorm q/k norms do): one kernel instead of three.
     """
     half = cos_cache.shape[1]
     head_dim = 2 * half
@@ -154,14 +163,14 @@ def rotary_embedding_(
     _rotary_kernel[(positions.shape[0],)](
         positions, q, k, cos_cache, sin_cache, q_weight, k_weight,
         q.stride(0), k.stride(0), cos_cache.stride(0), n_q_heads, n_k_heads, 1.0 / head_dim, eps,
-        HAS_NORM=norm_weights is not None, HALF=half, BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q_heads,
+        HAS_NORM=norm_weights is not None, GEMMA=gemma, HALF=half, BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q_heads,
         BLOCK_K_HEADS=triton.next_power_of_2(n_k_heads),
         num_warps=min(max(block_q_heads * block_half // 256, 1), 8), **_TORCH_FLOAT_SEMANTICS,
     )
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE_EXP: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -169,7 +178,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE_EXP: tl.con
     up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask)
     g = gate.to(tl.float32)
     # tl.exp is a fast approximation; libdevice's expf matches torch but cannot run in the interpreter.
-    exp_neg = libdevice.exp(-g) if LIBDEVICE_EXP else tl.exp(-g)
+    exp_neg = libdevice.exp(-g) if LIBDEVICE else tl.exp(-g)
     # torch's silu: x / (1 + exp(-x)) with IEEE division, rounded before the product with up.
     silu = tl.math.div_rn(g, 1.0 + exp_neg).to(gate.dtype)
     out = silu.to(tl.float32) * up.to(tl.float32)
@@ -178,14 +187,49 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE_EXP: tl.con
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x = [..., gate | up]``: [..., 2 * I] -> new [..., I]."""
+    return _gated_activation(_silu_and_mul_kernel, x)
+
+
+def _gated_activation(kernel: triton.JITFunction, x: torch.Tensor) -> torch.Tensor:
+    """Launch a ``[gate | up] -> act(gate) * up`` kernel over the rows of ``x``."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         raise ValueError(f"the last dimension must be contiguous, got strides {tuple(x.stride())}")
     n_cols = rows.shape[1] // 2
     out = torch.empty((*x.shape[:-1], n_cols), dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
-        rows, out, n_cols, rows.stride(0),
-        LIBDEVICE_EXP=x.is_cuda, BLOCK=block, num_warps=4, **_TORCH_FLOAT_SEMANTICS,
+    kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
+        rows, out, n_cols, rows.stride(0), LIBDEVICE=x.is_cuda, BLOCK=block, num_warps=4, **_TORCH_FLOAT_SEMANTICS,
     )
     return out
+
+
+# torch's tanh-approximated GELU: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), in float32.
+_GELU_BETA: tl.constexpr = tl.constexpr(math.sqrt(2.0 / math.pi))
+_GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _gelu_tanh_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask)
+    up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask)
+    g = gate.to(tl.float32)
+    inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
+    # libdevice's tanhf is CUDA's, as torch's kernel calls it; the interpreter has no libdevice, and gets
+    # tanh from exp of a non-positive argument (no overflow).
+    if LIBDEVICE:
+        tanh = libdevice.tanh(inner)
+    else:
+        decay = tl.exp(-2.0 * tl.abs(inner))
+        tanh = tl.where(inner >= 0, 1.0, -1.0) * (1.0 - decay) / (1.0 + decay)
+    gelu = (0.5 * g * (1.0 + tanh)).to(gate.dtype)  # rounded before the product with up, as in torch
+    out = gelu.to(tl.float32) * up.to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, out.to(gate.dtype), mask=mask)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` for ``x = [..., gate | up]`` (Gemma's MLP): [..., 2 * I] -> new [..., I]."""
+    return _gated_activation(_gelu_tanh_and_mul_kernel, x)

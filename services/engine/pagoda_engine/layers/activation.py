@@ -27,8 +27,14 @@ class SiluAndMul(nn.Module):
 
 
 class GeluTanhAndMul(nn.Module):
-    """``gelu_tanh(gate) * up`` for ``x = [gate | up]`` (Gemma's ``gelu_pytorch_tanh``), in torch everywhere."""
+    """``gelu_tanh(gate) * up`` for ``x = [gate | up]`` (Gemma's ``gelu_pytorch_tanh``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops is not None and x.is_cuda:
+            return fused_ops.gelu_tanh_and_mul(x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU path and the kernel's oracle."""
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up

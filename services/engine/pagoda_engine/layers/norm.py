@@ -12,8 +12,8 @@ except ImportError:
 
 
 class RMSNorm(nn.Module):
-    # The weight that leaves a normalised input as it is (dummy weights use it).
-    unit_weight = 1.0
+    # Added to the weight before it scales (Gemma's 1); the weight that changes nothing is 1 - this.
+    weight_offset = 0.0
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``: one Triton kernel on CUDA."""
         if fused_ops is not None and x.is_cuda:
-            return fused_ops.rms_norm(x, self.weight, self.eps, residual)
+            return fused_ops.rms_norm(x, self.weight, self.eps, residual, gemma=self.weight_offset == 1.0)
         return self.forward_torch(x, residual)
 
     def forward_torch(
@@ -49,17 +49,9 @@ class RMSNorm(nn.Module):
 
 
 class GemmaRMSNorm(RMSNorm):
-    """Gemma's RMSNorm: scales by ``1 + weight``, in float32, before the one rounding to the input dtype.
+    """Gemma's RMSNorm: scales by ``1 + weight``, in float32, before the one rounding to the input dtype."""
 
-    The torch code on every device: the Triton kernel rounds before the weight, as Llama's norm does.
-    """
-
-    unit_weight = 0.0
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_torch(x, residual)
+    weight_offset = 1.0
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -100,14 +100,15 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, norms: tuple[RMSNorm, RMSNorm] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate flat ``q`` [T, heads * head_dim] and ``k`` [T, kv_heads * head_dim] by their positions,
-        after RMS-normalising each head with ``norms`` (q's and k's) when given (Qwen3).
+        after RMS-normalising each head with ``norms`` (q's and k's) when given (Qwen3, Gemma 3).
 
         On CUDA one Triton kernel does it all in place and returns them; callers use the return value.
         """
         if fused_ops is not None and q.is_cuda:
             weights = None if norms is None else (norms[0].weight, norms[1].weight)
             eps = 0.0 if norms is None else norms[0].eps
-            fused_ops.rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache, weights, eps)
+            gemma = norms is not None and norms[0].weight_offset == 1.0
+            fused_ops.rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache, weights, eps, gemma)
             return q, k
         if norms is not None:
             q = norms[0].forward_torch(q.unflatten(-1, (-1, self.head_dim))).flatten(1)

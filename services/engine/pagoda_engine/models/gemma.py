@@ -50,10 +50,8 @@ class GemmaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(1)
-            k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(1)
-        q, k = self.rotary_emb(positions, q, k)
+        norms = None if self.q_norm is None else (self.q_norm, self.k_norm)
+        q, k = self.rotary_emb(positions, q, k, norms)
         return self.o_proj(self.attn(q, k, v, meta))
 
 

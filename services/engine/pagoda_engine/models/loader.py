@@ -211,6 +211,6 @@ def fill_dummy_weights(model: nn.Module, seed: int) -> None:
     for name, param in model.named_parameters():
         owner = _owner(model, name)
         if isinstance(owner, RMSNorm):
-            param.fill_(owner.unit_weight)
+            param.fill_(1.0 - owner.weight_offset)
         else:
             param.normal_(0.0, DUMMY_STD, generator=generator)
