@@ -286,6 +286,33 @@ def test_a_fused_tensor_of_the_wrong_size_is_named_with_its_pieces(checkpoints, 
         load_ours(path)
 
 
+def test_a_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path):
+    """Gemma3ForConditionalGeneration (gemma-3-4b and up): text_config and the language_model.* tensors; the
+    vision tower and projector are not read. Logits of a text-only prompt as transformers' whole model gives."""
+    text = dict(CASES["gemma3_text"][1], vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=255, boi_token_index=253, eoi_token_index=254)
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(0)
+    hf_model = transformers.Gemma3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for param in hf_model.parameters():
+            param.add_(0.05 * torch.randn(param.shape))  # norms and the embedding away from their init
+    hf_model.save_pretrained(tmp_path)
+    # The reference is the checkpoint as transformers reads it back (its head tied to the embedding again).
+    hf_model = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path).float().eval()
+    model_config = ModelConfig.from_dir(tmp_path)
+    assert (model_config.architecture, model_config.checkpoint_architecture) == (
+        "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+    model = load_ours(tmp_path)
+    prompt = random_tokens(13, seed=4)
+    logits = run_step(model, [Chunk(prompt, 0, len(prompt), list(range(-(-len(prompt) // BLOCK_SIZE))))])
+    torch.testing.assert_close(logits, hf_logits(hf_model, prompt), atol=ATOL, rtol=ATOL)
+
+
 def test_unknown_architecture_lists_supported():
     config = ModelConfig.from_dict({**TINY_QWEN3, "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"):

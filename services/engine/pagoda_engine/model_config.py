@@ -32,6 +32,8 @@ ROPE_SCALING_OPTIONAL_KEYS = {
 GRANITE = "GraniteForCausalLM"
 GEMMA2, GEMMA3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM"
 GEMMA = (GEMMA2, GEMMA3)
+# Multimodal architectures whose language model we serve alone -> its text-only architecture.
+TEXT_PARTS = {"Gemma3ForConditionalGeneration": GEMMA3}
 # transformers writes only what differs from a config class's defaults: Gemma2Config's and Gemma3TextConfig's,
 # for what we read.
 _GEMMA_COMMON = {
@@ -89,6 +91,9 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     attention_multiplier: float | None = None
+    # What config.json names when it differs from ``architecture``: a multimodal checkpoint whose language
+    # model this is (Gemma3ForConditionalGeneration: its text_config, and its language_model.* tensors).
+    checkpoint_architecture: str | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -104,6 +109,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
         """Build from the parsed ``config.json`` (and optionally ``generation_config.json``)."""
+        checkpoint_architecture = None
+        if _architecture(config) in TEXT_PARTS:
+            checkpoint_architecture, config = _architecture(config), _text_part(config)
         config = {**GEMMA_DEFAULTS.get(_architecture(config), {}), **config}
         _check_supported(config)
         generation_config = generation_config or {}
@@ -136,6 +144,7 @@ class ModelConfig:
             attn_logit_softcapping=config.get("attn_logit_softcapping") if _architecture(config) in GEMMA else None,
             final_logit_softcapping=config.get("final_logit_softcapping") if _architecture(config) in GEMMA else None,
             **_granite_scalars(config),
+            checkpoint_architecture=checkpoint_architecture,
         )
 
 
@@ -150,6 +159,17 @@ def _architecture(config: dict[str, Any]) -> str:
     if len(architectures) != 1:
         raise ValueError(f"config.json must name exactly one architecture, got {architectures!r}")
     return architectures[0]
+
+
+def _text_part(config: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal config's language model as a config of its own: its text_config, under the text-only
+    architecture, with what the outer config says of the whole (dtype, tied embeddings) where it says nothing."""
+    keys = ("dtype", "torch_dtype", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+    outer = {key: config[key] for key in keys if key in config}
+    # transformers' Gemma3ForConditionalGeneration does not cap its logits, whatever text_config says
+    # (Google's configs say null).
+    return {**outer, **(config.get("text_config") or {}), "architectures": [TEXT_PARTS[_architecture(config)]],
+            "final_logit_softcapping": None}
 
 
 def _granite_scalars(config: dict[str, Any]) -> dict[str, float]:

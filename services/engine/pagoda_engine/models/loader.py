@@ -38,6 +38,13 @@ PACKED_MODULES: dict[str, tuple[str, str | int]] = {
 
 DUMMY_STD = 0.02
 
+# Multimodal checkpoints we read the language model of: its tensors' prefixes (older and newer transformers
+# name them differently) -> ours. Every other tensor (the vision tower, the projector) is not read.
+TEXT_PART_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "Gemma3ForConditionalGeneration": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                                       ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+}
+
 
 def load_model(
     model_config: ModelConfig,
@@ -56,7 +63,9 @@ def load_model(
         raise ValueError(f"load_format must be auto, safetensors or dummy, got {load_format!r}")
     if load_format != "dummy" and model_dir is None:
         raise ValueError("load_format 'auto' needs a model directory")
-    if load_format != "dummy" and model_config.tie_word_embeddings and _head_differs_from_embedding(Path(model_dir)):
+    prefixes = TEXT_PART_PREFIXES.get(model_config.checkpoint_architecture, ())
+    if load_format != "dummy" and model_config.tie_word_embeddings and _head_differs_from_embedding(
+            Path(model_dir), prefixes):
         # A fine-tune that untied its head but not its config: transformers keeps the two apart, and so do we.
         logger.warning("%s: lm_head.weight differs from the embedding, so they are not tied (as transformers)",
                        model_dir)
@@ -70,7 +79,7 @@ def load_model(
     if load_format == "dummy":
         fill_dummy_weights(model, seed)
     else:
-        load_weights(model, Path(model_dir), model_config.tie_word_embeddings)
+        load_weights(model, Path(model_dir), model_config.tie_word_embeddings, prefixes)
     return model.eval()
 
 
@@ -120,14 +129,26 @@ def checkpoint_name(param_name: str, shard_id: str | int | None) -> str:
     return ".".join(parts)
 
 
-def _head_differs_from_embedding(model_dir: Path) -> bool:
+def text_part_name(name: str, prefixes: tuple[tuple[str, str], ...]) -> str | None:
+    """A checkpoint tensor's name in the language model: as it is without ``prefixes`` (a text-only
+    checkpoint), renamed by the first that matches, or None when none does (a vision tensor)."""
+    if not prefixes:
+        return name
+    for theirs, ours in prefixes:
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return None
+
+
+def _head_differs_from_embedding(model_dir: Path, prefixes: tuple[tuple[str, str], ...] = ()) -> bool:
     """Whether the checkpoint holds an LM head of its own, not a copy of the embedding."""
     tensors = {}
     for path in checkpoint_files(model_dir):
         with safe_open(path, framework="pt", device="cpu") as f:
-            for name in ("lm_head.weight", "model.embed_tokens.weight"):
-                if name in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
-                    tensors[name] = f.get_tensor(name)
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                ours = text_part_name(name, prefixes)
+                if ours in ("lm_head.weight", "model.embed_tokens.weight"):
+                    tensors[ours] = f.get_tensor(name)
     head, embedding = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
     return head is not None and embedding is not None and not torch.equal(head, embedding)
 
@@ -138,8 +159,9 @@ def _skipped(name: str, tied: bool) -> bool:
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, model_dir: Path, tied: bool) -> None:
-    """Copy every checkpoint tensor into its parameter (each layer's weight_loader takes this rank's piece).
+def load_weights(model: nn.Module, model_dir: Path, tied: bool, prefixes: tuple[tuple[str, str], ...] = ()) -> None:
+    """Copy every checkpoint tensor into its parameter (each layer's weight_loader takes this rank's piece);
+    with ``prefixes``, only the language model's tensors of a multimodal checkpoint (``text_part_name``).
 
     Raises ValueError naming the tensor when one is unexpected, misshapen or missing.
     """
@@ -148,9 +170,10 @@ def load_weights(model: nn.Module, model_dir: Path, tied: bool) -> None:
     for path in checkpoint_files(model_dir):
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                if _skipped(name, tied):
+                ours = text_part_name(name, prefixes)
+                if ours is None or _skipped(ours, tied):
                     continue
-                param_name, named_shard = map_checkpoint_name(name)
+                param_name, named_shard = map_checkpoint_name(ours)
                 if param_name not in params:
                     raise ValueError(f"unexpected tensor {name!r} in {path}: the model has no such parameter")
                 for shard_id, tensor in _pieces(model, param_name, named_shard, f.get_tensor(name), name, path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagoda_engine.model_config import TEXT_PARTS
 from pagoda_engine.models.gemma import GemmaForCausalLM
 from pagoda_engine.models.llama import LlamaForCausalLM
 from pagoda_engine.models.qwen2 import Qwen2ForCausalLM
@@ -25,6 +26,8 @@ MODELS: dict[str, type[nn.Module]] = {
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:
+    """``architecture`` is ModelConfig's: a multimodal checkpoint's text part is named as its text-only model."""
     if architecture not in MODELS:
-        raise ValueError(f"architecture {architecture!r} is not supported (supported: {', '.join(MODELS)})")
+        supported = [*MODELS, *(f"{name} (its text model)" for name in TEXT_PARTS)]
+        raise ValueError(f"architecture {architecture!r} is not supported (supported: {', '.join(supported)})")
     return MODELS[architecture]
