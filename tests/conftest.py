@@ -57,6 +57,9 @@ TINY_CONFIGS = {
     "gemma2": dict(arch="Gemma2ForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    sliding_window=24, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                    final_logit_softcapping=30.0, pad_token_id=0),
+    # Every fourth layer without RoPE: of four, the last.
+    "smollm3": dict(arch="SmolLM3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+                    pad_token_id=0),
     "granite": dict(arch="GraniteForCausalLM", num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0,
                     residual_multiplier=0.22, logits_scaling=8.0, attention_multiplier=0.05),
 }

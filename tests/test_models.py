@@ -76,6 +76,9 @@ CASES = {
     "granite_scalars": ("GraniteForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    embedding_multiplier=12.0, residual_multiplier=0.22,
                                                    logits_scaling=8.0, attention_multiplier=0.05), {}),
+    # SmolLM3: no RoPE in every fourth layer (here the second of two, by an explicit no_rope_layers), tied.
+    "smollm3_nope": ("SmolLM3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 0],
+                                                pad_token_id=0), {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,
@@ -349,6 +352,9 @@ def test_model_config_reads_both_layouts(checkpoints):
     ("LlamaForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, (None, None)),
     ("Phi3ForCausalLM", {"sliding_window": 2047}, (2047, 2047)),
     ("Phi3ForCausalLM", {}, (None, None)),
+    # SmolLM3's layers without RoPE slide when use_sliding_window says so.
+    ("SmolLM3ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "no_rope_layers": [1, 0]}, (None, 64)),
+    ("SmolLM3ForCausalLM", {"sliding_window": 64}, (None, None)),
 ])
 def test_layers_slide_where_transformers_would(architecture, window_fields, windows):
     config = {**TINY_QWEN3, "architectures": [architecture], "max_position_embeddings": 8192, **window_fields}

@@ -34,19 +34,21 @@ GEMMA2, GEMMA3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM"
 GEMMA = (GEMMA2, GEMMA3)
 # Multimodal architectures whose language model we serve alone -> its text-only architecture.
 TEXT_PARTS = {"Gemma3ForConditionalGeneration": GEMMA3}
-# transformers writes only what differs from a config class's defaults: Gemma2Config's and Gemma3TextConfig's,
-# for what we read.
+# transformers writes only what differs from a config class's defaults: where those differ from the ones
+# this module falls back on (Llama's), the class's, for what we read.
 _GEMMA_COMMON = {
     "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
     "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
     "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096, "bos_token_id": 2,
     "eos_token_id": 1,
 }
-GEMMA_DEFAULTS = {
+SMOLLM3 = "SmolLM3ForCausalLM"
+ARCHITECTURE_DEFAULTS = {
     GEMMA2: {**_GEMMA_COMMON, "vocab_size": 256_000, "max_position_embeddings": 8192, "rope_theta": 10_000.0,
              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
     GEMMA3: {**_GEMMA_COMMON, "vocab_size": 262_208, "max_position_embeddings": 131_072, "rope_theta": 1_000_000.0,
              "rope_local_base_freq": 10_000.0},
+    SMOLLM3: {"tie_word_embeddings": True, "rope_theta": 2_000_000.0, "max_position_embeddings": 32768},
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,6 +96,9 @@ class ModelConfig:
     # What config.json names when it differs from ``architecture``: a multimodal checkpoint whose language
     # model this is (Gemma3ForConditionalGeneration: its text_config, and its language_model.* tensors).
     checkpoint_architecture: str | None = None
+    # Per layer: whether q and k are rotated (SmolLM3 leaves every fourth layer without position encoding).
+    # None: every layer.
+    rope_layers: tuple[bool, ...] | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -112,7 +117,7 @@ class ModelConfig:
         checkpoint_architecture = None
         if _architecture(config) in TEXT_PARTS:
             checkpoint_architecture, config = _architecture(config), _text_part(config)
-        config = {**GEMMA_DEFAULTS.get(_architecture(config), {}), **config}
+        config = {**ARCHITECTURE_DEFAULTS.get(_architecture(config), {}), **config}
         _check_supported(config)
         generation_config = generation_config or {}
         heads = _required(config, "num_attention_heads")
@@ -145,6 +150,7 @@ class ModelConfig:
             final_logit_softcapping=config.get("final_logit_softcapping") if _architecture(config) in GEMMA else None,
             **_granite_scalars(config),
             checkpoint_architecture=checkpoint_architecture,
+            rope_layers=_rope_layers(config),
         )
 
 
@@ -159,6 +165,17 @@ def _architecture(config: dict[str, Any]) -> str:
     if len(architectures) != 1:
         raise ValueError(f"config.json must name exactly one architecture, got {architectures!r}")
     return architectures[0]
+
+
+def _rope_layers(config: dict[str, Any]) -> tuple[bool, ...] | None:
+    """SmolLM3's no_rope_layers (1: rotate), or its rule: no RoPE in every no_rope_layer_interval-th layer."""
+    if _architecture(config) != SMOLLM3:
+        return None
+    flags = config.get("no_rope_layers")
+    if flags is None:
+        interval = config.get("no_rope_layer_interval", 4)
+        flags = [(layer + 1) % interval != 0 for layer in range(_required(config, "num_hidden_layers"))]
+    return tuple(bool(flag) for flag in flags)
 
 
 def _text_part(config: dict[str, Any]) -> dict[str, Any]:
@@ -247,9 +264,13 @@ def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
         window = config.get("sliding_window")
     if architecture in GEMMA:
         window = config.get("sliding_window", 4096)
+    if architecture == SMOLLM3 and config.get("use_sliding_window", False):
+        window = config.get("sliding_window")
     if not window:
         return (None,) * num_layers
     layer_types = config.get("layer_types")
+    if layer_types is None and architecture == SMOLLM3:  # its layers without RoPE slide
+        layer_types = ["full_attention" if rotated else "sliding_attention" for rotated in _rope_layers(config)]
     if layer_types is None and architecture in GEMMA:  # older configs: every pattern-th layer is global
         pattern = config.get("sliding_window_pattern", 6 if architecture == GEMMA3 else 2)
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]

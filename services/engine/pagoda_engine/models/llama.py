@@ -1,5 +1,5 @@
-"""The Llama decoder (SmolLM2, Llama 3, Mistral with its sliding window, Phi-3, Granite's scalars), shared
-by Qwen2 and Qwen3.
+"""The Llama decoder (SmolLM2 and SmolLM3's NoPE layers, Llama 3, Mistral with its sliding window, Phi-3,
+Granite's scalars), shared by Qwen2 and Qwen3.
 
 The three families differ only in the attention block: which projections carry a bias, and whether
 q and k get a per-head RMSNorm before RoPE. ``LlamaForCausalLM.attention_options`` is that
@@ -40,7 +40,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, bias=options.qkv_bias)
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=options.o_bias)
-        self.rotary_emb = rotary_emb
+        self.rotary_emb = rotary_emb  # None: no position encoding in this layer (SmolLM3's NoPE layers)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
         scale = config.attention_multiplier or head_dim**-0.5
@@ -55,7 +55,8 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         norms = None if self.q_norm is None else (self.q_norm, self.k_norm)
-        q, k = self.rotary_emb(positions, q, k, norms)
+        if self.rotary_emb is not None:  # rope_layers are SmolLM3's only, which has no q/k norms
+            q, k = self.rotary_emb(positions, q, k, norms)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -111,8 +112,10 @@ class LlamaModel(nn.Module):
         # One cos/sin cache shared by every layer.
         rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                      config.rope_scaling)
+        rope_layers = config.rope_layers or (True,) * config.num_hidden_layers
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, options, layer) for layer in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary_emb if rope_layers[layer] else None, options, layer)
+            for layer in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.embedding_multiplier = config.embedding_multiplier  # Granite's; 1 elsewhere

@@ -20,6 +20,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": LlamaForCausalLM,
     # Granite (3.x dense): Llama with multipliers on the embedding, the blocks and the logits (ModelConfig).
     "GraniteForCausalLM": LlamaForCausalLM,
+    # SmolLM3: Llama whose every fourth layer has no RoPE (ModelConfig.rope_layers).
+    "SmolLM3ForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
