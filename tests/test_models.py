@@ -316,6 +316,15 @@ def test_a_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path):
     torch.testing.assert_close(logits, hf_logits(hf_model, prompt), atol=ATOL, rtol=ATOL)
 
 
+def test_a_multimodal_config_ties_as_its_outer_config_says():
+    """transformers ties Gemma3ForConditionalGeneration's head as the outer config says (True by default)."""
+    text = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
+            "vocab_size": 256, "tie_word_embeddings": False}
+    outer = {"architectures": ["Gemma3ForConditionalGeneration"], "text_config": text}
+    assert ModelConfig.from_dict(outer).tie_word_embeddings
+    assert not ModelConfig.from_dict({**outer, "tie_word_embeddings": False}).tie_word_embeddings
+
+
 def test_unknown_architecture_lists_supported():
     config = ModelConfig.from_dict({**TINY_QWEN3, "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
@@ -352,6 +361,8 @@ def test_model_config_reads_both_layouts(checkpoints):
     ("LlamaForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, (None, None)),
     ("Phi3ForCausalLM", {"sliding_window": 2047}, (2047, 2047)),
     ("Phi3ForCausalLM", {}, (None, None)),
+    # transformers reads no layer_types for Mistral: every layer slides.
+    ("MistralForCausalLM", {"sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"]}, (64, 64)),
     # SmolLM3's layers without RoPE slide when use_sliding_window says so.
     ("SmolLM3ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "no_rope_layers": [1, 0]}, (None, 64)),
     ("SmolLM3ForCausalLM", {"sliding_window": 64}, (None, None)),

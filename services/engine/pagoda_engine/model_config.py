@@ -30,6 +30,7 @@ ROPE_SCALING_OPTIONAL_KEYS = {
 }
 
 GRANITE = "GraniteForCausalLM"
+QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 GEMMA2, GEMMA3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM"
 GEMMA = (GEMMA2, GEMMA3)
 # Multimodal architectures whose language model we serve alone -> its text-only architecture.
@@ -78,7 +79,7 @@ class ModelConfig:
     bos_token_id: int | None
     # generation_config.json's eos ids when it names any, else config.json's (as transformers stops).
     eos_token_ids: tuple[int, ...]
-    # The MLP's gate activation: "silu", or "gelu_pytorch_tanh" (Gemma 3).
+    # The MLP's gate activation: "silu", or "gelu_pytorch_tanh" (Gemma).
     hidden_act: str = "silu"
     # Gemma: Gemma 3's RoPE base for its sliding layers (plain RoPE there), the attention scale's
     # query_pre_attn_scalar**-0.5 (None: head_dim**-0.5), and tanh's caps on the attention scores (Gemma 2)
@@ -181,12 +182,12 @@ def _rope_layers(config: dict[str, Any]) -> tuple[bool, ...] | None:
 def _text_part(config: dict[str, Any]) -> dict[str, Any]:
     """A multimodal config's language model as a config of its own: its text_config, under the text-only
     architecture, with what the outer config says of the whole (dtype, tied embeddings) where it says nothing."""
-    keys = ("dtype", "torch_dtype", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+    keys = ("dtype", "torch_dtype", "bos_token_id", "eos_token_id")
     outer = {key: config[key] for key in keys if key in config}
-    # transformers' Gemma3ForConditionalGeneration does not cap its logits, whatever text_config says
-    # (Google's configs say null).
+    # transformers ties the head as the outer config says (Gemma3Config: True by default), and its
+    # Gemma3ForConditionalGeneration does not cap its logits, whatever text_config says (Google's: null).
     return {**outer, **(config.get("text_config") or {}), "architectures": [TEXT_PARTS[_architecture(config)]],
-            "final_logit_softcapping": None}
+            "tie_word_embeddings": config.get("tie_word_embeddings", True), "final_logit_softcapping": None}
 
 
 def _granite_scalars(config: dict[str, Any]) -> dict[str, float]:
@@ -258,7 +259,7 @@ def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
     """
     architecture = _architecture(config)
     num_layers = _required(config, "num_hidden_layers")
-    qwen_slides = architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and config.get("use_sliding_window", False)
+    qwen_slides = architecture in QWEN and config.get("use_sliding_window", False)
     window = config.get("sliding_window", 4096) if architecture == "MistralForCausalLM" or qwen_slides else None
     if architecture == "Phi3ForCausalLM":  # every layer, when the config names a window (Phi-3-mini-4k: 2047)
         window = config.get("sliding_window")
@@ -268,7 +269,8 @@ def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
         window = config.get("sliding_window")
     if not window:
         return (None,) * num_layers
-    layer_types = config.get("layer_types")
+    # transformers reads layer_types for these only; Mistral and Phi-3 slide every layer whatever it says.
+    layer_types = config.get("layer_types") if architecture in (*GEMMA, *QWEN, SMOLLM3) else None
     if layer_types is None and architecture == SMOLLM3:  # its layers without RoPE slide
         layer_types = ["full_attention" if rotated else "sliding_attention" for rotated in _rope_layers(config)]
     if layer_types is None and architecture in GEMMA:  # older configs: every pattern-th layer is global

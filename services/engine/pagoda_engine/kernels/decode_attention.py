@@ -49,7 +49,6 @@ from pagoda_engine.kernels.kv_cache import fp16_over_fp8, load_paged_tile
 from pagoda_engine.kernels.sm_count import num_sms
 from pagoda_engine.layers.attention.metadata import longest_first
 
-LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 # The batch-invariant policy's smallest piece, a multiple of every BLOCK_N so that pieces hold whole
 # tiles: 256 tokens amortise a piece's partial write and its share of the reduce at every batch size.
 MIN_TOKENS_PER_SPLIT = 256
@@ -66,7 +65,7 @@ MAX_SPLITS = 64
 # (runs M, N) was better on ragged short contexts at 16-64 sequences but 3-6% slower on uniform 1-8K
 # contexts at 32, and offline within the noise (+0.5%): kept at 16.
 TARGET_PROGRAMS_PER_SM = 16
-# Over an fp8 cache a program is one warp (``_default_config``), and its single warp walks a 1K context
+# Over an fp8 cache a program is one warp (``_default_config``, heads up to 128), and its single warp walks a 1K context
 # at a fraction of the SM's bandwidth, so the longest contexts of a ragged batch set the kernel's time:
 # 256 ragged contexts of 100-1,024 tokens took 150 us unsplit, 128 with 2 splits, 97.5 at their mean
 # length (H200). 32 per SM cuts 256 sequences in two; offline 26,779 tok/s against 24,308 at 16 (one
@@ -74,9 +73,10 @@ TARGET_PROGRAMS_PER_SM = 16
 FP8_TARGET_PROGRAMS_PER_SM = 32
 
 
-def target_programs_per_sm(cache_dtype: torch.dtype) -> int:
-    """The throughput policy's programs per SM for a cache of this dtype."""
-    return FP8_TARGET_PROGRAMS_PER_SM if cache_dtype.itemsize == 1 else TARGET_PROGRAMS_PER_SM
+def target_programs_per_sm(cache_dtype: torch.dtype, head_dim: int = 128) -> int:
+    """The throughput policy's programs per SM: more where ``_default_config`` runs one-warp programs."""
+    one_warp = _default_config(head_dim, torch.bfloat16, cache_dtype)[1] == 1
+    return FP8_TARGET_PROGRAMS_PER_SM if one_warp else TARGET_PROGRAMS_PER_SM
 
 
 def choose_num_splits(
@@ -142,11 +142,17 @@ def visible_start(seq_len, WINDOW: tl.constexpr):
 @triton.jit
 def scaled_scores(qk, qk_scale, SOFTCAP: tl.constexpr):
     """q.k in log2 units (``qk_scale`` holds log2(e)); with SOFTCAP (> 0) capped first, as Gemma 2 does:
-    cap * tanh(score / cap) of the natural-unit score, which in log2 units has the cap times log2(e)."""
+    cap * tanh(score / cap) of the natural-unit score is the same in log2 units with the cap in them too,
+    which ``log2_softcap`` gives."""
     s = qk * qk_scale
     if SOFTCAP > 0:
-        s = (SOFTCAP * LOG2E) * libdevice.tanh(s / (SOFTCAP * LOG2E))
+        s = SOFTCAP * libdevice.tanh(s / SOFTCAP)
     return s
+
+
+def log2_softcap(logit_softcap: float | None) -> float:
+    """The kernels' SOFTCAP: the cap in log2 units, 0 for none."""
+    return 0.0 if logit_softcap is None else logit_softcap * math.log2(math.e)
 
 
 @triton.jit
@@ -158,11 +164,16 @@ def dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def softmax_step(s, v, row_max, row_sum, acc, IEEE: tl.constexpr):
-    """One online-softmax update (scores ``s`` already in log2 units, masked entries at -inf)."""
+def softmax_step(s, v, row_max, row_sum, acc, IEEE: tl.constexpr, EMPTY_ROWS: tl.constexpr = False):
+    """One online-softmax update (scores ``s`` already in log2 units, masked entries at -inf).
+
+    ``EMPTY_ROWS``: a row may have seen no key yet (a sliding window's rows start at different tiles), so its
+    max is -inf; exp2(-inf - -inf) would be NaN, so such rows shift by 0 and stay at zero weight.
+    """
     max_new = tl.maximum(row_max, tl.max(s, 1))
-    p = tl.exp2(s - max_new[:, None])
-    alpha = tl.exp2(row_max - max_new)
+    shift = tl.where(max_new == float("-inf"), 0.0, max_new) if EMPTY_ROWS else max_new
+    p = tl.exp2(s - shift[:, None])
+    alpha = tl.exp2(row_max - shift)
     row_sum = row_sum * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
     return max_new, row_sum, acc
@@ -313,7 +324,7 @@ def decode_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     plan = plan_splits(batch, num_kv_heads, max_seq_len, num_sms(q.device), batch_invariant, num_splits,
-                       target_programs_per_sm(k_cache.dtype))
+                       target_programs_per_sm(k_cache.dtype, head_dim))
     num_splits = plan.num_splits
     block_n, num_warps, num_stages = config or _default_config(head_dim, q.dtype, k_cache.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -333,7 +344,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=split, IEEE=q.dtype == torch.float32, FP16=fp16_over_fp8(q, k_cache), WINDOW=sliding_window or 0,
-        SOFTCAP=float(logit_softcap or 0.0), num_warps=num_warps, num_stages=num_stages,
+        SOFTCAP=log2_softcap(logit_softcap), num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _decode_reduce_kernel[(batch, num_heads)](

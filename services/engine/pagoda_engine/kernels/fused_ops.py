@@ -65,7 +65,9 @@ def rms_norm(
     """
     x_rows = _rows(x)
     n_rows, n_cols = x_rows.shape
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    # Llama's norm multiplies in the promoted dtype; Gemma's casts back to the input's.
+    dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
     residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
     residual_rows = _rows(residual) if residual is not None else x_rows
     block_cols = triton.next_power_of_2(n_cols)

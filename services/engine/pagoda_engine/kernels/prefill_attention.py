@@ -7,7 +7,9 @@ block table and never needs to know which tokens are new.
 
 One program per (sequence, tile of BLOCK_M queries, query head). Its keys split in two runs:
 positions below the tile's first query are visible to every row and need no mask (the bulk of the
-work with long prefixes), and the few tiles on the diagonal are masked causally.
+work with long prefixes), and the few tiles on the diagonal are masked causally. With a sliding window
+there is one run, every tile masked, from the first row's window on; a later row may then meet tiles
+that hold none of its keys, which the softmax step allows for (``EMPTY_ROWS``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda_engine.kernels.decode_attention import dot, scaled_scores, softmax_step
+from pagoda_engine.kernels.decode_attention import dot, log2_softcap, scaled_scores, softmax_step
 from pagoda_engine.kernels.kv_cache import fp16_over_fp8, load_paged_tile
 
 
@@ -48,7 +50,7 @@ def _attend_keys(
             if WINDOW > 0:
                 seen = seen & (pos[None, :] > q_pos[:, None] - WINDOW)
             s = tl.where(seen, s, float("-inf"))
-        row_max, row_sum, acc = softmax_step(s, v, row_max, row_sum, acc, IEEE)
+        row_max, row_sum, acc = softmax_step(s, v, row_max, row_sum, acc, IEEE, WINDOW > 0)
     return row_max, row_sum, acc
 
 
@@ -162,6 +164,6 @@ def prefill_attention(
         GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         IEEE=q.dtype == torch.float32, FP16=fp16_over_fp8(q, k_cache), WINDOW=sliding_window or 0,
-        SOFTCAP=float(logit_softcap or 0.0), num_warps=num_warps, num_stages=num_stages,
+        SOFTCAP=log2_softcap(logit_softcap), num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -88,7 +88,10 @@ class GemmaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.embed_scale = config.hidden_size**0.5
+        # sqrt(hidden_size) rounded to the weights' dtype, as transformers has it; a Python float, so the
+        # forward makes no tensor of it.
+        scale = torch.tensor(config.hidden_size**0.5, device="cpu")
+        self.embed_scale = scale.to(self.embed_tokens.weight.dtype).item()
         # One cos/sin cache per kind of layer (one kind in Gemma 2), shared by the layers of that kind.
         global_rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling)
@@ -101,10 +104,7 @@ class GemmaModel(nn.Module):
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        embedded = self.embed_tokens(input_ids)
-        # transformers rounds the scale to the weights' dtype first; a Python float keeps it off the device.
-        scale = torch.tensor(self.embed_scale).to(embedded.dtype).item()
-        return run_layers(self.layers, self.norm, embedded * scale, positions, meta)
+        return run_layers(self.layers, self.norm, self.embed_tokens(input_ids) * self.embed_scale, positions, meta)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
