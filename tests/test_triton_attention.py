@@ -2,7 +2,8 @@
 
 Every test is GPU-marked. The shapes are kept small for the Triton interpreter (``TRITON_INTERPRET=1``,
 with the GPU skip lifted), a debugging aid: triton 3.6's interpreter cannot loop ``range`` to a bound
-loaded from memory, which the attention kernels do, so only the cache-store tests run there unpatched.
+loaded from memory, which the attention kernels do, so only the cache-store tests run there unpatched
+(tests/test_attention_interpreter.py patches that and runs the windowed kernels in CI).
 Outputs are always poisoned with NaN first, so a row a kernel forgets to write fails the comparison.
 """
 
