@@ -3,8 +3,7 @@
 triton 3.6's interpreter cannot loop ``range`` to a bound loaded from memory (its ``__index__`` reads a
 one-element array as a scalar and fails), which the attention kernels do; the check patches that one
 method for its own run. It covers what the CPU path cannot: the sliding-window variants, whose prefill
-once left NaN in rows whose window starts past a tile's first keys. The soft-cap variant calls libdevice's
-tanh, which the interpreter lacks: it is compile-checked only (tests/test_kernel_compile.py).
+once left NaN in rows whose window starts past a tile's first keys, and the score soft-cap.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ def _read_loaded_loop_bounds() -> None:
 
 
 def check_under_interpreter() -> None:
-    """Windowed prefill (fresh and after a prefix, tiles past the window's edge) and decode (split and
-    unsplit policies) in fp32; run by the test below with TRITON_INTERPRET=1."""
+    """Windowed and soft-capped prefill (fresh and after a prefix, tiles past the window's edge) and decode
+    (both split policies) in fp32; run by the test below with TRITON_INTERPRET=1."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     _read_loaded_loop_bounds()
     import torch
@@ -42,18 +41,19 @@ def check_under_interpreter() -> None:
 
     batch = make_batch([(0, 70), (20, 50)], num_decodes=0, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
                        dtype=torch.float32)
-    for window in (1, 5, 33):
-        ref, _, _ = reference(batch, window)
-        torch.testing.assert_close(run_backend(batch, False, window), ref, atol=1e-5, rtol=1e-5)
+    for window, cap in ((1, None), (5, None), (33, None), (None, 2.0), (5, 2.0)):
+        ref, _, _ = reference(batch, window, cap)
+        torch.testing.assert_close(run_backend(batch, False, window, cap), ref, atol=1e-5, rtol=1e-5)
     lengths = [1, 5, 63, 64, 65, 300]
     batch = make_batch([(n - 1, 1) for n in lengths], num_decodes=len(lengths), num_heads=4, num_kv_heads=2,
                        head_dim=64, block_size=16, dtype=torch.float32)
-    ref, _, _ = reference(batch, 64)
-    for batch_invariant in (False, True):
-        torch.testing.assert_close(run_backend(batch, batch_invariant, 64), ref, atol=1e-5, rtol=1e-5)
+    for window, cap in ((64, None), (None, 2.0)):
+        ref, _, _ = reference(batch, window, cap)
+        for batch_invariant in (False, True):
+            torch.testing.assert_close(run_backend(batch, batch_invariant, window, cap), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_windowed_attention_kernels_under_the_triton_interpreter():
+def test_windowed_and_capped_attention_kernels_under_the_triton_interpreter():
     root = Path(__file__).resolve().parents[1]
     code = "from tests.test_attention_interpreter import check_under_interpreter; check_under_interpreter()"
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"},

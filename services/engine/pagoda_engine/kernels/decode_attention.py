@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
+from pagoda_engine.kernels.fused_ops import tanh_from_exp
 from pagoda_engine.kernels.kv_cache import fp16_over_fp8, load_paged_tile
 from pagoda_engine.kernels.sm_count import num_sms
 from pagoda_engine.layers.attention.metadata import longest_first
@@ -145,8 +145,8 @@ def scaled_scores(qk, qk_scale, SOFTCAP: tl.constexpr):
     cap * tanh(score / cap) of the natural-unit score is the same in log2 units with the cap in them too,
     which ``log2_softcap`` gives."""
     s = qk * qk_scale
-    if SOFTCAP > 0:
-        s = SOFTCAP * libdevice.tanh(s / SOFTCAP)
+    if SOFTCAP > 0:  # tanh without libdevice: the scores' rounding is far coarser than its last bits
+        s = SOFTCAP * tanh_from_exp(s / SOFTCAP)
     return s
 
 

@@ -206,6 +206,13 @@ def _gated_activation(kernel: triton.JITFunction, x: torch.Tensor) -> torch.Tens
     return out
 
 
+@triton.jit
+def tanh_from_exp(x):
+    """tanh from one exp of a non-positive argument (no overflow): no libdevice, so the interpreter runs it."""
+    decay = tl.exp(-2.0 * tl.abs(x))
+    return tl.where(x >= 0, 1.0, -1.0) * (1.0 - decay) / (1.0 + decay)
+
+
 # torch's tanh-approximated GELU: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), in float32.
 _GELU_BETA: tl.constexpr = tl.constexpr(math.sqrt(2.0 / math.pi))
 _GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
@@ -220,13 +227,8 @@ def _gelu_tanh_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE: tl.co
     up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask)
     g = gate.to(tl.float32)
     inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
-    # libdevice's tanhf is CUDA's, as torch's kernel calls it; the interpreter has no libdevice, and gets
-    # tanh from exp of a non-positive argument (no overflow).
-    if LIBDEVICE:
-        tanh = libdevice.tanh(inner)
-    else:
-        decay = tl.exp(-2.0 * tl.abs(inner))
-        tanh = tl.where(inner >= 0, 1.0, -1.0) * (1.0 - decay) / (1.0 + decay)
+    # libdevice's tanhf is CUDA's, as torch's kernel calls it; the interpreter has no libdevice.
+    tanh = libdevice.tanh(inner) if LIBDEVICE else tanh_from_exp(inner)
     gelu = (0.5 * g * (1.0 + tanh)).to(gate.dtype)  # rounded before the product with up, as in torch
     out = gelu.to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + row * n_cols + cols, out.to(gate.dtype), mask=mask)
