@@ -2,8 +2,8 @@
 
 triton 3.6's interpreter cannot loop ``range`` to a bound loaded from memory (its ``__index__`` reads a
 one-element array as a scalar and fails), which the attention kernels do; the check patches that one
-method for its own run. It covers what the CPU path cannot: the sliding-window variants, whose prefill
-once left NaN in rows whose window starts past a tile's first keys, and the score soft-cap.
+method for its own run. It covers what the CPU path cannot: the kernels' arithmetic, plain, with sliding windows (whose prefill
+once left NaN in rows whose window starts past a tile's first keys) and with the score soft-cap.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def check_under_interpreter() -> None:
 
     batch = make_batch([(0, 70), (20, 50)], num_decodes=0, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
                        dtype=torch.float32)
-    for window, cap in ((1, None), (5, None), (33, None), (None, 2.0), (5, 2.0)):
+    for window, cap in ((None, None), (1, None), (5, None), (33, None), (None, 2.0), (5, 2.0)):
         ref, _, _ = reference(batch, window, cap)
         torch.testing.assert_close(run_backend(batch, False, window, cap), ref, atol=1e-5, rtol=1e-5)
     lengths = [1, 5, 63, 64, 65, 300]
     batch = make_batch([(n - 1, 1) for n in lengths], num_decodes=len(lengths), num_heads=4, num_kv_heads=2,
                        head_dim=64, block_size=16, dtype=torch.float32)
-    for window, cap in ((64, None), (None, 2.0)):
+    for window, cap in ((None, None), (64, None), (None, 2.0)):
         ref, _, _ = reference(batch, window, cap)
         for batch_invariant in (False, True):
             torch.testing.assert_close(run_backend(batch, batch_invariant, window, cap), ref, atol=1e-5, rtol=1e-5)

@@ -19,46 +19,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagoda_engine.layers.attention import Attention, AttentionMetadata
+from pagoda_engine.layers.attention import AttentionMetadata
 from pagoda_engine.layers.embedding import VocabParallelEmbedding
-from pagoda_engine.layers.linear import QKVParallelLinear, RowParallelLinear
 from pagoda_engine.layers.norm import GemmaRMSNorm
 from pagoda_engine.layers.rotary import RotaryEmbedding
 from pagoda_engine.model_config import ModelConfig
-from pagoda_engine.models.llama import LlamaForCausalLM, LlamaMLP, run_layers
+from pagoda_engine.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM, LlamaMLP, run_layers
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None):
-        super().__init__()
-        head_dim = config.head_dim
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=config.attention_bias)
-        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
-                                        bias=config.attention_bias)
-        if config.architecture == "Gemma3ForCausalLM":
-            self.q_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
-            self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
-        self.rotary_emb = rotary_emb
-        self.head_dim = head_dim
-        scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
-        self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads, scale, sliding_window,
-                              config.attn_logit_softcapping)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        norms = None if self.q_norm is None else (self.q_norm, self.k_norm)
-        q, k = self.rotary_emb(positions, q, k, norms)
-        return self.o_proj(self.attn(q, k, v, meta))
+def attention_options(config: ModelConfig) -> AttentionOptions:
+    """Llama's attention block with Gemma 3's per-head norms (Gemma 2 has none); the scale and Gemma 2's
+    score soft-cap come from the config."""
+    return AttentionOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias,
+                            qk_norm=config.architecture == "Gemma3ForCausalLM", norm=GemmaRMSNorm)
 
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, layer: int):
         super().__init__()
-        self.self_attn = GemmaAttention(config, rotary_emb, config.sliding_windows[layer])
+        self.self_attn = LlamaAttention(config, rotary_emb, attention_options(config), config.sliding_windows[layer])
         self.mlp = LlamaMLP(config)
         eps = config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)

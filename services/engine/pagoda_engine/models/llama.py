@@ -30,6 +30,8 @@ class AttentionOptions:
     qkv_bias: bool
     o_bias: bool
     qk_norm: bool
+    # The per-head q/k norm's kind (Gemma 3's scales by 1 + weight).
+    norm: type[RMSNorm] = RMSNorm
 
 
 class LlamaAttention(nn.Module):
@@ -43,11 +45,13 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb  # None: no position encoding in this layer (SmolLM3's NoPE layers)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
-        scale = config.attention_multiplier or head_dim**-0.5
-        self.attn = Attention(self.num_heads, head_dim, self.num_kv_heads, scale=scale, sliding_window=sliding_window)
+        # Granite's multiplier, Gemma's query_pre_attn_scalar**-0.5, else head_dim**-0.5; Gemma 2 caps scores.
+        scale = config.attention_multiplier or (config.query_pre_attn_scalar or head_dim) ** -0.5
+        self.attn = Attention(self.num_heads, head_dim, self.num_kv_heads, scale, sliding_window,
+                              config.attn_logit_softcapping)
         if options.qk_norm:
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.q_norm = options.norm(head_dim, config.rms_norm_eps)
+            self.k_norm = options.norm(head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
