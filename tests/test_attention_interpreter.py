@@ -2,8 +2,9 @@
 
 triton 3.6's interpreter cannot loop ``range`` to a bound loaded from memory (its ``__index__`` reads a
 one-element array as a scalar and fails), which the attention kernels do; the check patches that one
-method for its own run. It covers what the CPU path cannot: the kernels' arithmetic, plain, with sliding windows (whose prefill
-once left NaN in rows whose window starts past a tile's first keys) and with the score soft-cap.
+method for its own run. It covers what the CPU path cannot: the kernels' arithmetic, plain, with sliding
+windows (whose prefill once left NaN in rows whose window starts past a tile's first keys) and with the
+score soft-cap.
 """
 
 from __future__ import annotations
