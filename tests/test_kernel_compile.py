@@ -82,5 +82,4 @@ def test_fused_elementwise_kernels_compile_for_sm90(gemma):
     compile_for_h100(fused_ops._rotary_kernel, rotary, dict(HAS_NORM=True, GEMMA=gemma, HALF=128, BLOCK_HALF=128,
                                                             BLOCK_Q_HEADS=8, BLOCK_K_HEADS=4), 4, 2, **semantics)
     gated = {"x_ptr": "*bf16", "out_ptr": "*bf16"}
-    kernel = fused_ops._gelu_tanh_and_mul_kernel if gemma else fused_ops._silu_and_mul_kernel
-    compile_for_h100(kernel, gated, dict(LIBDEVICE=True, BLOCK=1024), 4, 2, **semantics)
+    compile_for_h100(fused_ops._gated_kernel, gated, dict(GELU=gemma, LIBDEVICE=True, BLOCK=1024), 4, 2, **semantics)

@@ -172,38 +172,40 @@ def rotary_embedding_(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_kernel(x_ptr, out_ptr, n_cols, x_stride, GELU: tl.constexpr, LIBDEVICE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """``act(gate) * up`` over one row's block of columns: SiLU, or with GELU the tanh-approximated GELU."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask)
     up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask)
     g = gate.to(tl.float32)
-    # tl.exp is a fast approximation; libdevice's expf matches torch but cannot run in the interpreter.
-    exp_neg = libdevice.exp(-g) if LIBDEVICE else tl.exp(-g)
-    # torch's silu: x / (1 + exp(-x)) with IEEE division, rounded before the product with up.
-    silu = tl.math.div_rn(g, 1.0 + exp_neg).to(gate.dtype)
-    out = silu.to(tl.float32) * up.to(tl.float32)
+    act = _gelu_tanh(g, LIBDEVICE) if GELU else _silu(g, LIBDEVICE)
+    # Rounded before the product with up, as torch's separate ops do.
+    out = act.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + row * n_cols + cols, out.to(gate.dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``x = [..., gate | up]``: [..., 2 * I] -> new [..., I]."""
-    return _gated_activation(_silu_and_mul_kernel, x)
+@triton.jit
+def _silu(g, LIBDEVICE: tl.constexpr):
+    # tl.exp is a fast approximation; libdevice's expf matches torch but cannot run in the interpreter.
+    exp_neg = libdevice.exp(-g) if LIBDEVICE else tl.exp(-g)
+    # torch's silu: x / (1 + exp(-x)) with IEEE division.
+    return tl.math.div_rn(g, 1.0 + exp_neg)
 
 
-def _gated_activation(kernel: triton.JITFunction, x: torch.Tensor) -> torch.Tensor:
-    """Launch a ``[gate | up] -> act(gate) * up`` kernel over the rows of ``x``."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        raise ValueError(f"the last dimension must be contiguous, got strides {tuple(x.stride())}")
-    n_cols = rows.shape[1] // 2
-    out = torch.empty((*x.shape[:-1], n_cols), dtype=x.dtype, device=x.device)
-    block = 1024
-    kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
-        rows, out, n_cols, rows.stride(0), LIBDEVICE=x.is_cuda, BLOCK=block, num_warps=4, **_TORCH_FLOAT_SEMANTICS,
-    )
-    return out
+# torch's tanh-approximated GELU: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), in float32.
+_GELU_BETA: tl.constexpr = tl.constexpr(math.sqrt(2.0 / math.pi))
+_GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _gelu_tanh(g, LIBDEVICE: tl.constexpr):
+    inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
+    # libdevice's tanhf is CUDA's, as torch's kernel calls it; the interpreter has no libdevice.
+    tanh = libdevice.tanh(inner) if LIBDEVICE else tanh_from_exp(inner)
+    return 0.5 * g * (1.0 + tanh)
 
 
 @triton.jit
@@ -213,27 +215,26 @@ def tanh_from_exp(x):
     return tl.where(x >= 0, 1.0, -1.0) * (1.0 - decay) / (1.0 + decay)
 
 
-# torch's tanh-approximated GELU: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), in float32.
-_GELU_BETA: tl.constexpr = tl.constexpr(math.sqrt(2.0 / math.pi))
-_GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [..., gate | up]``: [..., 2 * I] -> new [..., I]."""
+    return _gated_activation(x, gelu=False)
 
 
-@triton.jit
-def _gelu_tanh_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask)
-    up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask)
-    g = gate.to(tl.float32)
-    inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
-    # libdevice's tanhf is CUDA's, as torch's kernel calls it; the interpreter has no libdevice.
-    tanh = libdevice.tanh(inner) if LIBDEVICE else tanh_from_exp(inner)
-    gelu = (0.5 * g * (1.0 + tanh)).to(gate.dtype)  # rounded before the product with up, as in torch
-    out = gelu.to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, out.to(gate.dtype), mask=mask)
+def _gated_activation(x: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """``[gate | up] -> act(gate) * up`` over the rows of ``x``."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        raise ValueError(f"the last dimension must be contiguous, got strides {tuple(x.stride())}")
+    n_cols = rows.shape[1] // 2
+    out = torch.empty((*x.shape[:-1], n_cols), dtype=x.dtype, device=x.device)
+    block = 1024
+    _gated_kernel[(rows.shape[0], triton.cdiv(n_cols, block))](
+        rows, out, n_cols, rows.stride(0), GELU=gelu, LIBDEVICE=x.is_cuda, BLOCK=block, num_warps=4,
+        **_TORCH_FLOAT_SEMANTICS,
+    )
+    return out
 
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` for ``x = [..., gate | up]`` (Gemma's MLP): [..., 2 * I] -> new [..., I]."""
-    return _gated_activation(_gelu_tanh_and_mul_kernel, x)
+    return _gated_activation(x, gelu=True)
