@@ -67,10 +67,13 @@ CASES = {
                                                                                       rope_theta=1e6),
                                                                "sliding_attention": dict(rope_type="default",
                                                                                          rope_theta=1e4)}), {}),
-    # Gemma 2: sliding and global layers, scores and logits soft-capped (small caps, so that they bite).
+    # Gemma 2: sliding and global layers (one RoPE, scaled in both), scores and logits soft-capped (small caps,
+    # so that they bite).
     "gemma2_softcaps": ("Gemma2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                                   sliding_window=5, query_pre_attn_scalar=24,
                                                   attn_logit_softcapping=1.5, final_logit_softcapping=3.0,
+                                                  rope_parameters=dict(rope_type="linear", factor=2.0,
+                                                                       rope_theta=1e4),
                                                   pad_token_id=0), {}),
     # Granite's multipliers: embedding, residual branches, logits, and an attention scale of its own.
     "granite_scalars": ("GraniteForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,

@@ -71,11 +71,12 @@ class GemmaModel(nn.Module):
         # forward makes no tensor of it.
         scale = torch.tensor(config.hidden_size**0.5, device="cpu")
         self.embed_scale = scale.to(self.embed_tokens.weight.dtype).item()
-        # One cos/sin cache per kind of layer (one kind in Gemma 2), shared by the layers of that kind.
+        # One cos/sin cache per kind of layer, shared by the layers of that kind: Gemma 2 has one kind, Gemma 3's
+        # sliding layers a base of their own and no scaling.
         global_rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling)
-        local_rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                     config.sliding_rope_theta or config.rope_theta, None)
+        local_rope = global_rope if config.sliding_rope_theta is None else RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.sliding_rope_theta, None)
         self.layers = nn.ModuleList(
             GemmaDecoderLayer(config, global_rope if config.sliding_windows[layer] is None else local_rope, layer)
             for layer in range(config.num_hidden_layers)
