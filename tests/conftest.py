@@ -60,6 +60,7 @@ TINY_CONFIGS = {
     # Every fourth layer without RoPE: of four, the last.
     "smollm3": dict(arch="SmolLM3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
                     pad_token_id=0),
+    "olmo2": dict(arch="Olmo2ForCausalLM", num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
     "granite": dict(arch="GraniteForCausalLM", num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0,
                     residual_multiplier=0.22, logits_scaling=8.0, attention_multiplier=0.05),
 }

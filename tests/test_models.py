@@ -82,6 +82,8 @@ CASES = {
     # SmolLM3: no RoPE in every fourth layer (here the second of two, by an explicit no_rope_layers), tied.
     "smollm3_nope": ("SmolLM3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 0],
                                                 pad_token_id=0), {}),
+    # OLMo 2: norms after each block, q/k normalised over their whole projection.
+    "olmo2_post_norms": ("Olmo2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0), {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,

@@ -41,6 +41,8 @@ CASES = {
     "gemma3": TINY_CONFIGS["gemma3"],
     # Soft-capped scores and logits.
     "gemma2": TINY_CONFIGS["gemma2"],
+    # q/k norms over the whole projection: each rank's sum of squares, summed over the ranks.
+    "olmo2": TINY_CONFIGS["olmo2"],
 }
 
 # A 48-token budget chunks the 70-token prompt; the repeated prefix is served from the prefix cache.

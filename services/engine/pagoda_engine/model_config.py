@@ -50,6 +50,7 @@ ARCHITECTURE_DEFAULTS = {
     GEMMA3: {**_GEMMA_COMMON, "vocab_size": 262_208, "max_position_embeddings": 131_072, "rope_theta": 1_000_000.0,
              "rope_local_base_freq": 10_000.0},
     SMOLLM3: {"tie_word_embeddings": True, "rope_theta": 2_000_000.0, "max_position_embeddings": 32768},
+    "Olmo2ForCausalLM": {"rms_norm_eps": 1e-5},
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -7,6 +7,7 @@ from torch import nn
 from pagoda_engine.model_config import TEXT_PARTS
 from pagoda_engine.models.gemma import GemmaForCausalLM
 from pagoda_engine.models.llama import LlamaForCausalLM
+from pagoda_engine.models.olmo2 import Olmo2ForCausalLM
 from pagoda_engine.models.qwen2 import Qwen2ForCausalLM
 from pagoda_engine.models.qwen3 import Qwen3ForCausalLM
 
@@ -22,6 +23,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "GraniteForCausalLM": LlamaForCausalLM,
     # SmolLM3: Llama whose every fourth layer has no RoPE (ModelConfig.rope_layers).
     "SmolLM3ForCausalLM": LlamaForCausalLM,
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
