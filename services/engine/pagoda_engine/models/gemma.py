@@ -24,7 +24,14 @@ from pagoda_engine.layers.embedding import VocabParallelEmbedding
 from pagoda_engine.layers.norm import GemmaRMSNorm
 from pagoda_engine.layers.rotary import RotaryEmbedding
 from pagoda_engine.model_config import ModelConfig
-from pagoda_engine.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM, LlamaMLP, run_layers
+from pagoda_engine.models.llama import (
+    AttentionOptions,
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+    add_and_norm,
+    run_layers,
+)
 
 
 def attention_options(config: ModelConfig) -> AttentionOptions:
@@ -53,11 +60,7 @@ class GemmaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As LlamaDecoderLayer: this layer's (normalised) MLP output and the residual stream before it."""
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = add_and_norm(self.input_layernorm, hidden_states, residual)
         attended = self.post_attention_layernorm(self.self_attn(positions, hidden_states, meta))
         hidden_states, residual = self.pre_feedforward_layernorm(attended, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual

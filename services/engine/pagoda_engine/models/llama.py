@@ -96,11 +96,7 @@ class LlamaDecoderLayer(nn.Module):
 
         Carrying the two apart lets the next norm do the residual add in the same pass.
         """
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = add_and_norm(self.input_layernorm, hidden_states, residual)
         hidden_states = self._scaled(self.self_attn(positions, hidden_states, meta))
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self._scaled(self.mlp(hidden_states)), residual
@@ -129,6 +125,14 @@ class LlamaModel(nn.Module):
         if self.embedding_multiplier != 1.0:
             embedded = embedded * self.embedding_multiplier
         return run_layers(self.layers, self.norm, embedded, positions, meta)
+
+
+def add_and_norm(norm: nn.Module, hidden_states: torch.Tensor,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input norm with the previous layer's residual add folded in: (normed, the new residual)."""
+    if residual is None:  # the first layer: its input is the embedding, the residual stream as it starts
+        return norm(hidden_states), hidden_states
+    return norm(hidden_states, residual)
 
 
 def run_layers(layers: nn.ModuleList, norm: nn.Module, hidden_states: torch.Tensor, positions: torch.Tensor,
