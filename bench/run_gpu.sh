@@ -39,13 +39,14 @@ if want tests; then
 fi
 if want bench; then
   run python3 bench/kernels.py --pieces --fp8 --out "$parts/kernels.json"
-  for micro in fused_ops linear sampling; do
+  for micro in fused_ops linear sampling moe; do
     run python3 bench/$micro.py --out "$parts/$micro.json"
   done
   run python3 bench/step_profile.py --trace 10 --trace-prefill 3 --out "$parts/step_profile.json"
   run python3 bench/step_profile.py --num-seqs 1 --trace 20 --out "$parts/step_profile_one_seq.json"
   run python3 bench/offline.py --out "$parts/offline.json"
   run python3 bench/offline.py --kv-cache-dtype fp8 --skip-latency --out "$parts/offline_fp8.json"
+  run python3 bench/offline.py --model bench/configs/qwen3-30b-a3b --out "$parts/offline_moe.json"
   if (( $(python3 -c 'import torch; print(torch.cuda.device_count())') >= 2 )); then
     run python3 bench/offline.py --tensor-parallel-size 2 --out "$parts/offline_tp2.json"
   fi

@@ -61,6 +61,15 @@ TINY_CONFIGS = {
     "smollm3": dict(arch="SmolLM3ForCausalLM", num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
                     pad_token_id=0),
     "olmo2": dict(arch="Olmo2ForCausalLM", num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+    # Mixtures of experts: Mixtral's renormalised top-2 of 4; Qwen3-MoE's top-3 of 8 with a dense layer;
+    # Qwen2-MoE's shared expert beside top-2 of 6.
+    "mixtral": dict(arch="MixtralForCausalLM", num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                    num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(arch="Qwen3MoeForCausalLM", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True,
+                      mlp_only_layers=[1]),
+    "qwen2_moe": dict(arch="Qwen2MoeForCausalLM", num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+                      num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
     "granite": dict(arch="GraniteForCausalLM", num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0,
                     residual_multiplier=0.22, logits_scaling=8.0, attention_multiplier=0.05),
 }

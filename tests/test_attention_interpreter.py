@@ -19,7 +19,8 @@ import pytest
 pytest.importorskip("triton")
 
 
-def _read_loaded_loop_bounds() -> None:
+def read_loaded_scalars() -> None:
+    """Let the interpreter use a value loaded from memory as a Python int (a loop bound, a branch's test)."""
     import triton.runtime.interpreter as interpreter
 
     patch_tensor = interpreter._patch_lang_tensor
@@ -35,7 +36,7 @@ def check_under_interpreter() -> None:
     """Windowed and soft-capped prefill (fresh and after a prefix, tiles past the window's edge) and decode
     (both split policies) in fp32; run by the test below with TRITON_INTERPRET=1."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    _read_loaded_loop_bounds()
+    read_loaded_scalars()
     import torch
 
     from tests.test_triton_attention import make_batch, reference, run_backend

@@ -42,6 +42,16 @@ def gpu_model_dirs(tmp_path_factory):
         "gemma2": make_tiny_model(tmp_path_factory.mktemp("gemma2_256"), "Gemma2ForCausalLM", hidden_size=256,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=24,
                                   attn_logit_softcapping=5.0, pad_token_id=0),
+        # Mixtures of experts through the grouped GEMM: Qwen3-MoE's top-8 of 32 (decode batches give 16-row
+        # tiles, prefills 64-row ones) and Qwen2-MoE's shared expert.
+        "qwen3_moe": make_tiny_model(tmp_path_factory.mktemp("qwen3_moe_128"), "Qwen3MoeForCausalLM",
+                                     hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+                                     num_experts=32, num_experts_per_tok=8, moe_intermediate_size=64,
+                                     norm_topk_prob=True),
+        "qwen2_moe": make_tiny_model(tmp_path_factory.mktemp("qwen2_moe_64"), "Qwen2MoeForCausalLM",
+                                     hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+                                     num_experts_per_tok=2, moe_intermediate_size=96,
+                                     shared_expert_intermediate_size=128),
     }
 
 
@@ -51,7 +61,8 @@ def gpu_llm(model_dir, **config) -> LLM:
     return LLM(model_dir, device="cuda", **config)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding", "gemma2", "gemma3", "qwen3_moe",
+                                  "qwen2_moe"])
 def test_fp32_gpu_matches_transformers(gpu_model_dirs, name):
     model_dir = gpu_model_dirs[name]
     prompts = prompts_of([5, 17, 40, 64])
@@ -72,6 +83,17 @@ def test_cuda_graphs_match_eager(gpu_model_dirs, dtype, batch_invariant, num_pro
     params = [replace(GREEDY, max_tokens=12 + 3 * i) for i in range(len(prompts))]
     eager = gpu_llm(model_dir, dtype=dtype, enforce_eager=True, batch_invariant=batch_invariant)
     graphs = gpu_llm(model_dir, dtype=dtype, batch_invariant=batch_invariant)
+    assert graphs.engine.runner.graphs is not None
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    assert [o.outputs[0].token_ids for o in graphs.generate(prompts, params)] == expected
+
+
+def test_moe_cuda_graphs_match_eager(gpu_model_dirs):
+    """The routed experts' alignment and grouped GEMMs inside the decode graphs, in bf16, as batches shrink."""
+    prompts = prompts_of([3 + (17 * i) % 67 for i in range(20)])
+    params = [replace(GREEDY, max_tokens=12 + 3 * i) for i in range(len(prompts))]
+    eager = gpu_llm(gpu_model_dirs["qwen3_moe"], dtype="bfloat16", enforce_eager=True)
+    graphs = gpu_llm(gpu_model_dirs["qwen3_moe"], dtype="bfloat16")
     assert graphs.engine.runner.graphs is not None
     expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     assert [o.outputs[0].token_ids for o in graphs.generate(prompts, params)] == expected
@@ -191,19 +213,24 @@ print(json.dumps(compiled))
 """
 
 
-@pytest.mark.parametrize(("num_kv_blocks", "flags"), [
-    (1024, {}), (0, {}), (1024, {"batch_invariant": True, "enforce_eager": True}), (0, {"kv_cache_dtype": "fp8"}),
-], ids=["explicit-cache", "sized-from-memory", "batch-invariant-eager", "fp8-cache"])
-def test_warm_up_leaves_no_kernel_to_compile(tmp_path_factory, num_kv_blocks, flags):
+# A mixture of experts whose decode batches take 16-row tiles and prefill chunks 64-row ones.
+MOE = dict(arch="Qwen3MoeForCausalLM", num_experts=32, num_experts_per_tok=8, moe_intermediate_size=64)
+
+
+@pytest.mark.parametrize(("num_kv_blocks", "flags", "model"), [
+    (1024, {}, {}), (0, {}, {}), (1024, {"batch_invariant": True, "enforce_eager": True}, {}),
+    (0, {"kv_cache_dtype": "fp8"}, {}), (1024, {}, MOE),
+], ids=["explicit-cache", "sized-from-memory", "batch-invariant-eager", "fp8-cache", "moe-explicit-cache"])
+def test_warm_up_leaves_no_kernel_to_compile(tmp_path_factory, num_kv_blocks, flags, model):
     """After the engine's own warm-up, serving compiles no Triton kernel: a batch that shrinks through many
     sizes and split counts (8 KV heads), contexts of several decode pieces, chunked prefill beside decodes
     (eager steps with block tables of many widths), greedy, sampled, filtered and penalised rows, a
     vocabulary the draw slices over several programs; with the cache sized either way (an explicit size
-    skips the memory-profiling pass); and batch-invariant decode without graphs, whose capture would have
-    compiled the split variants otherwise."""
-    model = make_tiny_model(tmp_path_factory.mktemp("warm_up"), "Qwen3ForCausalLM", hidden_size=256,
-                            num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=8192,
-                            max_position_embeddings=2048)
+    skips the memory-profiling pass); batch-invariant decode without graphs, whose capture would have
+    compiled the split variants otherwise; and a mixture of experts without the profiling pass."""
+    model = make_tiny_model(tmp_path_factory.mktemp("warm_up"), **{
+        "arch": "Qwen3ForCausalLM", "hidden_size": 256, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 128, "vocab_size": 8192, "max_position_embeddings": 2048, **model})
     # The budget counts memory other processes hold, this test process among them: leave 10% over it.
     gc.collect()
     torch.cuda.empty_cache()

@@ -2,7 +2,7 @@
 
 Triton's whole pipeline down to ptxas runs on the CPU, so every variant the engine launches (16-bit and
 fp8 caches, split and unsplit decode, the reduce, prefill, with and without a sliding window and a score
-soft-cap) is checked
+soft-cap) and the MoE grouped GEMM are checked
 here in CI, ahead of the GPU machine, which alone can run them (tests/test_triton_attention.py).
 """
 
@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pagoda_engine.kernels import fused_ops  # noqa: E402
+from pagoda_engine.kernels import fused_moe, fused_ops  # noqa: E402
 from pagoda_engine.kernels.decode_attention import _decode_reduce_kernel, _decode_split_kernel  # noqa: E402
 from pagoda_engine.kernels.prefill_attention import _prefill_kernel  # noqa: E402
 
@@ -83,3 +83,17 @@ def test_fused_elementwise_kernels_compile_for_sm90(gemma):
                                                             BLOCK_Q_HEADS=8, BLOCK_K_HEADS=4), 4, 2, **semantics)
     gated = {"x_ptr": "*bf16", "out_ptr": "*bf16"}
     compile_for_h100(fused_ops._gated_kernel, gated, dict(GELU=gemma, LIBDEVICE=True, BLOCK=1024), 4, 2, **semantics)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_grouped_moe_gemm_compiles_for_sm90(dtype):
+    """Both tile heights, for the gate/up GEMM (rows gathered per token) and the weighted down GEMM."""
+    types = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "weights_ptr": "*fp32",
+             "sorted_pairs_ptr": "*i32", "tile_experts_ptr": "*i32", "num_padded_ptr": "*i32"}
+    ieee = dtype == "fp32"
+    block_n, block_k, stages = (32, 32, 2) if ieee else (64, 64, 3)
+    for block_m in (16, 64):
+        for pairs_per_row, weighted in ((8, False), (1, True)):
+            compile_for_h100(fused_moe._grouped_gemm_kernel, types, dict(
+                PAIRS_PER_ROW=pairs_per_row, WEIGHTED=weighted, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=block_k), 4, stages)

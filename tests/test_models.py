@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pagoda_engine.layers.attention import Attention, AttentionMetadata
-from pagoda_engine.model_config import ModelConfig
+from pagoda_engine.model_config import ModelConfig, MoEConfig
 from pagoda_engine.models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -84,6 +85,20 @@ CASES = {
                                                 pad_token_id=0), {}),
     # OLMo 2: norms after each block, q/k normalised over their whole projection.
     "olmo2_post_norms": ("Olmo2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0), {}),
+    # Mixtures of experts. Mixtral: 4 experts, 2 a token, renormalised, Mistral's sliding window.
+    "mixtral_sliding": ("MixtralForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                                   num_local_experts=4, num_experts_per_tok=2, sliding_window=5), {}),
+    # Qwen3-MoE: 8 experts, 3 a token, renormalised, the second layer dense (mlp_only_layers).
+    "qwen3_moe_dense_layer": ("Qwen3MoeForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                          num_experts=8, num_experts_per_tok=3,
+                                                          moe_intermediate_size=32, norm_topk_prob=True,
+                                                          mlp_only_layers=[1]), {}),
+    # Qwen2-MoE: a gated shared expert beside 6 routed ones (not renormalised), experts every second layer.
+    "qwen2_moe_shared_expert": ("Qwen2MoeForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                            num_experts=6, num_experts_per_tok=2,
+                                                            moe_intermediate_size=32,
+                                                            shared_expert_intermediate_size=48,
+                                                            decoder_sparse_step=2), {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,
@@ -294,6 +309,44 @@ def test_a_fused_tensor_of_the_wrong_size_is_named_with_its_pieces(checkpoints, 
         load_ours(path)
 
 
+def test_a_missing_expert_is_named_as_the_checkpoint_names_it(checkpoints, tmp_path):
+    src, _ = checkpoints["qwen3_moe_dense_layer"]
+    name = "model.layers.0.mlp.experts.5.up_proj.weight"
+    path = _rewrite_checkpoint(src, tmp_path / "ckpt", lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=rf"lacks tensor\(s\): {re.escape(name)}$"):
+        load_ours(path)
+
+
+def test_stacked_experts_in_a_checkpoint_are_refused_clearly(checkpoints, tmp_path):
+    """Hub checkpoints store one tensor per expert; a stacked one (transformers' in-memory layout) is named."""
+    src, _ = checkpoints["qwen3_moe_dense_layer"]
+
+    def stack(tensors: dict) -> None:
+        prefix = "model.layers.0.mlp.experts"
+        downs = [tensors.pop(f"{prefix}.{e}.down_proj.weight") for e in range(8)]
+        tensors[f"{prefix}.down_proj"] = torch.stack(downs)
+
+    path = _rewrite_checkpoint(src, tmp_path / "ckpt", stack)
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.experts\.down_proj'.*one tensor per expert"):
+        load_ours(path)
+
+
+@pytest.mark.parametrize(("architecture", "fields", "expected"), [
+    # The Hub's Qwen3-MoE names num_experts; transformers 5 writes num_local_experts.
+    ("Qwen3MoeForCausalLM", {"num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32},
+     MoEConfig(16, 4, 32, False, (True, True))),
+    ("Qwen3MoeForCausalLM", {"num_local_experts": 16, "norm_topk_prob": True, "mlp_only_layers": [0]},
+     MoEConfig(16, 8, 768, True, (False, True))),
+    # Experts in every decoder_sparse_step-th layer; a shared expert (Qwen2-MoE's defaults).
+    ("Qwen2MoeForCausalLM", {"decoder_sparse_step": 2}, MoEConfig(60, 4, 1408, False, (False, True), 5632)),
+    # Mixtral's experts are intermediate_size wide, always renormalised.
+    ("MixtralForCausalLM", {"num_local_experts": 4}, MoEConfig(4, 2, 96, True, (True, True))),
+    ("LlamaForCausalLM", {"num_experts": 4}, None),
+])
+def test_moe_configs_read_as_transformers_reads_them(architecture, fields, expected):
+    assert ModelConfig.from_dict({**TINY_QWEN3, "architectures": [architecture], **fields}).moe == expected
+
+
 def test_a_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path):
     """Gemma3ForConditionalGeneration (gemma-3-4b and up): text_config and the language_model.* tensors; the
     vision tower and projector are not read. Logits of a text-only prompt as transformers' whole model gives."""
@@ -371,6 +424,11 @@ def test_model_config_reads_both_layouts(checkpoints):
     # SmolLM3's layers without RoPE slide when use_sliding_window says so.
     ("SmolLM3ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "no_rope_layers": [1, 0]}, (None, 64)),
     ("SmolLM3ForCausalLM", {"sliding_window": 64}, (None, None)),
+    # Mixtral slides every layer when it names a window (none by default); Qwen3-MoE every layer when switched on.
+    ("MixtralForCausalLM", {}, (None, None)),
+    ("MixtralForCausalLM", {"sliding_window": 64}, (64, 64)),
+    ("Qwen3MoeForCausalLM", {"sliding_window": 64, "use_sliding_window": True}, (64, 64)),
+    ("Qwen2MoeForCausalLM", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1}, (None, 64)),
 ])
 def test_layers_slide_where_transformers_would(architecture, window_fields, windows):
     config = {**TINY_QWEN3, "architectures": [architecture], "max_position_embeddings": 8192, **window_fields}
@@ -401,6 +459,7 @@ def test_a_gemma3_config_gets_transformers_defaults_for_what_it_leaves_out():
     ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5"),
     ({"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"}, "hidden_act 'gelu'"),
     ({"architectures": ["Gemma3ForCausalLM"], "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"architectures": ["Qwen2MoeForCausalLM"], "qkv_bias": False}, "qkv_bias false"),
     # Phi-3's old name for LongRoPE is not YaRN's.
     ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "yarn", "factor": 4.0}},
      "rope type 'longrope' is not supported"),
@@ -492,3 +551,11 @@ def test_a_tensor_in_two_shards_is_an_error(tmp_path):
     config = ModelConfig.from_dir(model_dir)
     with pytest.raises(ValueError, match="'lm_head.weight' appears twice"):
         load_model(config, model_dir)
+
+
+def test_the_shipped_benchmark_configs_read():
+    """bench/configs: Qwen3-0.6B (dense) and Qwen3-30B-A3B (128 experts, 8 a token, renormalised, every layer)."""
+    configs = Path(__file__).parents[1] / "bench" / "configs"
+    assert ModelConfig.from_dir(configs / "qwen3-0.6b").moe is None
+    moe = ModelConfig.from_dir(configs / "qwen3-30b-a3b").moe
+    assert moe == MoEConfig(128, 8, 768, True, (True,) * 48)

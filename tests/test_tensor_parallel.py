@@ -43,6 +43,9 @@ CASES = {
     "gemma2": TINY_CONFIGS["gemma2"],
     # q/k norms over the whole projection: each rank's sum of squares, summed over the ranks.
     "olmo2": TINY_CONFIGS["olmo2"],
+    # Each expert's intermediate features split across the ranks, the router replicated; a shared expert.
+    "qwen3_moe": TINY_CONFIGS["qwen3_moe"],
+    "qwen2_moe": TINY_CONFIGS["qwen2_moe"],
 }
 
 # A 48-token budget chunks the 70-token prompt; the repeated prefix is served from the prefix cache.

@@ -44,6 +44,7 @@ _GEMMA_COMMON = {
     "eos_token_id": 1,
 }
 SMOLLM3 = "SmolLM3ForCausalLM"
+MIXTRAL, QWEN2_MOE, QWEN3_MOE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 ARCHITECTURE_DEFAULTS = {
     GEMMA2: {**_GEMMA_COMMON, "vocab_size": 256_000, "max_position_embeddings": 8192, "rope_theta": 10_000.0,
              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
@@ -51,8 +52,29 @@ ARCHITECTURE_DEFAULTS = {
              "rope_local_base_freq": 10_000.0},
     SMOLLM3: {"tie_word_embeddings": True, "rope_theta": 2_000_000.0, "max_position_embeddings": 32768},
     "Olmo2ForCausalLM": {"rms_norm_eps": 1e-5},
+    MIXTRAL: {"num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1_000_000.0,
+              "max_position_embeddings": 131_072},
+    QWEN2_MOE: {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                "shared_expert_intermediate_size": 5632, "max_position_embeddings": 32768},
+    QWEN3_MOE: {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                "max_position_embeddings": 32768},
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts MLP: its experts' shape, how tokens are routed, and which layers have one."""
+
+    num_experts: int
+    top_k: int  # experts per token
+    intermediate_size: int  # each expert's
+    # Whether the top-k routing probabilities are rescaled to sum to 1 (Mixtral always; Qwen's norm_topk_prob).
+    renormalize: bool
+    # Per layer: routed experts, or the dense MLP of ModelConfig.intermediate_size (Qwen's mlp_only_layers).
+    sparse_layers: tuple[bool, ...]
+    # Qwen2-MoE: an expert of this size every token goes through, its output gated by a sigmoid (0: none).
+    shared_expert_intermediate_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,7 @@ class ModelConfig:
     # Per layer: whether q and k are rotated (SmolLM3 leaves every fourth layer without position encoding).
     # None: every layer.
     rope_layers: tuple[bool, ...] | None = None
+    moe: MoEConfig | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -153,6 +176,7 @@ class ModelConfig:
             **_granite_scalars(config),
             checkpoint_architecture=checkpoint_architecture,
             rope_layers=_rope_layers(config),
+            moe=_moe(config),
         )
 
 
@@ -178,6 +202,24 @@ def _rope_layers(config: dict[str, Any]) -> tuple[bool, ...] | None:
         interval = config.get("no_rope_layer_interval", 4)
         flags = [(layer + 1) % interval != 0 for layer in range(_required(config, "num_hidden_layers"))]
     return tuple(bool(flag) for flag in flags)
+
+
+def _moe(config: dict[str, Any]) -> MoEConfig | None:
+    """Mixtral's experts in every layer; Qwen's in every decoder_sparse_step-th but its mlp_only_layers."""
+    architecture = _architecture(config)
+    if architecture not in (MIXTRAL, QWEN2_MOE, QWEN3_MOE):
+        return None
+    num_layers = _required(config, "num_hidden_layers")
+    # transformers 5 writes Qwen's num_experts as num_local_experts, Mixtral's name.
+    num_experts = config.get("num_local_experts") or config.get("num_experts")
+    top_k = _required(config, "num_experts_per_tok")
+    if architecture == MIXTRAL:
+        return MoEConfig(num_experts, top_k, _required(config, "intermediate_size"), True, (True,) * num_layers)
+    step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
+    sparse = tuple(num_experts > 0 and layer not in dense and (layer + 1) % step == 0 for layer in range(num_layers))
+    shared = config.get("shared_expert_intermediate_size", 0) if architecture == QWEN2_MOE else 0
+    return MoEConfig(num_experts, top_k, _required(config, "moe_intermediate_size"),
+                     config.get("norm_topk_prob", False), sparse, shared)
 
 
 def _text_part(config: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +257,8 @@ def _check_supported(config: dict[str, Any]) -> None:
         raise ValueError("use_bidirectional_attention is not supported")
     if config.get("mlp_bias"):
         raise ValueError("mlp_bias is not supported")
+    if _architecture(config) == QWEN2_MOE and not config.get("qkv_bias", True):
+        raise ValueError("qkv_bias false is not supported for Qwen2-MoE (its q/k/v carry a bias)")
     rope_parameters = config.get("rope_parameters") or {}
     partial = config.get("partial_rotary_factor", rope_parameters.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
@@ -255,14 +299,15 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
     """Each layer's window, by transformers' rule for the architecture: ``layer_types`` when the config
     lists them; else Mistral slides every layer (4096 tokens unless the config says otherwise, None: off),
-    Phi-3 every layer when it names a window, Qwen2 and Qwen3 only with use_sliding_window, in the layers
-    from max_window_layers (28) on; Llama never.
+    Mixtral every layer when it names a window; Phi-3 too; Qwen2, Qwen2-MoE and Qwen3 only with
+    use_sliding_window, in the layers from max_window_layers (28) on, Qwen3-MoE then in every layer;
+    Llama never.
     """
     architecture = _architecture(config)
     num_layers = _required(config, "num_hidden_layers")
-    qwen_slides = architecture in QWEN and config.get("use_sliding_window", False)
+    qwen_slides = architecture in (*QWEN, QWEN2_MOE, QWEN3_MOE) and config.get("use_sliding_window", False)
     window = config.get("sliding_window", 4096) if architecture == "MistralForCausalLM" or qwen_slides else None
-    if architecture == "Phi3ForCausalLM":  # every layer, when the config names a window (Phi-3-mini-4k: 2047)
+    if architecture in ("Phi3ForCausalLM", MIXTRAL):  # every layer, when the config names one (Phi-3-mini-4k: 2047)
         window = config.get("sliding_window")
     if architecture in GEMMA:
         window = config.get("sliding_window", 4096)
@@ -271,7 +316,7 @@ def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
     if not window:
         return (None,) * num_layers
     # transformers reads layer_types for these only; Mistral and Phi-3 slide every layer whatever it says.
-    layer_types = config.get("layer_types") if architecture in (*GEMMA, *QWEN, SMOLLM3) else None
+    layer_types = config.get("layer_types") if architecture in (*GEMMA, *QWEN, QWEN2_MOE, SMOLLM3) else None
     if layer_types is None and architecture == SMOLLM3:  # its layers without RoPE slide
         layer_types = ["full_attention" if rotated else "sliding_attention" for rotated in _rope_layers(config)]
     if layer_types is None and architecture in GEMMA:  # older configs: every pattern-th layer is global
@@ -279,7 +324,7 @@ def _sliding_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     if layer_types is not None:
         return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
-    first = config.get("max_window_layers", 28) if qwen_slides else 0
+    first = config.get("max_window_layers", 28) if qwen_slides and architecture != QWEN3_MOE else 0
     return tuple(window if layer >= first else None for layer in range(num_layers))
 
 

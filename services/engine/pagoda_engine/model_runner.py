@@ -328,15 +328,16 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_up_cached_step(self) -> None:
         """Eager steps through the cache: decodes of one and two sequences, a decode beside a prefill after
-        a cached prefix, then the largest decode batch alone.
+        a cached prefix, the largest decode batch alone, then the largest prefill chunk.
 
         The profiling pass has no cache, so without this the first request would wait while the
         paged prefill and eager decode kernels compile. One and two rows are the skinny GEMM's two
         variants, which only graph capture reached otherwise (so ``enforce_eager`` compiled them while
         serving); their contexts are long enough to split under either policy (the batch-invariant one
         splits past 256 tokens). The largest batch may split no context, a variant of its own (it writes
-        its output directly) that eager decodes past the graphs' sizes need. Nothing is written (every
-        slot is -1).
+        its output directly) that eager decodes past the graphs' sizes need. The largest chunk reaches the
+        MoE grouped GEMM's taller tiles when no profiling pass ran (an explicit cache size). Nothing is
+        written (every slot is -1).
         """
         # Within the model's positions, and still past 256 tokens whenever a context can be.
         long = min(300, self.config.max_model_len)
@@ -345,6 +346,8 @@ class ModelRunner:
         self._dummy_step([1, 24], [33, 48], num_decodes=1)
         largest = self._largest_batch()
         self._dummy_step([1] * largest, [33] * largest, num_decodes=largest)
+        chunk = min(self.config.max_num_batched_tokens, self.config.max_model_len)
+        self._dummy_step([chunk], [chunk], num_decodes=0)
 
     def _dummy_step(self, query_lens: list[int], seq_lens: list[int], num_decodes: int) -> None:
         """A forward over block 0's garbage: sequence i's last ``query_lens[i]`` of ``seq_lens[i]`` tokens."""

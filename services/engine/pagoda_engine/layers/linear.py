@@ -56,6 +56,16 @@ class LinearBase(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
+class ReplicatedLinear(LinearBase):
+    """The whole weight on every rank (small layers every rank needs whole: a MoE router)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__(input_size, output_size, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        copy_weight(param.data, loaded)
+
+
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; the output stays split."""
 

@@ -1,9 +1,10 @@
 """The Llama decoder (SmolLM2 and SmolLM3's NoPE layers, Llama 3, Mistral with its sliding window, Phi-3,
-Granite's scalars), shared by Qwen2 and Qwen3.
+Granite's scalars), shared by Qwen2 and Qwen3, and with experts for an MLP by Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 The three families differ only in the attention block: which projections carry a bias, and whether
 q and k get a per-head RMSNorm before RoPE. ``LlamaForCausalLM.attention_options`` is that
-difference; the Qwen classes override it and nothing else.
+difference; the Qwen classes override it and nothing else. Where ``ModelConfig.moe`` says so, a layer's
+MLP is a mixture of experts (layers/moe.py) instead.
 
 Parameter names follow Hugging Face's, except that q/k/v and gate/up are fused (``qkv_proj``,
 ``gate_up_proj``); models/loader.py maps checkpoint names onto ours.
@@ -20,6 +21,7 @@ from pagoda_engine.layers.activation import GeluTanhAndMul, SiluAndMul
 from pagoda_engine.layers.attention import Attention, AttentionMetadata
 from pagoda_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagoda_engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagoda_engine.layers.moe import SparseMoeBlock
 from pagoda_engine.layers.norm import RMSNorm
 from pagoda_engine.layers.rotary import RotaryEmbedding
 from pagoda_engine.model_config import ModelConfig
@@ -65,21 +67,31 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(intermediate_size, config.hidden_size)
         self.act_fn = GeluTanhAndMul() if config.hidden_act == "gelu_pytorch_tanh" else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+def build_mlp(config: ModelConfig, layer: int) -> nn.Module:
+    """The layer's MLP: routed experts (with Qwen2-MoE's shared expert) where the config has them, else dense."""
+    moe = config.moe
+    if moe is None or not moe.sparse_layers[layer]:
+        return LlamaMLP(config)
+    shared = LlamaMLP(config, moe.shared_expert_intermediate_size) if moe.shared_expert_intermediate_size else None
+    return SparseMoeBlock(config.hidden_size, moe, shared)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, options: AttentionOptions, layer: int):
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary_emb, options, config.sliding_windows[layer])
-        self.mlp = LlamaMLP(config)
+        self.mlp = build_mlp(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Granite scales each block's output before the residual add; 1 elsewhere, and skipped.

@@ -3,13 +3,16 @@
 Checkpoint names are Hugging Face's; ours differ only where we fuse projections, and
 ``PACKED_MODULES`` is the one place that says how. A checkpoint that stores a fusion itself (Phi-3's
 ``qkv_proj`` and ``gate_up_proj``) has our names; its tensor is cut into the pieces, so that each goes
-through the same per-piece loading (and tensor-parallel slicing) as separate tensors would.
+through the same per-piece loading (and tensor-parallel slicing) as separate tensors would. A MoE
+checkpoint stores each expert's projections apart (``experts.3.gate_proj.weight``; Mixtral's ``w1``,
+``w3``, ``w2``): ``EXPERT_PROJECTIONS`` says which stacked parameter and piece each fills.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +38,16 @@ PACKED_MODULES: dict[str, tuple[str, str | int]] = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+# An expert's projection -> (our stacked parameter, the piece); Mixtral's names are w1 (gate), w3 (up), w2 (down).
+EXPERT_PROJECTIONS: dict[str, tuple[str, str]] = {
+    "gate_proj": ("gate_up_proj", "gate"), "w1": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"), "w3": ("gate_up_proj", "up"),
+    "down_proj": ("down_proj", "down"), "w2": ("down_proj", "down"),
+}
+EXPERT_TENSOR = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<projection>\w+)\.weight")
+# Checkpoint module names that are ours under another name (Mixtral's MoE block is every other model's mlp).
+RENAMED_MODULES = {"block_sparse_moe": "mlp"}
 
 DUMMY_STD = 0.02
 
@@ -108,20 +121,26 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def map_checkpoint_name(name: str) -> tuple[str, str | int | None]:
+def map_checkpoint_name(name: str) -> tuple[str, str | int | tuple[int, str] | None]:
     """Checkpoint tensor name -> (our parameter name, shard id within it or None)."""
-    parts = name.split(".")
+    parts = [RENAMED_MODULES.get(part, part) for part in name.split(".")]
+    expert = EXPERT_TENSOR.fullmatch(".".join(parts))
+    if expert and expert["projection"] in EXPERT_PROJECTIONS:
+        param, piece = EXPERT_PROJECTIONS[expert["projection"]]
+        return f"{expert['experts']}.{param}", (int(expert["expert"]), piece)
     for i, part in enumerate(parts):
         if part in PACKED_MODULES:
             parts[i], shard_id = PACKED_MODULES[part]
             return ".".join(parts), shard_id
-    return name, None
+    return ".".join(parts), None
 
 
 def checkpoint_name(param_name: str, shard_id: str | int | None) -> str:
     """The inverse of ``map_checkpoint_name``, for error messages."""
     if shard_id is None:
         return param_name
+    if isinstance(shard_id, tuple):  # (expert, piece) of a stacked expert parameter
+        return f"{param_name.rpartition('.')[0]}.{shard_id[0]}.{shard_id[1]}_proj.weight"
     parts = param_name.split(".")
     for theirs, (ours, shard) in PACKED_MODULES.items():
         if shard == shard_id and ours in parts:
@@ -211,7 +230,10 @@ def _pieces(model: nn.Module, param_name: str, shard_id: str | int | None, tenso
     shard_ids = _shard_ids(model, param_name)
     if shard_id is not None or shard_ids == (None,):
         return [(shard_id, tensor)]
-    sizes = _owner(model, param_name).shard_sizes
+    sizes = getattr(_owner(model, param_name), "shard_sizes", None)
+    if sizes is None:  # stacked experts: their checkpoints store one tensor per expert and projection
+        raise ValueError(f"cannot load tensor {name!r} from {path}: expected one tensor per expert "
+                         f"({checkpoint_name(param_name, shard_ids[0])}, ...)")
     if tensor.shape[0] != sum(sizes):
         raise ValueError(f"cannot load tensor {name!r} from {path}: {tensor.shape[0]} rows, expected "
                          f"{' + '.join(map(str, sizes))} ({', '.join(map(str, shard_ids))})")
@@ -219,8 +241,10 @@ def _pieces(model: nn.Module, param_name: str, shard_id: str | int | None, tenso
 
 
 def _shard_ids(model: nn.Module, param_name: str) -> tuple:
-    """The checkpoint pieces that fill a parameter: several for fused projections, else one (None)."""
-    return getattr(_owner(model, param_name), "shard_ids", (None,))
+    """The checkpoint pieces that fill a parameter: several for fused projections and stacked experts (which
+    name theirs on the parameter), else one (None)."""
+    param_ids = getattr(model.get_parameter(param_name), "shard_ids", None)
+    return param_ids or getattr(_owner(model, param_name), "shard_ids", (None,))
 
 
 def _owner(model: nn.Module, param_name: str) -> nn.Module:

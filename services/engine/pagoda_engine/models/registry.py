@@ -26,6 +26,10 @@ MODELS: dict[str, type[nn.Module]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    # Mixtures of experts: the same decoders with ModelConfig.moe's experts for an MLP (layers/moe.py).
+    "MixtralForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3ForCausalLM,
 }
 
 
