@@ -7,12 +7,16 @@ its experts, so it runs eagerly, timed with events. GB/s counts the weights of t
 decode step must read); TFLOP/s counts the routed pairs' two GEMMs. One layer's weights (1.2 GB for the
 default) are far past the L2, so every call reads them from HBM.
 
-    python bench/moe.py --out bench/results/moe.json
+--sweep also times a grid of GEMM configs (BLOCK_N, BLOCK_K, warps, stages) at a few token counts and
+prints the best, to choose fused_moe.gemm_config from one GPU run.
+
+    python bench/moe.py --out bench/results/moe.json [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -26,6 +30,8 @@ from pagoda_engine.model_config import ModelConfig
 
 GRAPH_CALLS, GRAPH_REPLAYS = 10, 10
 EAGER_CALLS = 5
+SWEEP = dict(BLOCK_N=(16, 32, 64), BLOCK_K=(64, 128), num_warps=(4,), num_stages=(3, 4))
+SWEEP_TOKENS = (1, 16, 256, 4096)
 
 
 def eager_seconds_per_call(call, calls: int = EAGER_CALLS) -> float:
@@ -49,8 +55,7 @@ def bench_tokens(experts: FusedMoE, num_tokens: int, top_k: int, dtype: torch.dt
     weight_bytes = hit * 3 * intermediate * hidden * dtype.itemsize
     flops = 2 * num_tokens * top_k * 3 * intermediate * hidden
     block_m = choose_block_m(num_tokens * top_k, num_experts)
-    fused = graph_seconds_per_call([lambda: fused_experts(x, experts.gate_up_proj, experts.down_proj, weights, ids)]
-                                   * GRAPH_CALLS, GRAPH_REPLAYS)
+    fused = pipeline_us(experts, x, weights, ids) / 1e6
     align = graph_seconds_per_call([lambda: align_to_blocks(ids, num_experts, block_m)] * GRAPH_CALLS, GRAPH_REPLAYS)
     row = dict(tokens=num_tokens, experts_hit=hit, block_m=block_m, fused_us=round(fused * 1e6, 1),
                align_us=round(align * 1e6, 1), fused_gb_s=round(weight_bytes / fused / 1e9),
@@ -61,6 +66,31 @@ def bench_tokens(experts: FusedMoE, num_tokens: int, top_k: int, dtype: torch.dt
     return row
 
 
+def pipeline_us(experts: FusedMoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                config: tuple[int, int, int, int] | None = None) -> float:
+    """Microseconds per call of the whole pipeline, replayed from a CUDA graph."""
+    def call() -> torch.Tensor:
+        return fused_experts(x, experts.gate_up_proj, experts.down_proj, weights, ids, config=config)
+    return graph_seconds_per_call([call] * GRAPH_CALLS, GRAPH_REPLAYS) * 1e6
+
+
+def sweep(experts: FusedMoE, top_k: int, dtype: torch.dtype, tokens: tuple[int, ...]) -> list[dict]:
+    """Each config of the grid at each token count, both GEMMs taking the same config."""
+    hidden, num_experts = experts.gate_up_proj.shape[2], experts.num_experts
+    rows = []
+    for num_tokens in tokens:
+        x = torch.randn(num_tokens, hidden, dtype=dtype, device="cuda")
+        weights, ids = route(torch.randn(num_tokens, num_experts, device="cuda"), top_k, renormalize=True)
+        timed = [(pipeline_us(experts, x, weights, ids, values), dict(zip(SWEEP, values, strict=True)))
+                 for values in itertools.product(*SWEEP.values())]
+        default = pipeline_us(experts, x, weights, ids)
+        best_us, best = min(timed, key=lambda t: t[0])
+        rows.append(dict(tokens=num_tokens, default_us=round(default, 1), best_us=round(best_us, 1), best=best,
+                         all=[dict(us=round(us, 1), **c) for us, c in timed]))
+        print(f"sweep T={num_tokens:>5}: default {default:7.1f} us, best {best_us:7.1f} us with {best}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(Path(__file__).parent / "configs" / "qwen3-30b-a3b"))
@@ -68,6 +98,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--torch-loop-max-tokens", type=int, default=1024,
                         help="time the torch loop up to this many tokens (it is slow past them)")
+    parser.add_argument("--sweep", action="store_true", help="also time the GEMM config grid and print the best")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     args = parser.parse_args()
     config = ModelConfig.from_dir(args.model)
@@ -95,8 +126,9 @@ def main() -> None:
             print(f"| {num_tokens:>6} | {row['experts_hit']:>3} | {row['block_m']:>7} | {row['fused_us']:>8.1f} | "
                   f"{row['align_us']:>8.1f} | {row['fused_gb_s']:>5} | {row['fused_tflop_s']:>7.1f} | {loop} |",
                   flush=True)
+        swept = sweep(experts, moe.top_k, dtype, SWEEP_TOKENS) if args.sweep else None
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  dtype=args.dtype, model=args.model, rows=rows)
+                  dtype=args.dtype, model=args.model, rows=rows, sweep=swept)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

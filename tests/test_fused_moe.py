@@ -1,8 +1,8 @@
 """The routed experts' grouped GEMMs (kernels/fused_moe.py) against the torch loop of layers/moe.py.
 
-The block alignment is plain torch and is checked on the CPU. The kernels run on random inputs on the
-GPU (eager and inside a CUDA graph that replays new routings) and, on CPU machines, under the Triton
-interpreter in a subprocess (TRITON_INTERPRET must be set before triton is first imported).
+The kernels (the block alignment and the two GEMMs) run on random inputs on the GPU (eager and inside a
+CUDA graph that replays new routings) and, on CPU machines, under the Triton interpreter in a subprocess
+(TRITON_INTERPRET must be set before triton is first imported).
 """
 
 from __future__ import annotations
@@ -45,25 +45,32 @@ def random_routing(num_tokens: int, num_experts: int, top_k: int, hidden: int, d
     return x, weights, ids
 
 
-@pytest.mark.parametrize("block_m", [16, 64])
-def test_alignment_puts_every_pair_once_in_tiles_of_one_expert(block_m):
+def check_alignment(device: str) -> None:
+    """Every pair lands once, in tiles of its own expert; padding holds the sentinel; sizes as promised."""
     generator = torch.Generator().manual_seed(0)
     num_experts, top_k = 6, 2
     # Expert 5 gets nothing; expert 0 gets exactly one tile's worth when block_m is 16.
     ids = torch.cat([torch.zeros(8, 2, dtype=torch.long),
                      torch.randint(1, 5, (23, top_k), generator=generator)]).view(-1, top_k)
-    sorted_pairs, tile_experts, num_padded = align_to_blocks(ids, num_experts, block_m)
-    num_pairs = ids.numel()
-    counts = torch.bincount(ids.flatten(), minlength=num_experts)
-    assert num_padded.item() == int(((counts + block_m - 1) // block_m * block_m).sum())
-    assert sorted_pairs.numel() == max_padded_pairs(num_pairs, num_experts, block_m) >= num_padded.item()
-    used = sorted_pairs[: num_padded.item()]
-    assert sorted(used[used < num_pairs].tolist()) == list(range(num_pairs))
-    assert (sorted_pairs[num_padded.item():] == num_pairs).all()
-    for tile, expert in enumerate(tile_experts[: num_padded.item() // block_m].tolist()):
-        pairs = used[tile * block_m:(tile + 1) * block_m]
-        pairs = pairs[pairs < num_pairs]
-        assert pairs.numel() > 0 and (ids.flatten()[pairs] == expert).all()
+    for block_m in (16, 64):
+        sorted_pairs, tile_experts, num_padded = (t.cpu() for t in align_to_blocks(ids.to(device), num_experts,
+                                                                                     block_m))
+        num_pairs, used = ids.numel(), num_padded.item()
+        counts = torch.bincount(ids.flatten(), minlength=num_experts)
+        assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
+        assert sorted_pairs.numel() == max_padded_pairs(num_pairs, num_experts, block_m) >= used
+        real = sorted_pairs[:used]
+        assert sorted(real[real < num_pairs].tolist()) == list(range(num_pairs))
+        assert (sorted_pairs[used:] == num_pairs).all()
+        for tile, expert in enumerate(tile_experts[: used // block_m].tolist()):
+            pairs = real[tile * block_m:(tile + 1) * block_m]
+            pairs = pairs[pairs < num_pairs]
+            assert pairs.numel() > 0 and (ids.flatten()[pairs] == expert).all()
+
+
+@pytest.mark.gpu
+def test_alignment_puts_every_pair_once_in_tiles_of_one_expert():
+    check_alignment("cuda")
 
 
 def check_kernels(device: str, dtypes: list[torch.dtype], shapes: list[tuple]) -> None:
@@ -110,10 +117,11 @@ def check_under_interpreter() -> None:
     from tests.test_attention_interpreter import read_loaded_scalars
 
     read_loaded_scalars()  # the kernel returns early on a loaded count
+    check_alignment("cpu")
     check_kernels("cpu", [torch.float32], [(1, 8, 2, 64, 32), (5, 16, 4, 40, 24), (70, 4, 2, 32, 16)])
 
 
-def test_grouped_gemm_kernels_under_the_triton_interpreter():
+def test_alignment_and_grouped_gemm_kernels_under_the_triton_interpreter():
     root = Path(__file__).resolve().parents[1]
     code = "from tests.test_fused_moe import check_under_interpreter; check_under_interpreter()"
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"},

@@ -9,6 +9,7 @@ here in CI, ahead of the GPU machine, which alone can run them (tests/test_trito
 from __future__ import annotations
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -86,14 +87,19 @@ def test_fused_elementwise_kernels_compile_for_sm90(gemma):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_grouped_moe_gemm_compiles_for_sm90(dtype):
-    """Both tile heights, for the gate/up GEMM (rows gathered per token) and the weighted down GEMM."""
+def test_moe_kernels_compile_for_sm90(dtype):
+    """The alignment and, at both tile heights, the gate/up GEMM (rows gathered per token) and the weighted
+    down GEMM."""
     types = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "weights_ptr": "*fp32",
              "sorted_pairs_ptr": "*i32", "tile_experts_ptr": "*i32", "num_padded_ptr": "*i32"}
-    ieee = dtype == "fp32"
-    block_n, block_k, stages = (32, 32, 2) if ieee else (64, 64, 3)
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     for block_m in (16, 64):
+        block_n, block_k, warps, stages = fused_moe.gemm_config(block_m, torch_dtype)
         for pairs_per_row, weighted in ((8, False), (1, True)):
             compile_for_h100(fused_moe._grouped_gemm_kernel, types, dict(
-                PAIRS_PER_ROW=pairs_per_row, WEIGHTED=weighted, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_K=block_k), 4, stages)
+                PAIRS_PER_ROW=pairs_per_row, WEIGHTED=weighted, IEEE=dtype == "fp32", BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_K=block_k), warps, stages)
+        compile_for_h100(fused_moe._align_kernel, {"ids_ptr": "*i64", "sorted_pairs_ptr": "*i32",
+                                                   "tile_experts_ptr": "*i32", "num_padded_ptr": "*i32",
+                                                   "scratch_ptr": "*i32"},
+                         dict(NUM_EXPERTS=128, BLOCK_E=128, BLOCK_M=block_m, BLOCK=1024, BLOCK_T=2048 // block_m), 8, 2)

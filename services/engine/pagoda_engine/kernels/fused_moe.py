@@ -2,7 +2,8 @@
 
 Each token goes to ``top_k`` of E experts. A loop over the experts would run E small matmuls, each
 after a host sync to learn which tokens it has; instead the (token, expert) pairs are sorted by expert
-on the device and each expert's run is padded to whole ``BLOCK_M``-row tiles (``align_to_blocks``).
+on the device and each expert's run is padded to whole ``BLOCK_M``-row tiles (``align_to_blocks``, one
+single-program launch, as vLLM's moe_align_block_size).
 One launch then covers every tile: a program reads its tile's expert and the pairs in its rows,
 gathers those rows of the input and multiplies them by that expert's weight (vLLM's and SGLang's
 fused_moe work the same way). Sizes depend only on the number of tokens, never on the routing, so a
@@ -26,32 +27,73 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
     return (triton.cdiv(num_pairs, block_m) + min(num_pairs, num_experts)) * block_m
 
 
+@triton.jit(do_not_specialize=["num_pairs", "num_tiles"])
+def _align_kernel(
+    ids_ptr, sorted_pairs_ptr, tile_experts_ptr, num_padded_ptr, scratch_ptr, num_pairs, num_tiles,
+    NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program: count each expert's pairs, lay their padded runs out, mark the padding, place the pairs.
+
+    Pairs take their slots through an atomic cursor per expert, so their order within a run varies from
+    call to call; no result does, as each row of a GEMM is computed alone.
+    """
+    e = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, num_pairs, BLOCK):
+        pairs = start + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=0).to(tl.int32)
+        counts += tl.histogram(ids, BLOCK_E, mask=pairs < num_pairs)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    total = tl.sum(padded, 0)
+    tl.store(num_padded_ptr, total)
+    tl.store(scratch_ptr + e, padded_start, mask=e < NUM_EXPERTS)  # each expert's cursor, at its first slot
+    tl.debug_barrier()  # the cursors are visible to every thread before the first atomic below
+    # Each tile's expert (the first whose run ends past the tile's first slot) and its padding slots.
+    for tile_start in range(0, num_tiles, BLOCK_T):
+        tiles = tile_start + tl.arange(0, BLOCK_T)
+        first_slot = tiles * BLOCK_M
+        expert = tl.sum((padded_end[None, :] <= first_slot[:, None]).to(tl.int32), 1)
+        expert = tl.minimum(expert, NUM_EXPERTS - 1)
+        mine = e[None, :] == expert[:, None]
+        run_start = tl.sum(tl.where(mine, padded_start[None, :], 0), 1)
+        run_count = tl.sum(tl.where(mine, counts[None, :], 0), 1)
+        tl.store(tile_experts_ptr + tiles, expert, mask=tiles < num_tiles)
+        slots = first_slot[:, None] + tl.arange(0, BLOCK_M)[None, :]
+        padding = (slots - run_start[:, None] >= run_count[:, None]) | (first_slot[:, None] >= total)
+        sentinel = num_pairs + tl.zeros_like(slots)
+        tl.store(sorted_pairs_ptr + slots, sentinel, mask=padding & (tiles < num_tiles)[:, None])
+    for start in range(0, num_pairs, BLOCK):
+        pairs = start + tl.arange(0, BLOCK)
+        valid = pairs < num_pairs
+        ids = tl.load(ids_ptr + pairs, mask=valid, other=0).to(tl.int32)
+        slots = tl.atomic_add(scratch_ptr + ids, 1, mask=valid)
+        tl.store(sorted_pairs_ptr + slots, pairs, mask=valid)
+
+
 def align_to_blocks(topk_ids: torch.Tensor, num_experts: int,
                     block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs (flat indices into ``topk_ids``) sorted by expert, each expert's run padded to whole tiles.
 
     Returns ``sorted_pairs`` [P] (padding slots hold the number of pairs, an index past the last),
     ``tile_experts`` [P / block_m] (the expert of each tile) and ``num_padded`` [1] (the slots in use).
-    Device ops with shapes from ``topk_ids.shape`` alone: no host sync, capturable in a CUDA graph.
+    One launch whose shapes follow ``topk_ids.shape`` alone: no host sync, capturable in a CUDA graph.
     """
-    experts = topk_ids.flatten()
-    num_pairs = experts.numel()
-    ones = torch.ones_like(experts, dtype=torch.int32)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device).index_add_(0, experts, ones)
-    padded_counts = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded_counts.cumsum(0, dtype=torch.int32)
-    order = torch.argsort(experts, stable=True)
-    sorted_experts = experts[order]
-    # A pair's rank within its expert's run: its sorted position minus the run's first position.
-    run_start = counts.cumsum(0, dtype=torch.int32) - counts
-    rank = torch.arange(num_pairs, device=experts.device, dtype=torch.int32) - run_start[sorted_experts]
-    slots = (padded_end - padded_counts)[sorted_experts] + rank
+    num_pairs = topk_ids.numel()
     size = max_padded_pairs(num_pairs, num_experts, block_m)
-    sorted_pairs = torch.full((size,), num_pairs, dtype=torch.int32, device=experts.device)
-    sorted_pairs[slots.long()] = order.to(torch.int32)
-    tile_starts = torch.arange(0, size, block_m, device=experts.device, dtype=torch.int32)
-    tile_experts = torch.searchsorted(padded_end, tile_starts, right=True).clamp_(max=num_experts - 1)
-    return sorted_pairs, tile_experts.to(torch.int32), padded_end[-1:]
+    device = topk_ids.device
+    sorted_pairs = torch.empty(size, dtype=torch.int32, device=device)
+    tile_experts = torch.empty(size // block_m, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    scratch = torch.empty(num_experts, dtype=torch.int32, device=device)
+    _align_kernel[(1,)](
+        topk_ids.view(-1), sorted_pairs, tile_experts, num_padded, scratch, num_pairs, size // block_m,
+        NUM_EXPERTS=num_experts, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK=1024,
+        BLOCK_T=max(1, 2048 // block_m), num_warps=8,
+    )
+    return sorted_pairs, tile_experts, num_padded
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # it follows the batch: one compile serves every size
@@ -100,26 +142,34 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if num_pairs <= 16 * num_experts else 64
 
 
+def gemm_config(block_m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages). Decode's 16-row tiles take narrow columns, so that the few tiles
+    of a small batch still spread the weight reads over every SM; fp32 (tests) smaller tiles to fit."""
+    if dtype == torch.float32:
+        return 32, 32, 4, 2
+    return (32, 64, 4, 4) if block_m == 16 else (64, 64, 4, 3)
+
+
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alignment: tuple, block_m: int,
-                 pairs_per_row: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[p] = a[p // pairs_per_row] @ b[expert(p)].T`` (times ``weights[p]``) for every routed pair p."""
+                 pairs_per_row: int, weights: torch.Tensor | None = None,
+                 config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``out[p] = a[p // pairs_per_row] @ b[expert(p)].T`` (times ``weights[p]``) for every routed pair p;
+    ``config`` overrides ``gemm_config`` (the benchmark's sweep)."""
     sorted_pairs, tile_experts, num_padded = alignment
     num_pairs, n = out.shape
-    k = a.shape[1]
-    ieee = a.dtype == torch.float32
-    block_n, block_k, stages = (32, 32, 2) if ieee else (64, 64, 3)
+    block_n, block_k, warps, stages = config or gemm_config(block_m, a.dtype)
     grid = (triton.cdiv(n, block_n), tile_experts.numel())
     _grouped_gemm_kernel[grid](
         a, b, out, out if weights is None else weights, sorted_pairs, tile_experts, num_padded,
-        n, k, num_pairs, a.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        PAIRS_PER_ROW=pairs_per_row, WEIGHTED=weights is not None, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,
+        n, a.shape[1], num_pairs, a.stride(0), b.stride(0), b.stride(1), out.stride(0),
+        PAIRS_PER_ROW=pairs_per_row, WEIGHTED=weights is not None, IEEE=a.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return out
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
+                  topk_ids: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """The routed experts' MLP: x [T, H], gate_up [E, 2I, H], down [E, H, I], top-k weights and ids [T, k].
 
     Returns [T, H]: for each token, the sum over its k experts of weight * down(silu(gate) * up).
@@ -130,9 +180,9 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, to
     block_m = choose_block_m(num_pairs, num_experts)
     alignment = align_to_blocks(topk_ids, num_experts, block_m)
     gate_up_out = x.new_empty(num_pairs, 2 * intermediate)
-    grouped_gemm(x, gate_up, gate_up_out, alignment, block_m, pairs_per_row=top_k)
+    grouped_gemm(x, gate_up, gate_up_out, alignment, block_m, pairs_per_row=top_k, config=config)
     activated = fused_ops.silu_and_mul(gate_up_out)
     down_out = x.new_empty(num_pairs, x.shape[1])
     grouped_gemm(activated, down, down_out, alignment, block_m, pairs_per_row=1,
-                 weights=topk_weights.flatten().float())
+                 weights=topk_weights.flatten().float(), config=config)
     return down_out.view(num_tokens, top_k, -1).sum(dim=1)
