@@ -99,7 +99,10 @@ def test_moe_kernels_compile_for_sm90(dtype):
             compile_for_h100(fused_moe._grouped_gemm_kernel, types, dict(
                 PAIRS_PER_ROW=pairs_per_row, WEIGHTED=weighted, IEEE=dtype == "fp32", BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_K=block_k), warps, stages)
-        compile_for_h100(fused_moe._align_kernel, {"ids_ptr": "*i64", "sorted_pairs_ptr": "*i32",
-                                                   "tile_experts_ptr": "*i32", "num_padded_ptr": "*i32",
-                                                   "scratch_ptr": "*i32"},
-                         dict(NUM_EXPERTS=128, BLOCK_E=128, BLOCK_M=block_m, BLOCK=1024, BLOCK_T=2048 // block_m), 8, 2)
+        compile_for_h100(fused_moe._layout_kernel, {"counts_ptr": "*i32", "cursors_ptr": "*i32",
+                                                    "sorted_pairs_ptr": "*i32", "tile_experts_ptr": "*i32",
+                                                    "num_padded_ptr": "*i32"},
+                         dict(NUM_EXPERTS=128, BLOCK_E=128, BLOCK_M=block_m, BLOCK_T=2048 // block_m), 8, 2)
+    ids = {"ids_ptr": "*i64", "counts_ptr": "*i32", "cursors_ptr": "*i32", "sorted_pairs_ptr": "*i32"}
+    compile_for_h100(fused_moe._count_kernel, ids, dict(BLOCK_E=128, BLOCK=fused_moe.PAIRS_PER_PROGRAM), 4, 2)
+    compile_for_h100(fused_moe._place_kernel, ids, dict(BLOCK=fused_moe.PAIRS_PER_PROGRAM), 4, 2)

@@ -2,9 +2,8 @@
 
 Each token goes to ``top_k`` of E experts. A loop over the experts would run E small matmuls, each
 after a host sync to learn which tokens it has; instead the (token, expert) pairs are sorted by expert
-on the device and each expert's run is padded to whole ``BLOCK_M``-row tiles (``align_to_blocks``, one
-single-program launch, as vLLM's moe_align_block_size).
-One launch then covers every tile: a program reads its tile's expert and the pairs in its rows,
+on the device and each expert's run is padded to whole ``BLOCK_M``-row tiles (``align_to_blocks``, as
+vLLM's moe_align_block_size does). One launch then covers every tile: a program reads its tile's expert and the pairs in its rows,
 gathers those rows of the input and multiplies them by that expert's weight (vLLM's and SGLang's
 fused_moe work the same way). Sizes depend only on the number of tokens, never on the routing, so a
 CUDA graph captures the whole layer; tiles past the routed pairs return at once.
@@ -21,37 +20,41 @@ import triton.language as tl
 
 from pagoda_engine.kernels import fused_ops
 
+# Pairs each program of the count and place kernels takes: a 16K-token prefill's 131K pairs in 512 programs.
+PAIRS_PER_PROGRAM = 256
+
 
 def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
     """An upper bound on the pairs after padding: at most min(pairs, experts) experts get a partial tile."""
     return (triton.cdiv(num_pairs, block_m) + min(num_pairs, num_experts)) * block_m
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_tiles"])
-def _align_kernel(
-    ids_ptr, sorted_pairs_ptr, tile_experts_ptr, num_padded_ptr, scratch_ptr, num_pairs, num_tiles,
-    NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    """One program: count each expert's pairs, lay their padded runs out, mark the padding, place the pairs.
+@triton.jit(do_not_specialize=["num_pairs"])
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
+    """Add this program's BLOCK pairs to each expert's count (zeroed by the caller)."""
+    pairs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = pairs < num_pairs
+    ids = tl.load(ids_ptr + pairs, mask=valid, other=0).to(tl.int32)
+    counts = tl.histogram(ids, BLOCK_E, mask=valid)
+    tl.atomic_add(counts_ptr + tl.arange(0, BLOCK_E), counts, mask=counts > 0)
 
-    Pairs take their slots through an atomic cursor per expert, so their order within a run varies from
-    call to call; no result does, as each row of a GEMM is computed alone.
-    """
+
+@triton.jit(do_not_specialize=["num_pairs", "num_tiles"])
+def _layout_kernel(
+    counts_ptr, cursors_ptr, sorted_pairs_ptr, tile_experts_ptr, num_padded_ptr, num_pairs, num_tiles,
+    NUM_EXPERTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: each expert's run padded to whole tiles, every tile's expert, the padding slots marked,
+    and each expert's cursor set to its run's first slot."""
     e = tl.arange(0, BLOCK_E)
-    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for start in range(0, num_pairs, BLOCK):
-        pairs = start + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=0).to(tl.int32)
-        counts += tl.histogram(ids, BLOCK_E, mask=pairs < num_pairs)
+    counts = tl.load(counts_ptr + e)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, 0)
     padded_start = padded_end - padded
     total = tl.sum(padded, 0)
     tl.store(num_padded_ptr, total)
-    tl.store(scratch_ptr + e, padded_start, mask=e < NUM_EXPERTS)  # each expert's cursor, at its first slot
-    tl.debug_barrier()  # the cursors are visible to every thread before the first atomic below
-    # Each tile's expert (the first whose run ends past the tile's first slot) and its padding slots.
+    tl.store(cursors_ptr + e, padded_start, mask=e < NUM_EXPERTS)
+    # A tile's expert is the first whose run ends past the tile's first slot.
     for tile_start in range(0, num_tiles, BLOCK_T):
         tiles = tile_start + tl.arange(0, BLOCK_T)
         first_slot = tiles * BLOCK_M
@@ -65,12 +68,17 @@ def _align_kernel(
         padding = (slots - run_start[:, None] >= run_count[:, None]) | (first_slot[:, None] >= total)
         sentinel = num_pairs + tl.zeros_like(slots)
         tl.store(sorted_pairs_ptr + slots, sentinel, mask=padding & (tiles < num_tiles)[:, None])
-    for start in range(0, num_pairs, BLOCK):
-        pairs = start + tl.arange(0, BLOCK)
-        valid = pairs < num_pairs
-        ids = tl.load(ids_ptr + pairs, mask=valid, other=0).to(tl.int32)
-        slots = tl.atomic_add(scratch_ptr + ids, 1, mask=valid)
-        tl.store(sorted_pairs_ptr + slots, pairs, mask=valid)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _place_kernel(ids_ptr, cursors_ptr, sorted_pairs_ptr, num_pairs, BLOCK: tl.constexpr):
+    """Each pair takes the next slot of its expert's run through an atomic cursor. Their order within a run
+    varies from call to call; no result does, as each row of a GEMM is computed alone."""
+    pairs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = pairs < num_pairs
+    ids = tl.load(ids_ptr + pairs, mask=valid, other=0).to(tl.int32)
+    slots = tl.atomic_add(cursors_ptr + ids, 1, mask=valid)
+    tl.store(sorted_pairs_ptr + slots, pairs, mask=valid)
 
 
 def align_to_blocks(topk_ids: torch.Tensor, num_experts: int,
@@ -79,20 +87,24 @@ def align_to_blocks(topk_ids: torch.Tensor, num_experts: int,
 
     Returns ``sorted_pairs`` [P] (padding slots hold the number of pairs, an index past the last),
     ``tile_experts`` [P / block_m] (the expert of each tile) and ``num_padded`` [1] (the slots in use).
-    One launch whose shapes follow ``topk_ids.shape`` alone: no host sync, capturable in a CUDA graph.
+    Three launches (count, lay out, place) whose shapes follow ``topk_ids.shape`` alone: no host sync,
+    capturable in a CUDA graph.
     """
-    num_pairs = topk_ids.numel()
+    ids = topk_ids.view(-1)
+    num_pairs = ids.numel()
     size = max_padded_pairs(num_pairs, num_experts, block_m)
-    device = topk_ids.device
-    sorted_pairs = torch.empty(size, dtype=torch.int32, device=device)
-    tile_experts = torch.empty(size // block_m, dtype=torch.int32, device=device)
-    num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    scratch = torch.empty(num_experts, dtype=torch.int32, device=device)
-    _align_kernel[(1,)](
-        topk_ids.view(-1), sorted_pairs, tile_experts, num_padded, scratch, num_pairs, size // block_m,
-        NUM_EXPERTS=num_experts, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK=1024,
-        BLOCK_T=max(1, 2048 // block_m), num_warps=8,
-    )
+    block_e = triton.next_power_of_2(num_experts)
+    counts = torch.zeros(block_e, dtype=torch.int32, device=ids.device)
+    cursors = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+    sorted_pairs = torch.empty(size, dtype=torch.int32, device=ids.device)
+    tile_experts = torch.empty(size // block_m, dtype=torch.int32, device=ids.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=ids.device)
+    grid = (triton.cdiv(num_pairs, PAIRS_PER_PROGRAM),)
+    _count_kernel[grid](ids, counts, num_pairs, BLOCK_E=block_e, BLOCK=PAIRS_PER_PROGRAM)
+    _layout_kernel[(1,)](counts, cursors, sorted_pairs, tile_experts, num_padded, num_pairs, size // block_m,
+                         NUM_EXPERTS=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK_T=max(1, 2048 // block_m),
+                         num_warps=8)
+    _place_kernel[grid](ids, cursors, sorted_pairs, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
     return sorted_pairs, tile_experts, num_padded
 
 
@@ -143,11 +155,12 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
 
 
 def gemm_config(block_m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps, stages). Decode's 16-row tiles take narrow columns, so that the few tiles
-    of a small batch still spread the weight reads over every SM; fp32 (tests) smaller tiles to fit."""
+    """(BLOCK_N, BLOCK_K, warps, stages): the best of bench/moe.py's sweep on the H200 for Qwen3-30B-A3B's
+    shapes (16-row tiles at 1-256 tokens, 64-row at 4,096), within 1.5% of each count's best; fp32 (tests)
+    smaller tiles, to fit."""
     if dtype == torch.float32:
         return 32, 32, 4, 2
-    return (32, 64, 4, 4) if block_m == 16 else (64, 64, 4, 3)
+    return (64, 128, 4, 3) if block_m == 16 else (64, 64, 4, 3)
 
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alignment: tuple, block_m: int,
