@@ -502,6 +502,39 @@ def test_the_waiting_cap_answers_resource_exhausted(tmp_path):
         assert server.stop() == 0
 
 
+def test_prompt_logprobs_come_with_the_sample_left_when_sample_0_is_aborted(model_dir, offline):
+    """Abort with indices=[0] while the request waits (one sequence runs at a time, and another request holds
+    it): sample 1 scores the prompt instead and sends the entries with its first token, once."""
+    server = Server(model_dir, "--block-size", "4", "--num-kv-blocks", "256", "--max-num-seqs", "1")
+    try:
+        server.health_statuses_until_serving()
+        running = server.stub.Generate(greedy([9, 8, 7, 6], 450))
+        next(running)
+        prompt = prompts_of([30], seed=10)[0]
+        waiting = server.stub.Generate(request(prompt, "abort-0", temperature=0.0, max_tokens=5, n=2,
+                                               prompt_logprobs=3))
+        deadline = time.monotonic() + 10
+        while server.load().num_waiting < 2:
+            assert time.monotonic() < deadline, "the request never queued"
+            time.sleep(0.01)
+        assert server.stub.Abort(pb.AbortRequest(request_id="abort-0", indices=[0])).found
+        running.cancel()
+        samples = collect(waiting)
+        expected = offline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=5, prompt_logprobs=3))[0]
+        aborted, left = samples[0], samples[1]
+        assert (aborted.finish_reason, aborted.tokens, aborted.prompt_logprobs) == (pb.FINISH_REASON_ABORT, [], [])
+        assert left.finish_reason == pb.FINISH_REASON_LENGTH and left.tokens == expected.outputs[0].token_ids
+        assert left.prompt_logprobs_per_message[0] == len(prompt) - 1 == sum(left.prompt_logprobs_per_message)
+        assert left.usage.cached_prompt_tokens == 0
+        for token, got, (want_logprob, want_top) in zip(prompt[1:], left.prompt_logprobs, expected.prompt_logprobs,
+                                                        strict=True):
+            assert got.sampled.token_id == token and got.sampled.logprob == pytest.approx(want_logprob, abs=1e-4)
+            assert [t.logprob for t in got.top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+        server.wait_idle()
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_client_that_stops_reading_does_not_trip_the_step_watchdog(model_dir):
     """The stream stays open, waiting on its client, while the engine core has finished and idles without
     step reports. The watchdog once took that for a stuck engine and stopped the service."""

@@ -10,7 +10,7 @@ import torch
 
 from pagoda_engine import SamplingParams
 from pagoda_engine.prompt_logprobs import SLICE_BYTES, rows_per_slice
-from pagoda_engine.sequence import SequenceStatus
+from pagoda_engine.sequence import FinishReason, SequenceStatus
 from tests.test_engine import assert_all_blocks_free, make_llm, prompts_of
 
 transformers = pytest.importorskip("transformers")
@@ -201,4 +201,62 @@ def test_a_launch_interrupted_mid_prompt_scores_nothing_twice(tiny_model_dirs, h
         outputs += llm.engine.step()
     (carrying,) = [out for out in outputs if out.prompt_logprobs is not None]
     assert_matches(carrying.prompt_logprobs, hf_logprobs(hf_models["llama"], prompt), prompt, 2)
+    assert_idle(llm)
+
+
+# After how many engine steps to abort which samples (abort_request's indices) of an n = 3 request whose
+# 40-token prompt takes three 16-token chunks: sample 0's first token comes out of the fourth step.
+ABORTS = {
+    "sample 0 waiting": [(0, [0])],
+    "sample 0 between chunks": [(1, [0])],
+    "sample 0 two chunks in": [(2, [0])],
+    "sample 0 last chunk in flight": [(3, [0])],
+    "sample 0 after its first token": [(4, [0])],
+    "samples 0 and 1 at once": [(2, [0, 1])],
+    "sample 0, then its heir mid-prompt": [(1, [0]), (2, [1])],
+}
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-caching", "no-prefix-caching"])
+@pytest.mark.parametrize("aborts", ABORTS.values(), ids=ABORTS)
+def test_prompt_logprobs_outlive_an_aborted_sample_0(tiny_model_dirs, hf_models, aborts, prefix_caching):
+    """Sample 0 scores the prompt and sends the entries with its first token. Aborted before that (waiting,
+    between chunks, or with the entries still in flight), another sample sends them instead: once, on the
+    request's first token, as long as a sample is left. No block leaks, and the invariants hold every step."""
+    llm = make_llm(tiny_model_dirs["llama"], max_num_batched_tokens=16, enable_prefix_caching=prefix_caching)
+    engine = llm.engine
+    prompt = prompts_of([40], seed=8)[0]
+    engine.add_request("r", prompt, params(2, temperature=1.0, seed=3, n=3, max_tokens=4))
+    outputs, steps, aborted = [], 0, set()
+    for at, indices in aborts:
+        for _ in range(at - steps):
+            outputs += engine.step()
+            engine.block_manager.check_invariants()
+        steps = at
+        outputs += engine.abort_request("r", indices)
+        aborted |= set(indices)
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        engine.block_manager.check_invariants()
+    first_token = next(out for out in outputs if out.token_ids)
+    assert [out for out in outputs if out.prompt_logprobs is not None] == [first_token]
+    assert first_token.num_output_tokens == 1
+    assert_matches(first_token.prompt_logprobs, hf_logprobs(hf_models["llama"], prompt), prompt, 2)
+    finals = {out.index: out.finish_reason for out in outputs if out.finish_reason is not None}
+    assert finals == {i: FinishReason.ABORT if i in aborted else FinishReason.LENGTH for i in range(3)}
+    assert_idle(llm)
+
+
+def test_a_request_aborted_whole_mid_prompt_sends_no_prompt_logprobs(tiny_model_dirs):
+    """No sample is left to carry them: the entries still in flight are dropped, and nothing leaks."""
+    llm = make_llm(tiny_model_dirs["llama"], max_num_batched_tokens=16)
+    engine = llm.engine
+    engine.add_request("r", prompts_of([40], seed=8)[0], params(2, n=3))
+    outputs = engine.step() + engine.step()
+    outputs += engine.abort_request("r")
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert engine.step() == []  # the last chunk's step, launched before the abort, finishes here
+    assert all(out.prompt_logprobs is None for out in outputs)
+    assert sorted(out.index for out in outputs if out.finish_reason is FinishReason.ABORT) == [0, 1, 2]
     assert_idle(llm)

@@ -45,8 +45,10 @@ class SequenceOutput:
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
-    # With sample 0's first token, when the request asked for prompt_logprobs: one entry per prompt token
-    # from the second on (the first has nothing before it), as ``logprobs``. None on every other output.
+    # With the request's first token, when it asked for prompt_logprobs: one entry per prompt token from the
+    # second on (the first has nothing before it), as ``logprobs``. None on every other output. That is sample
+    # 0's first token, or, if sample 0 was aborted before it, the first token of a sample left (the first by
+    # index, which took over the scoring).
     prompt_logprobs: list[TokenLogprobs] | None = None
 
 
@@ -170,7 +172,9 @@ class LLMEngine:
         for index in range(params.n):
             seed = base_seed if index == 0 else hash((base_seed, index)) & (2**63 - 1)
             seq = Sequence(request_id, prompt_token_ids, params, seed, stop_ids, index, arrival_time)
-            if index > 0 and self.config.enable_prefix_caching:
+            # Later samples wait for sample 0 to compute the prompt: to find its blocks in the cache, and, when it
+            # scores the prompt, so that one of them can take that over if sample 0 is aborted first.
+            if index > 0 and (self.config.enable_prefix_caching or params.prompt_logprobs is not None):
                 seq.wait_for = seqs[0]
             seqs.append(seq)
             self.scheduler.add(seq)
@@ -189,8 +193,26 @@ class LLMEngine:
             return []
         live = [seq for seq in seqs if not seq.is_finished and (not indices or seq.index in indices)]
         self.scheduler.abort(live)
+        self._hand_on_prompt_logprobs(seqs, live)
         self._forget_if_done(request_id)
         return [self._output(seq, [], None) for seq in live]
+
+    def _hand_on_prompt_logprobs(self, seqs: list[Sequence], aborted: list[Sequence]) -> None:
+        """A sample aborted before its first token, which would have carried the request's prompt logprobs,
+        hands the entries on the host to the first sample left. That one scores the rest (those of the aborted
+        sample's step in flight too, which are dropped) and sends them all with its own first token; the
+        others now wait for it as they waited for sample 0. It can: until sample 0's first token is out, the
+        others wait (add_request), so none has computed a prompt position without scoring it."""
+        scorer = next((seq for seq in aborted if seq.prompt_logprobs is not None and not seq.num_output_tokens),
+                      None)
+        heir = next((seq for seq in seqs if not seq.is_finished), None)
+        if scorer is None or heir is None:
+            return
+        self.scheduler.add_scoring(heir, scorer.prompt_logprobs)
+        heir.wait_for = None
+        for seq in seqs:
+            if seq is not heir and not seq.is_finished:
+                seq.wait_for = heir
 
     def has_unfinished_requests(self) -> bool:
         # A launched step's unfinished sequences are still running (or waiting, if preempted since).

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pagoda_engine.block_manager import BlockManager
-from pagoda_engine.sequence import FinishReason, Sequence, SequenceStatus
+from pagoda_engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprobs
 
 
 @dataclass
@@ -73,6 +73,11 @@ class Scheduler:
         self.waiting.append(seq)
         self.waiting_tokens += seq.num_tokens
         self.num_scoring += seq.prompt_logprobs is not None
+
+    def add_scoring(self, seq: Sequence, prompt_logprobs: list[TokenLogprobs]) -> None:
+        """Have ``seq`` score the prompt from where ``prompt_logprobs`` ends (an aborted sibling's)."""
+        seq.prompt_logprobs = prompt_logprobs
+        self.num_scoring += 1
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

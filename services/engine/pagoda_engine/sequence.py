@@ -67,7 +67,8 @@ class Sequence:
         self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         # Sample 0 of a request asking for prompt_logprobs (the prompt is scored once, whatever n is): entry
-        # j is prompt token j + 1's, filled as prefill chunks finish. None for every other sequence.
+        # j is prompt token j + 1's, filled as prefill chunks finish. None for every other sequence, until
+        # sample 0 is aborted before its first token and hands the list on (LLMEngine.abort_request).
         self.prompt_logprobs: list[TokenLogprobs] | None = (
             [] if params.prompt_logprobs is not None and index == 0 else None)
         self.block_table: list[int] = []

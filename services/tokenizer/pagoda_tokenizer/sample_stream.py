@@ -69,7 +69,7 @@ class SampleStream:
         out = tokenizer_pb2.TextGenerateResponse(
             request_id=self._request_id, index=self._index, text=text, token_ids=token_ids[:used],
             logprobs=self._named_logprobs(message.logprobs[:used]),
-            prompt_logprobs=self._named_logprobs(message.prompt_logprobs),  # sample 0's messages up to its first token
+            prompt_logprobs=self._named_logprobs(message.prompt_logprobs),  # up to the first token (engine.proto)
         )
         return self._last_message(out, message) if final else out
 
