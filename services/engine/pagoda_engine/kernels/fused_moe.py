@@ -3,9 +3,9 @@
 Each token goes to ``top_k`` of E experts. A loop over the experts would run E small matmuls, each
 after a host sync to learn which tokens it has; instead the (token, expert) pairs are sorted by expert
 on the device and each expert's run is padded to whole ``BLOCK_M``-row tiles (``align_to_blocks``, as
-vLLM's moe_align_block_size does). One launch then covers every tile: a program reads its tile's expert and the pairs in its rows,
-gathers those rows of the input and multiplies them by that expert's weight (vLLM's and SGLang's
-fused_moe work the same way). Sizes depend only on the number of tokens, never on the routing, so a
+vLLM's moe_align_block_size does). One launch then covers every tile: a program reads its tile's
+expert and the pairs in its rows, gathers those rows of the input and multiplies them by that
+expert's weight (vLLM's and SGLang's fused_moe work the same way). Sizes depend only on the number of tokens, never on the routing, so a
 CUDA graph captures the whole layer; tiles past the routed pairs return at once.
 
 The pipeline (``fused_experts``): gate/up GEMM over gathered token rows -> SiLU-and-mul
