@@ -5,8 +5,9 @@ after a host sync to learn which tokens it has; instead the (token, expert) pair
 on the device and each expert's run is padded to whole ``BLOCK_M``-row tiles (``align_to_blocks``, as
 vLLM's moe_align_block_size does). One launch then covers every tile: a program reads its tile's
 expert and the pairs in its rows, gathers those rows of the input and multiplies them by that
-expert's weight (vLLM's and SGLang's fused_moe work the same way). Sizes depend only on the number of tokens, never on the routing, so a
-CUDA graph captures the whole layer; tiles past the routed pairs return at once.
+expert's weight (vLLM's and SGLang's fused_moe work the same way). Sizes depend only on the number
+of tokens, never on the routing, so a CUDA graph captures the whole layer; tiles past the routed
+pairs return at once.
 
 The pipeline (``fused_experts``): gate/up GEMM over gathered token rows -> SiLU-and-mul
 (fused_ops) -> down GEMM, each row scaled by its routing weight -> the top_k rows of a token summed.
