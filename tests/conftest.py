@@ -70,6 +70,8 @@ TINY_CONFIGS = {
                       mlp_only_layers=[1]),
     "qwen2_moe": dict(arch="Qwen2MoeForCausalLM", num_attention_heads=4, num_key_value_heads=2, num_experts=6,
                       num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    "olmoe": dict(arch="OlmoeForCausalLM", num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+                  num_experts=6, num_experts_per_tok=3, clip_qkv=2.0, pad_token_id=0),
     "granite": dict(arch="GraniteForCausalLM", num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=12.0,
                     residual_multiplier=0.22, logits_scaling=8.0, attention_multiplier=0.05),
 }

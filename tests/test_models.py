@@ -99,6 +99,10 @@ CASES = {
                                                             moe_intermediate_size=32,
                                                             shared_expert_intermediate_size=48,
                                                             decoder_sparse_step=2), {}),
+    # OLMoE: q/k normalised over the whole projection, q/k/v clipped (a clip that bites), top-3 of 6.
+    "olmoe_clipped": ("OlmoeForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+                                               num_experts=6, num_experts_per_tok=3, clip_qkv=0.8, pad_token_id=0),
+                      {}),
     "llama_yarn_mscale": ("LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
                                                                      original_max_position_embeddings=32, mscale=0.707,
@@ -341,6 +345,7 @@ def test_stacked_experts_in_a_checkpoint_are_refused_clearly(checkpoints, tmp_pa
     ("Qwen2MoeForCausalLM", {"decoder_sparse_step": 2}, MoEConfig(60, 4, 1408, False, (False, True), 5632)),
     # Mixtral's experts are intermediate_size wide, always renormalised.
     ("MixtralForCausalLM", {"num_local_experts": 4}, MoEConfig(4, 2, 96, True, (True, True))),
+    ("OlmoeForCausalLM", {"num_experts": 16, "norm_topk_prob": True}, MoEConfig(16, 8, 96, True, (True, True))),
     ("LlamaForCausalLM", {"num_experts": 4}, None),
 ])
 def test_moe_configs_read_as_transformers_reads_them(architecture, fields, expected):

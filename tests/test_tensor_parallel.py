@@ -46,6 +46,8 @@ CASES = {
     # Each expert's intermediate features split across the ranks, the router replicated; a shared expert.
     "qwen3_moe": TINY_CONFIGS["qwen3_moe"],
     "qwen2_moe": TINY_CONFIGS["qwen2_moe"],
+    # OLMoE: OLMo's q/k norms summed over the ranks, and experts.
+    "olmoe": TINY_CONFIGS["olmoe"],
 }
 
 # A 48-token budget chunks the 70-token prompt; the repeated prefix is served from the prefix cache.

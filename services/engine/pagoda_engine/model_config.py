@@ -45,6 +45,7 @@ _GEMMA_COMMON = {
 }
 SMOLLM3 = "SmolLM3ForCausalLM"
 MIXTRAL, QWEN2_MOE, QWEN3_MOE = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
+OLMOE = "OlmoeForCausalLM"
 ARCHITECTURE_DEFAULTS = {
     GEMMA2: {**_GEMMA_COMMON, "vocab_size": 256_000, "max_position_embeddings": 8192, "rope_theta": 10_000.0,
              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
@@ -58,6 +59,7 @@ ARCHITECTURE_DEFAULTS = {
                 "shared_expert_intermediate_size": 5632, "max_position_embeddings": 32768},
     QWEN3_MOE: {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
                 "max_position_embeddings": 32768},
+    OLMOE: {"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,6 +126,8 @@ class ModelConfig:
     # None: every layer.
     rope_layers: tuple[bool, ...] | None = None
     moe: MoEConfig | None = None
+    # OLMoE: q, k and v clipped to [-clip_qkv, clip_qkv] after the q/k norms (None: not clipped).
+    clip_qkv: float | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -177,6 +181,7 @@ class ModelConfig:
             checkpoint_architecture=checkpoint_architecture,
             rope_layers=_rope_layers(config),
             moe=_moe(config),
+            clip_qkv=config.get("clip_qkv") if _architecture(config) == OLMOE else None,
         )
 
 
@@ -205,16 +210,19 @@ def _rope_layers(config: dict[str, Any]) -> tuple[bool, ...] | None:
 
 
 def _moe(config: dict[str, Any]) -> MoEConfig | None:
-    """Mixtral's experts in every layer; Qwen's in every decoder_sparse_step-th but its mlp_only_layers."""
+    """Mixtral's and OLMoE's experts in every layer (intermediate_size wide); Qwen's in every
+    decoder_sparse_step-th but its mlp_only_layers."""
     architecture = _architecture(config)
-    if architecture not in (MIXTRAL, QWEN2_MOE, QWEN3_MOE):
+    if architecture not in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE):
         return None
     num_layers = _required(config, "num_hidden_layers")
     # transformers 5 writes Qwen's num_experts as num_local_experts, Mixtral's name.
     num_experts = config.get("num_local_experts") or config.get("num_experts")
     top_k = _required(config, "num_experts_per_tok")
-    if architecture == MIXTRAL:
-        return MoEConfig(num_experts, top_k, _required(config, "intermediate_size"), True, (True,) * num_layers)
+    if architecture in (MIXTRAL, OLMOE):
+        renormalize = architecture == MIXTRAL or config.get("norm_topk_prob", False)
+        return MoEConfig(num_experts, top_k, _required(config, "intermediate_size"), renormalize,
+                         (True,) * num_layers)
     step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
     sparse = tuple(num_experts > 0 and layer not in dense and (layer + 1) % step == 0 for layer in range(num_layers))
     shared = config.get("shared_expert_intermediate_size", 0) if architecture == QWEN2_MOE else 0

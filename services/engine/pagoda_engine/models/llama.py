@@ -12,6 +12,7 @@ Parameter names follow Hugging Face's, except that q/k/v and gate/up are fused (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,10 +88,17 @@ def build_mlp(config: ModelConfig, layer: int) -> nn.Module:
     return SparseMoeBlock(config.hidden_size, moe, shared)
 
 
+# Builds a layer's attention block from (config, the shared rotary embedding, the layer's index): OLMoE's
+# differs from Llama's in its q/k norms alone.
+AttentionFactory = Callable[[ModelConfig, RotaryEmbedding, int], nn.Module]
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, options: AttentionOptions, layer: int):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, options: AttentionOptions, layer: int,
+                 attention: AttentionFactory | None = None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, options, config.sliding_windows[layer])
+        self.self_attn = (attention(config, rotary_emb, layer) if attention is not None
+                          else LlamaAttention(config, rotary_emb, options, config.sliding_windows[layer]))
         self.mlp = build_mlp(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -118,7 +126,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, options: AttentionOptions):
+    def __init__(self, config: ModelConfig, options: AttentionOptions, attention: AttentionFactory | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # One cos/sin cache shared by every layer.
@@ -126,7 +134,7 @@ class LlamaModel(nn.Module):
                                      config.rope_scaling)
         rope_layers = config.rope_layers or (True,) * config.num_hidden_layers
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb if rope_layers[layer] else None, options, layer)
+            LlamaDecoderLayer(config, rotary_emb if rope_layers[layer] else None, options, layer, attention)
             for layer in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -1,9 +1,12 @@
-"""OLMo 2 (``Olmo2ForCausalLM``), as transformers' modeling_olmo2.py has it.
+"""OLMo 2 (``Olmo2ForCausalLM``) and OLMoE (``OlmoeForCausalLM``), as transformers' modeling_olmo2.py and
+modeling_olmoe.py have them.
 
-What differs from Llama: the norms come after each block (post_attention / post_feedforward, added to the
-residual; no norm before), each rounds once after its weight (``OneRoundingRMSNorm``), and q and k are
-RMS-normalised over their whole projection (every head together) before RoPE. Under tensor parallelism a
-rank holds some of those heads, so the norm sums its squares over the ranks (``ShardedQKNorm``).
+What OLMo 2 changes from Llama: the norms come after each block (post_attention / post_feedforward, added
+to the residual; no norm before), each rounds once after its weight (``OneRoundingRMSNorm``), and q and k
+are RMS-normalised over their whole projection (every head together) before RoPE. Under tensor
+parallelism a rank holds some of those heads, so the norm sums its squares over the ranks
+(``ShardedQKNorm``). OLMoE keeps Llama's blocks and norms (rounded as Llama's), normalises q and k over
+their whole projection as OLMo 2 does, may clip q, k and v (``clip_qkv``), and routes to experts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from pagoda_engine.layers.linear import copy_weight, rank_slice
 from pagoda_engine.layers.norm import RMSNorm
 from pagoda_engine.layers.rotary import RotaryEmbedding
 from pagoda_engine.model_config import ModelConfig
-from pagoda_engine.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM, LlamaMLP, run_layers
+from pagoda_engine.models.llama import (
+    AttentionOptions,
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    run_layers,
+)
 
 
 class OneRoundingRMSNorm(RMSNorm):
@@ -40,9 +50,10 @@ class ShardedQKNorm(RMSNorm):
     """OneRoundingRMSNorm over a projection whose heads are split across the ranks: this rank's slice of the
     weight, the mean square summed over every rank's heads."""
 
-    def __init__(self, full_size: int, local_size: int, index: int, eps: float):
+    def __init__(self, full_size: int, local_size: int, index: int, eps: float, round_once: bool = True):
         super().__init__(local_size, eps)
         self.full_size, self.local_size, self.index = full_size, local_size, index
+        self.round_once = round_once  # False: round before the weight, as Llama's RMSNorm (OLMoE's)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -51,24 +62,33 @@ class ShardedQKNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         mean_square = all_reduce(xf.pow(2).sum(-1, keepdim=True)) / self.full_size
-        return (self.weight.float() * (xf * torch.rsqrt(mean_square + self.eps))).to(x.dtype)
+        normed = xf * torch.rsqrt(mean_square + self.eps)
+        if self.round_once:
+            return (self.weight.float() * normed).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
 
 
 class Olmo2Attention(LlamaAttention):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, round_once: bool = True):
         options = AttentionOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm=False)
         super().__init__(config, rotary_emb, options, None)
         if self.qkv_proj.kv_replicas > 1:
-            raise ValueError("OLMo 2's k norm spans every KV head: tensor parallelism needs at least as many KV "
+            raise ValueError("OLMo's k norm spans every KV head: tensor parallelism needs at least as many KV "
                              f"heads ({config.num_key_value_heads}) as ranks")
         head_dim, eps = config.head_dim, config.rms_norm_eps
-        self.q_norm = ShardedQKNorm(config.num_attention_heads * head_dim, self.qkv_proj.q_size, tp_rank(), eps)
-        self.k_norm = ShardedQKNorm(config.num_key_value_heads * head_dim, self.qkv_proj.kv_size, tp_rank(), eps)
+        self.q_norm = ShardedQKNorm(config.num_attention_heads * head_dim, self.qkv_proj.q_size, tp_rank(), eps,
+                                    round_once)
+        self.k_norm = ShardedQKNorm(config.num_key_value_heads * head_dim, self.qkv_proj.kv_size, tp_rank(), eps,
+                                    round_once)
+        self.clip_qkv = config.clip_qkv
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # after the norms, as transformers clips
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -110,3 +130,11 @@ class Olmo2Model(nn.Module):
 class Olmo2ForCausalLM(LlamaForCausalLM):
     def build_model(self, config: ModelConfig) -> nn.Module:
         return Olmo2Model(config)
+
+
+class OlmoeForCausalLM(LlamaForCausalLM):
+    def build_model(self, config: ModelConfig) -> nn.Module:
+        def attention(config: ModelConfig, rotary_emb: RotaryEmbedding, layer: int) -> nn.Module:
+            return Olmo2Attention(config, rotary_emb, round_once=False)
+
+        return LlamaModel(config, self.attention_options(config), attention)

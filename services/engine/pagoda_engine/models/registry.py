@@ -7,7 +7,7 @@ from torch import nn
 from pagoda_engine.model_config import TEXT_PARTS
 from pagoda_engine.models.gemma import GemmaForCausalLM
 from pagoda_engine.models.llama import LlamaForCausalLM
-from pagoda_engine.models.olmo2 import Olmo2ForCausalLM
+from pagoda_engine.models.olmo2 import Olmo2ForCausalLM, OlmoeForCausalLM
 from pagoda_engine.models.qwen2 import Qwen2ForCausalLM
 from pagoda_engine.models.qwen3 import Qwen3ForCausalLM
 
@@ -30,6 +30,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": LlamaForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3ForCausalLM,
+    "OlmoeForCausalLM": OlmoeForCausalLM,
 }
 
 
