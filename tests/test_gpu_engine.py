@@ -52,6 +52,10 @@ def gpu_model_dirs(tmp_path_factory):
                                      hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
                                      num_experts_per_tok=2, moe_intermediate_size=96,
                                      shared_expert_intermediate_size=128),
+        # OLMoE: torch-level q/k norms over the whole projection, clipped q/k/v, then the grouped GEMMs.
+        "olmoe": make_tiny_model(tmp_path_factory.mktemp("olmoe_64"), "OlmoeForCausalLM", hidden_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_experts=8,
+                                 num_experts_per_tok=2, clip_qkv=2.0, pad_token_id=0),
     }
 
 
@@ -62,7 +66,7 @@ def gpu_llm(model_dir, **config) -> LLM:
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding", "gemma2", "gemma3", "qwen3_moe",
-                                  "qwen2_moe"])
+                                  "qwen2_moe", "olmoe"])
 def test_fp32_gpu_matches_transformers(gpu_model_dirs, name):
     model_dir = gpu_model_dirs[name]
     prompts = prompts_of([5, 17, 40, 64])
