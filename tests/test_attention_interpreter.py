@@ -55,9 +55,15 @@ def check_under_interpreter() -> None:
             torch.testing.assert_close(run_backend(batch, batch_invariant, window, cap), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_windowed_and_capped_attention_kernels_under_the_triton_interpreter():
+def run_under_interpreter(module: str) -> None:
+    """``module``'s check_under_interpreter() in a subprocess: TRITON_INTERPRET must be set before triton is
+    first imported."""
     root = Path(__file__).resolve().parents[1]
-    code = "from tests.test_attention_interpreter import check_under_interpreter; check_under_interpreter()"
+    code = f"from {module} import check_under_interpreter; check_under_interpreter()"
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_windowed_and_capped_attention_kernels_under_the_triton_interpreter():
+    run_under_interpreter("tests.test_attention_interpreter")

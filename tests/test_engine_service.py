@@ -144,6 +144,13 @@ def greedy(prompt: list[int], max_tokens: int, request_id: str = "", **params) -
     return request(prompt, request_id, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **params)
 
 
+def assert_prompt_logprobs(prompt: list[int], got: list, expected: list) -> None:
+    """The service's prompt logprobs (one per prompt token from the second on) against the offline API's."""
+    for token, entry, (want_logprob, want_top) in zip(prompt[1:], got, expected, strict=True):
+        assert entry.sampled.token_id == token and entry.sampled.logprob == pytest.approx(want_logprob, abs=1e-4)
+        assert [t.logprob for t in entry.top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
@@ -406,10 +413,7 @@ def test_prompt_logprobs_over_the_wire(server, offline):
     assert sum(first.prompt_logprobs_per_message) == len(prompt) - 1  # on no later message
     assert sum(other.prompt_logprobs_per_message) == 0
     assert first.usage.cached_prompt_tokens == 0
-    for token, got, (want_logprob, want_top) in zip(prompt[1:], first.prompt_logprobs, expected.prompt_logprobs,
-                                                    strict=True):
-        assert got.sampled.token_id == token and got.sampled.logprob == pytest.approx(want_logprob, abs=1e-4)
-        assert [t.logprob for t in got.top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+    assert_prompt_logprobs(prompt, first.prompt_logprobs, expected.prompt_logprobs)
     server.wait_idle()
 
 
@@ -526,10 +530,7 @@ def test_prompt_logprobs_come_with_the_sample_left_when_sample_0_is_aborted(mode
         assert left.finish_reason == pb.FINISH_REASON_LENGTH and left.tokens == expected.outputs[0].token_ids
         assert left.prompt_logprobs_per_message[0] == len(prompt) - 1 == sum(left.prompt_logprobs_per_message)
         assert left.usage.cached_prompt_tokens == 0
-        for token, got, (want_logprob, want_top) in zip(prompt[1:], left.prompt_logprobs, expected.prompt_logprobs,
-                                                        strict=True):
-            assert got.sampled.token_id == token and got.sampled.logprob == pytest.approx(want_logprob, abs=1e-4)
-            assert [t.logprob for t in got.top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+        assert_prompt_logprobs(prompt, left.prompt_logprobs, expected.prompt_logprobs)
         server.wait_idle()
     finally:
         assert server.stop() == 0

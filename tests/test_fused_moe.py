@@ -8,9 +8,6 @@ CUDA graph that replays new routings) and, on CPU machines, under the Triton int
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ pytest.importorskip("triton")
 
 from pagoda_engine.kernels.fused_moe import align_to_blocks, fused_experts, max_padded_pairs  # noqa: E402
 from pagoda_engine.layers.moe import FusedMoE, route  # noqa: E402
+from tests.test_attention_interpreter import read_loaded_scalars, run_under_interpreter  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3),
              torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -114,16 +112,10 @@ def test_moe_layer_replays_new_routings_in_a_cuda_graph():
 def check_under_interpreter() -> None:
     """fp32, small shapes (the interpreter is slow): one token, ragged decode sizes, whole 64-row tiles."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from tests.test_attention_interpreter import read_loaded_scalars
-
     read_loaded_scalars()  # the kernel returns early on a loaded count
     check_alignment("cpu")
     check_kernels("cpu", [torch.float32], [(1, 8, 2, 64, 32), (5, 16, 4, 40, 24), (70, 4, 2, 32, 16)])
 
 
 def test_alignment_and_grouped_gemm_kernels_under_the_triton_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    code = "from tests.test_fused_moe import check_under_interpreter; check_under_interpreter()"
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_under_interpreter("tests.test_fused_moe")
