@@ -1,8 +1,11 @@
-"""Shared fixtures: the default model (converted once per machine) and GPU skipping."""
+"""Shared fixtures and helpers: the default model (converted once per machine), GPU skipping, tiny random
+checkpoints, and running a kernel check under the Triton interpreter."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,26 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     return {
         name: make_tiny_model(tmp_path_factory.mktemp(name), **settings) for name, settings in TINY_CONFIGS.items()
     }
+
+
+def run_under_interpreter(module: str) -> None:
+    """``module``'s check_under_interpreter() in a subprocess: TRITON_INTERPRET must be set before triton is
+    first imported."""
+    root = Path(__file__).resolve().parents[1]
+    code = f"from {module} import check_under_interpreter; check_under_interpreter()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def read_loaded_scalars() -> None:
+    """Let the interpreter use a value loaded from memory as a Python int (a loop bound, a branch's test)."""
+    import triton.runtime.interpreter as interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched

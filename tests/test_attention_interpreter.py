@@ -10,26 +10,12 @@ score soft-cap.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import read_loaded_scalars, run_under_interpreter
+
 pytest.importorskip("triton")
-
-
-def read_loaded_scalars() -> None:
-    """Let the interpreter use a value loaded from memory as a Python int (a loop bound, a branch's test)."""
-    import triton.runtime.interpreter as interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope) -> None:
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
 
 
 def check_under_interpreter() -> None:
@@ -53,16 +39,6 @@ def check_under_interpreter() -> None:
         ref, _, _ = reference(batch, window, cap)
         for batch_invariant in (False, True):
             torch.testing.assert_close(run_backend(batch, batch_invariant, window, cap), ref, atol=1e-5, rtol=1e-5)
-
-
-def run_under_interpreter(module: str) -> None:
-    """``module``'s check_under_interpreter() in a subprocess: TRITON_INTERPRET must be set before triton is
-    first imported."""
-    root = Path(__file__).resolve().parents[1]
-    code = f"from {module} import check_under_interpreter; check_under_interpreter()"
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_windowed_and_capped_attention_kernels_under_the_triton_interpreter():

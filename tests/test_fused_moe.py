@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from pagoda_engine.kernels.fused_moe import align_to_blocks, fused_experts, max_padded_pairs  # noqa: E402
 from pagoda_engine.layers.moe import FusedMoE, route  # noqa: E402
-from tests.test_attention_interpreter import read_loaded_scalars, run_under_interpreter  # noqa: E402
+from tests.conftest import read_loaded_scalars, run_under_interpreter  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3),
              torch.float32: dict(rtol=1e-5, atol=1e-5)}

@@ -8,9 +8,6 @@ triton is first imported. Without triton (it is in the dev extra) the whole modu
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from pagoda_engine.kernels import fused_ops  # noqa: E402
 from pagoda_engine.layers.activation import GeluTanhAndMul, SiluAndMul  # noqa: E402
 from pagoda_engine.layers.norm import GemmaRMSNorm, RMSNorm  # noqa: E402
 from pagoda_engine.layers.rotary import RotaryEmbedding  # noqa: E402
+from tests.conftest import run_under_interpreter  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # bf16/fp16: a rounding may flip where the fp32 sum of squares differs in its last bit, twice (the
@@ -286,9 +284,4 @@ def check_under_interpreter() -> None:
 
 
 def test_kernels_under_the_triton_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-c", "from tests.test_fused_ops import check_under_interpreter; check_under_interpreter()"],
-        cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_under_interpreter("tests.test_fused_ops")

@@ -8,9 +8,6 @@ imported. Without triton (it is in the dev extra) the whole module is skipped.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from pagoda_engine.kernels import skinny_gemm  # noqa: E402
+from tests.conftest import run_under_interpreter  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # The kernel sums in fp32 and rounds once, so it is within one rounding of the exact product; fp32 sums
@@ -133,9 +131,4 @@ def check_under_interpreter() -> None:
 
 
 def test_kernel_under_the_triton_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-c", "from tests.test_skinny_gemm import check_under_interpreter; check_under_interpreter()"],
-        cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_under_interpreter("tests.test_skinny_gemm")
