@@ -347,6 +347,7 @@ def test_stacked_experts_in_a_checkpoint_are_refused_clearly(checkpoints, tmp_pa
     ("MixtralForCausalLM", {"num_local_experts": 4}, MoEConfig(4, 2, 96, True, (True, True))),
     ("OlmoeForCausalLM", {"num_experts": 16, "norm_topk_prob": True}, MoEConfig(16, 8, 96, True, (True, True))),
     ("LlamaForCausalLM", {"num_experts": 4}, None),
+    ("Qwen3MoeForCausalLM", {"num_experts": 0}, None),  # no experts: every layer dense, as transformers builds it
 ])
 def test_moe_configs_read_as_transformers_reads_them(architecture, fields, expected):
     assert ModelConfig.from_dict({**TINY_QWEN3, "architectures": [architecture], **fields}).moe == expected
@@ -465,6 +466,8 @@ def test_a_gemma3_config_gets_transformers_defaults_for_what_it_leaves_out():
     ({"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"}, "hidden_act 'gelu'"),
     ({"architectures": ["Gemma3ForCausalLM"], "use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ({"architectures": ["Qwen2MoeForCausalLM"], "qkv_bias": False}, "qkv_bias false"),
+    ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 4, "num_experts_per_tok": 5},
+     "num_experts_per_tok 5 must be between 1 and the number of experts"),
     # Phi-3's old name for LongRoPE is not YaRN's.
     ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "yarn", "factor": 4.0}},
      "rope type 'longrope' is not supported"),

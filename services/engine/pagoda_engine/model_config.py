@@ -219,12 +219,16 @@ def _moe(config: dict[str, Any]) -> MoEConfig | None:
     # transformers 5 writes Qwen's num_experts as num_local_experts, Mixtral's name.
     num_experts = config.get("num_local_experts") or config.get("num_experts")
     top_k = _required(config, "num_experts_per_tok")
+    if not num_experts:  # Qwen's: every layer dense
+        return None
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok {top_k} must be between 1 and the number of experts ({num_experts})")
     if architecture in (MIXTRAL, OLMOE):
         renormalize = architecture == MIXTRAL or config.get("norm_topk_prob", False)
         return MoEConfig(num_experts, top_k, _required(config, "intermediate_size"), renormalize,
                          (True,) * num_layers)
     step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
-    sparse = tuple(num_experts > 0 and layer not in dense and (layer + 1) % step == 0 for layer in range(num_layers))
+    sparse = tuple(layer not in dense and (layer + 1) % step == 0 for layer in range(num_layers))
     shared = config.get("shared_expert_intermediate_size", 0) if architecture == QWEN2_MOE else 0
     return MoEConfig(num_experts, top_k, _required(config, "moe_intermediate_size"),
                      config.get("norm_topk_prob", False), sparse, shared)
