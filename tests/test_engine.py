@@ -49,7 +49,7 @@ def assert_all_blocks_free(llm: LLM) -> None:
 
 @pytest.mark.parametrize("name", ["llama", "llama_tied_mha", "qwen2", "qwen3", "mistral_sliding", "phi3", "gemma2",
                                   "gemma3", "granite", "smollm3", "olmo2", "mixtral", "qwen3_moe",
-                                  "qwen2_moe", "olmoe"])
+                                  "qwen2_moe", "olmoe", "granitemoe"])
 def test_greedy_matches_transformers(tiny_model_dirs, name):
     model_dir = tiny_model_dirs[name]
     prompts = prompts_of([5, 17, 33, 64])

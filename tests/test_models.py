@@ -99,6 +99,12 @@ CASES = {
                                                             moe_intermediate_size=32,
                                                             shared_expert_intermediate_size=48,
                                                             decoder_sparse_step=2), {}),
+    # GraniteMoE: Granite's multipliers, every expert in one tensor, the softmax of the top-2 logits of 4.
+    "granitemoe_stacked": ("GraniteMoeForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                         intermediate_size=48, num_local_experts=4,
+                                                         num_experts_per_tok=2, embedding_multiplier=12.0,
+                                                         residual_multiplier=0.22, logits_scaling=8.0,
+                                                         attention_multiplier=0.05), {}),
     # OLMoE: q/k normalised over the whole projection, q/k/v clipped (a clip that bites), top-3 of 6.
     "olmoe_clipped": ("OlmoeForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
                                                num_experts=6, num_experts_per_tok=3, clip_qkv=0.8, pad_token_id=0),
@@ -321,17 +327,24 @@ def test_a_missing_expert_is_named_as_the_checkpoint_names_it(checkpoints, tmp_p
         load_ours(path)
 
 
-def test_stacked_experts_in_a_checkpoint_are_refused_clearly(checkpoints, tmp_path):
-    """Hub checkpoints store one tensor per expert; a stacked one (transformers' in-memory layout) is named."""
+def test_stacked_experts_in_a_checkpoint_load_as_per_expert_ones(checkpoints, tmp_path):
+    """Every expert in one tensor (GraniteMoE's kind, and transformers' in-memory names) loads the same
+    weights; a stack of the wrong expert count is named."""
     src, _ = checkpoints["qwen3_moe_dense_layer"]
+    prefix = "model.layers.0.mlp.experts"
 
     def stack(tensors: dict) -> None:
-        prefix = "model.layers.0.mlp.experts"
-        downs = [tensors.pop(f"{prefix}.{e}.down_proj.weight") for e in range(8)]
-        tensors[f"{prefix}.down_proj"] = torch.stack(downs)
+        gate_up = [torch.cat([tensors.pop(f"{prefix}.{e}.{piece}_proj.weight") for piece in ("gate", "up")])
+                   for e in range(8)]
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+        tensors[f"{prefix}.down_proj"] = torch.stack([tensors.pop(f"{prefix}.{e}.down_proj.weight") for e in range(8)])
 
-    path = _rewrite_checkpoint(src, tmp_path / "ckpt", stack)
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.experts\.down_proj'.*one tensor per expert"):
+    stacked = load_ours(_rewrite_checkpoint(src, tmp_path / "stacked", stack))
+    assert all(torch.equal(a, b) for a, b in zip(stacked.state_dict().values(), load_ours(src).state_dict().values(),
+                                                 strict=True))
+    path = _rewrite_checkpoint(src, tmp_path / "short", lambda t: (stack(t), t.update(
+        {f"{prefix}.down_proj": t[f"{prefix}.down_proj"][:7]})))
+    with pytest.raises(ValueError, match=rf"'{re.escape(prefix)}\.down_proj'.*should stack 8 experts"):
         load_ours(path)
 
 
@@ -346,6 +359,7 @@ def test_stacked_experts_in_a_checkpoint_are_refused_clearly(checkpoints, tmp_pa
     # Mixtral's experts are intermediate_size wide, always renormalised.
     ("MixtralForCausalLM", {"num_local_experts": 4}, MoEConfig(4, 2, 96, True, (True, True))),
     ("OlmoeForCausalLM", {"num_experts": 16, "norm_topk_prob": True}, MoEConfig(16, 8, 96, True, (True, True))),
+    ("GraniteMoeForCausalLM", {}, MoEConfig(8, 2, 96, True, (True, True))),
     ("LlamaForCausalLM", {"num_experts": 4}, None),
     ("Qwen3MoeForCausalLM", {"num_experts": 0}, None),  # no experts: every layer dense, as transformers builds it
 ])

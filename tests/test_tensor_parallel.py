@@ -48,6 +48,8 @@ CASES = {
     "qwen2_moe": TINY_CONFIGS["qwen2_moe"],
     # OLMoE: OLMo's q/k norms summed over the ranks, and experts.
     "olmoe": TINY_CONFIGS["olmoe"],
+    # GraniteMoE's stacked experts, cut per expert and then per rank.
+    "granitemoe": TINY_CONFIGS["granitemoe"],
 }
 
 # A 48-token budget chunks the 70-token prompt; the repeated prefix is served from the prefix cache.

@@ -29,7 +29,7 @@ ROPE_SCALING_OPTIONAL_KEYS = {
     "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
 }
 
-GRANITE = "GraniteForCausalLM"
+GRANITE, GRANITE_MOE = "GraniteForCausalLM", "GraniteMoeForCausalLM"
 QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 GEMMA2, GEMMA3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM"
 GEMMA = (GEMMA2, GEMMA3)
@@ -59,6 +59,7 @@ ARCHITECTURE_DEFAULTS = {
                 "shared_expert_intermediate_size": 5632, "max_position_embeddings": 32768},
     QWEN3_MOE: {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
                 "max_position_embeddings": 32768},
+    GRANITE_MOE: {"num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 2048},
     OLMOE: {"num_experts": 64, "num_experts_per_tok": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -210,10 +211,10 @@ def _rope_layers(config: dict[str, Any]) -> tuple[bool, ...] | None:
 
 
 def _moe(config: dict[str, Any]) -> MoEConfig | None:
-    """Mixtral's and OLMoE's experts in every layer (intermediate_size wide); Qwen's in every
+    """Mixtral's, GraniteMoE's and OLMoE's experts in every layer (intermediate_size wide); Qwen's in every
     decoder_sparse_step-th but its mlp_only_layers."""
     architecture = _architecture(config)
-    if architecture not in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE):
+    if architecture not in (MIXTRAL, GRANITE_MOE, QWEN2_MOE, QWEN3_MOE, OLMOE):
         return None
     num_layers = _required(config, "num_hidden_layers")
     # transformers 5 writes Qwen's num_experts as num_local_experts, Mixtral's name.
@@ -223,8 +224,9 @@ def _moe(config: dict[str, Any]) -> MoEConfig | None:
         return None
     if not 0 < top_k <= num_experts:
         raise ValueError(f"num_experts_per_tok {top_k} must be between 1 and the number of experts ({num_experts})")
-    if architecture in (MIXTRAL, OLMOE):
-        renormalize = architecture == MIXTRAL or config.get("norm_topk_prob", False)
+    if architecture in (MIXTRAL, GRANITE_MOE, OLMOE):
+        # GraniteMoE takes the softmax of the top-k logits: the top-k probabilities, renormalised.
+        renormalize = architecture != OLMOE or config.get("norm_topk_prob", False)
         return MoEConfig(num_experts, top_k, _required(config, "intermediate_size"), renormalize,
                          (True,) * num_layers)
     step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
@@ -246,7 +248,7 @@ def _text_part(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _granite_scalars(config: dict[str, Any]) -> dict[str, float]:
-    if _architecture(config) != GRANITE:
+    if _architecture(config) not in (GRANITE, GRANITE_MOE):
         return {}
     return {"embedding_multiplier": float(config.get("embedding_multiplier", 1.0)),
             "residual_multiplier": float(config.get("residual_multiplier", 1.0)),

@@ -1,4 +1,5 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router, routed experts, a shared expert.
+"""The mixture-of-experts MLP (Mixtral, GraniteMoE, Qwen2-MoE, Qwen3-MoE, OLMoE): a router, routed experts, and
+Qwen2-MoE's shared expert.
 
 The router scores every expert per token and keeps the ``top_k`` best (softmax in fp32, as
 transformers does). The experts' weights are stacked, ``gate_up_proj`` [E, 2I, H] and ``down_proj``
@@ -64,6 +65,19 @@ class FusedMoE(nn.Module):
             return
         offset = _GATE_UP_PIECES.index(piece) * size
         copy_weight(param.data[expert].narrow(0, offset, size), rank_slice(loaded, 0, full, self.tp_rank, size))
+
+    def stacked_pieces(self, param: nn.Parameter, stacked: torch.Tensor) -> list[tuple[tuple[int, str], torch.Tensor]]:
+        """A checkpoint tensor holding every expert at once ([E, 2I, H] gate and up, or [E, H, I] down:
+        GraniteMoE's input_linear and output_linear) as the per-expert pieces ``weight_loader`` takes."""
+        if stacked.dim() != 3 or stacked.shape[0] != self.num_experts:
+            raise ValueError(f"shape {tuple(stacked.shape)} should stack {self.num_experts} experts")
+        if param is self.down_proj:
+            return [((e, "down"), stacked[e]) for e in range(self.num_experts)]
+        if stacked.shape[1] != 2 * self.intermediate_size:
+            raise ValueError(f"shape {tuple(stacked.shape)} should hold gate and up, {self.intermediate_size} "
+                             "rows each")
+        return [((e, piece), rows) for e in range(self.num_experts)
+                for piece, rows in zip(_GATE_UP_PIECES, stacked[e].chunk(2), strict=True)]
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if fused_moe is not None and x.is_cuda:

@@ -1,5 +1,6 @@
 """The Llama decoder (SmolLM2 and SmolLM3's NoPE layers, Llama 3, Mistral with its sliding window, Phi-3,
-Granite's scalars), shared by Qwen2 and Qwen3, and with experts for an MLP by Mixtral, Qwen2-MoE and Qwen3-MoE.
+Granite's scalars), shared by Qwen2 and Qwen3, and with experts for an MLP by Mixtral, GraniteMoE, Qwen2-MoE
+and Qwen3-MoE.
 
 The three families differ only in the attention block: which projections carry a bias, and whether
 q and k get a per-head RMSNorm before RoPE. ``LlamaForCausalLM.attention_options`` is that

@@ -5,7 +5,8 @@ Checkpoint names are Hugging Face's; ours differ only where we fuse projections,
 ``qkv_proj`` and ``gate_up_proj``) has our names; its tensor is cut into the pieces, so that each goes
 through the same per-piece loading (and tensor-parallel slicing) as separate tensors would. A MoE
 checkpoint stores each expert's projections apart (``experts.3.gate_proj.weight``; Mixtral's ``w1``,
-``w3``, ``w2``): ``EXPERT_PROJECTIONS`` says which stacked parameter and piece each fills.
+``w3``, ``w2``): ``EXPERT_PROJECTIONS`` says which stacked parameter and piece each fills; GraniteMoE's
+stores every expert in one tensor, cut into the same pieces.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ EXPERT_PROJECTIONS: dict[str, tuple[str, str]] = {
 EXPERT_TENSOR = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<projection>\w+)\.weight")
 # Checkpoint module names that are ours under another name (Mixtral's MoE block is every other model's mlp).
 RENAMED_MODULES = {"block_sparse_moe": "mlp"}
+# Whole tensors named otherwise: GraniteMoE's router and its stacked experts (every expert in one tensor).
+RENAMED_TENSORS = {"mlp.router.layer.weight": "mlp.gate.weight", "mlp.input_linear.weight": "mlp.experts.gate_up_proj",
+                   "mlp.output_linear.weight": "mlp.experts.down_proj"}
 
 DUMMY_STD = 0.02
 
@@ -124,6 +128,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 def map_checkpoint_name(name: str) -> tuple[str, str | int | tuple[int, str] | None]:
     """Checkpoint tensor name -> (our parameter name, shard id within it or None)."""
     parts = [RENAMED_MODULES.get(part, part) for part in name.split(".")]
+    for theirs, ours in RENAMED_TENSORS.items():
+        if ".".join(parts).endswith(f".{theirs}"):
+            return ".".join(parts)[: -len(theirs)] + ours, None
     expert = EXPERT_TENSOR.fullmatch(".".join(parts))
     if expert and expert["projection"] in EXPERT_PROJECTIONS:
         param, piece = EXPERT_PROJECTIONS[expert["projection"]]
@@ -230,10 +237,13 @@ def _pieces(model: nn.Module, param_name: str, shard_id: str | int | None, tenso
     shard_ids = _shard_ids(model, param_name)
     if shard_id is not None or shard_ids == (None,):
         return [(shard_id, tensor)]
-    sizes = getattr(_owner(model, param_name), "shard_sizes", None)
-    if sizes is None:  # stacked experts: their checkpoints store one tensor per expert and projection
-        raise ValueError(f"cannot load tensor {name!r} from {path}: expected one tensor per expert "
-                         f"({checkpoint_name(param_name, shard_ids[0])}, ...)")
+    owner = _owner(model, param_name)
+    if hasattr(owner, "stacked_pieces"):  # every expert in one tensor (GraniteMoE, transformers' own layout)
+        try:
+            return owner.stacked_pieces(model.get_parameter(param_name), tensor)
+        except ValueError as err:
+            raise ValueError(f"cannot load tensor {name!r} from {path}: {err}") from err
+    sizes = owner.shard_sizes
     if tensor.shape[0] != sum(sizes):
         raise ValueError(f"cannot load tensor {name!r} from {path}: {tensor.shape[0]} rows, expected "
                          f"{' + '.join(map(str, sizes))} ({', '.join(map(str, shard_ids))})")

@@ -28,6 +28,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     # Mixtures of experts: the same decoders with ModelConfig.moe's experts for an MLP (layers/moe.py).
     "MixtralForCausalLM": LlamaForCausalLM,
+    "GraniteMoeForCausalLM": LlamaForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3ForCausalLM,
     "OlmoeForCausalLM": OlmoeForCausalLM,
