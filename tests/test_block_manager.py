@@ -1,4 +1,5 @@
-"""BlockManager: allocation accounting, prefix-cache hits, LRU eviction of freed cached blocks."""
+"""BlockManager: allocation accounting, prefix-cache hits, LRU eviction of freed cached blocks, and the release
+of blocks behind a sliding window."""
 
 from pagoda_engine.block_manager import BlockManager
 from pagoda_engine.sampling_params import SamplingParams
@@ -93,3 +94,31 @@ def test_prefix_caching_off_finds_nothing():
     compute(bm, a)
     assert bm.find_cached_prefix(make_seq(list(range(9)))) == []
     assert bm.cached_blocks == {}
+
+
+def test_blocks_behind_every_layers_window_are_released_and_stay_findable():
+    """Window 8, blocks of 4: a query at position 13 sees 6..13, so block 0 (0..3) is released, block 1 kept."""
+    bm = BlockManager(num_blocks=10, block_size=4, window=8)
+    seq = make_seq(list(range(18)))
+    compute(bm, seq)
+    table = list(seq.block_table)
+    bm.release_outside_window(seq, first_query=13)
+    assert seq.num_released_blocks == 1 and seq.block_table == table  # entries stay, as positions
+    assert bm.num_free_blocks == 10 - 5 + 1
+    bm.check_invariants()
+    bm.release_outside_window(seq, first_query=11)  # an earlier query releases nothing back
+    assert seq.num_released_blocks == 1
+    # A new prompt with the same head finds the released block, still cached.
+    other = make_seq(list(range(18)))
+    assert bm.find_cached_prefix(other)[:1] == table[:1]
+    bm.free(seq)
+    assert bm.num_free_blocks == 10 and seq.num_released_blocks == 0
+    bm.check_invariants()
+
+
+def test_no_window_releases_nothing():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    seq = make_seq(list(range(18)))
+    compute(bm, seq)
+    bm.release_outside_window(seq, first_query=17)
+    assert seq.num_released_blocks == 0 and bm.num_free_blocks == 5

@@ -59,6 +59,22 @@ def test_greedy_matches_transformers(tiny_model_dirs, name):
     assert_all_blocks_free(llm)
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_a_sliding_window_model_holds_only_its_window(tiny_model_dirs, prefix_caching):
+    """Mistral's window (24 tokens) in every layer: blocks behind it are released as sequences advance, so
+    six sequences of ~100 tokens (150 blocks of 4 in all) run in 64 blocks without a preemption, and the
+    released blocks, handed to other sequences meanwhile, change no token."""
+    model_dir = tiny_model_dirs["mistral_sliding"]
+    prompts = prompts_of([40, 37, 44, 29, 41, 35])
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    llm = make_llm(model_dir, num_kv_blocks=64, enable_prefix_caching=prefix_caching)
+    assert llm.engine.block_manager.window == 24
+    ours = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    assert llm.engine.scheduler.num_preemptions == 0
+    assert ours == hf_greedy(model_dir, prompts, 60)
+    assert_all_blocks_free(llm)
+
+
 def test_prefix_cache_hits_and_changes_nothing(tiny_model_dirs):
     model_dir = tiny_model_dirs["qwen3"]
     shared = prompts_of([40])[0]

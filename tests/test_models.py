@@ -457,6 +457,15 @@ def test_layers_slide_where_transformers_would(architecture, window_fields, wind
     assert model_config.max_position_embeddings == 8192  # the whole context, windowed or not
 
 
+def test_only_a_window_every_layer_shares_lets_the_cache_release_blocks():
+    base = {**TINY_QWEN3, "max_position_embeddings": 8192}
+    assert ModelConfig.from_dict({**base, "architectures": ["MistralForCausalLM"],
+                                  "sliding_window": 64}).uniform_sliding_window == 64
+    qwen_top_layer = {**base, "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}
+    assert ModelConfig.from_dict(qwen_top_layer).uniform_sliding_window is None  # its first layer is global
+    assert ModelConfig.from_dict(base).uniform_sliding_window is None
+
+
 def test_a_gemma3_config_gets_transformers_defaults_for_what_it_leaves_out():
     """transformers writes only what differs from Gemma3TextConfig's defaults (gemma-3-1b's style of config)."""
     config = ModelConfig.from_dict({"architectures": ["Gemma3ForCausalLM"], "hidden_size": 1152,

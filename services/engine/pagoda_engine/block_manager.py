@@ -7,7 +7,12 @@ Invariants (checked by ``check_invariants`` in tests):
   (no hash) go to the front when freed, cached ones to the back, so the cached content used most
   recently survives longest (LRU eviction);
 - ``cached_blocks`` maps a block hash to a block whose content is exactly that chain of tokens; a free
-  block keeps its hash (and stays findable) until it is handed out again.
+  block keeps its hash (and stays findable) until it is handed out again;
+- a sequence references the blocks of its table from ``num_released_blocks`` on. With a sliding window
+  in every layer (``window``), the blocks wholly before the window of the sequence's next query are
+  released as the sequence advances, as vLLM does: a long sequence holds about window / block_size
+  blocks. Their table entries stay where they are, so positions still index the table; the kernels read
+  them at most in tiles straddling the window's start, masked (any block holds finite K/V).
 
 A block's hash chains over every token before it: SHA-256 of the parent's digest and this block's
 token ids, so equal hashes mean equal prefixes. A cryptographic hash because the cache is shared
@@ -34,9 +39,11 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window  # every layer's sliding window, or None (some layer sees the whole context)
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached_blocks: dict[bytes, int] = {}
@@ -91,15 +98,22 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks: uncached ones to the front of the queue, to be handed out first; cached
         ones to the back, tail first, so that a prefix's head, which more prompts share, is evicted last."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_queue[block_id] = None
-                if block.hash is None:
-                    self.free_queue.move_to_end(block_id, last=False)
+        for block_id in reversed(seq.block_table[seq.num_released_blocks:]):
+            self._release(block_id)
         seq.block_table = []
         seq.num_published_blocks = 0
+        seq.num_released_blocks = 0
+
+    def release_outside_window(self, seq: Sequence, first_query: int) -> None:
+        """Release ``seq``'s blocks wholly before the window of the query at ``first_query`` (its next step's
+        first): that step and every later one attend to later positions only. The step in flight may still
+        read them, which is safe: a block handed out now is written only by later steps."""
+        if self.window is None:
+            return
+        num_outside = max(0, first_query - self.window + 1) // self.block_size
+        for block_id in seq.block_table[seq.num_released_blocks:num_outside]:
+            self._release(block_id)
+        seq.num_released_blocks = max(seq.num_released_blocks, num_outside)
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Publish ``seq``'s newly completed full blocks in the prefix cache.
@@ -146,6 +160,14 @@ class BlockManager:
             parent = seq.block_hashes[i - 1] if i else b""
             tokens = array("q", seq.token_ids[i * size : (i + 1) * size]).tobytes()
             seq.block_hashes.append(hashlib.sha256(parent + tokens).digest())
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+            if block.hash is None:
+                self.free_queue.move_to_end(block_id, last=False)
 
     def _take_fresh(self) -> int:
         """The least recently freed block, its cached content evicted."""

@@ -148,7 +148,8 @@ class LLMEngine:
             self.close()
             raise
         num_blocks = self.runner.num_kv_blocks
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.model_config.uniform_sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         # No more logprobs than the vocabulary has (a topk past it fails), whatever --max-logprobs allows.

@@ -130,6 +130,12 @@ class ModelConfig:
     # OLMoE: q, k and v clipped to [-clip_qkv, clip_qkv] after the q/k norms (None: not clipped).
     clip_qkv: float | None = None
 
+    @property
+    def uniform_sliding_window(self) -> int | None:
+        """The window when every layer slides by the same one (then the cache may drop what lies behind it)."""
+        windows = set(self.sliding_windows)
+        return windows.pop() if len(windows) == 1 else None
+
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
         """Read ``config.json`` (and ``generation_config.json`` when present) from a model directory."""

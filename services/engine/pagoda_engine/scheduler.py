@@ -154,8 +154,10 @@ class Scheduler:
 
     def _account(self, seq: Sequence, num_new: int) -> bool:
         """Count a scheduled step as done (see the module docstring); returns whether ``seq`` samples."""
+        first_query = seq.num_computed_tokens
         seq.num_computed_tokens += num_new
-        self.block_manager.cache_computed_blocks(seq)
+        self.block_manager.cache_computed_blocks(seq)  # before the release: released blocks are published
+        self.block_manager.release_outside_window(seq, first_query)
         if seq.num_computed_tokens < seq.num_tokens:  # a prefill chunk short of the prompt's end
             return False
         seq.num_pending_tokens += 1

@@ -76,6 +76,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         # Leading blocks already offered to the prefix cache (so each step publishes only new ones).
         self.num_published_blocks = 0
+        # Leading blocks of block_table handed back because no later query's sliding window reaches them
+        # (BlockManager.release_outside_window): their entries stay, as positions, but are no longer ours.
+        self.num_released_blocks = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0

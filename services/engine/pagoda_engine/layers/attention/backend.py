@@ -17,8 +17,9 @@ class AttentionBackend(Protocol):
     or ``None`` before the cache exists (the memory-profiling pass: every sequence is then a fresh
     prefill and attends to its own new tokens only). Returns [num_tokens, num_heads, head_dim].
     ``num_heads`` is a multiple of ``num_kv_heads`` (grouped-query attention). With ``sliding_window`` W
-    a query at position p sees positions p - W + 1 .. p only (transformers' ``kv_idx > q_idx - W``); the
-    cache still holds every position. With ``logit_softcap`` c each scaled score s becomes c * tanh(s / c).
+    a query at position p sees positions p - W + 1 .. p only (transformers' ``kv_idx > q_idx - W``); block
+    table entries wholly before the window may name blocks already released (BlockManager), so what lies
+    there is read, if at all, only to be masked. With ``logit_softcap`` c each scaled score s becomes c * tanh(s / c).
     """
 
     name: str
