@@ -27,7 +27,7 @@ try:  # CUDA builds of torch bring Triton; without it every device runs the torc
 except ImportError:
     fused_moe = None
 
-# Checkpoint pieces of one expert: which stacked parameter each fills, and where in its rows.
+# The two checkpoint tensors each expert's gate_up_proj rows hold, in order.
 _GATE_UP_PIECES = ("gate", "up")
 
 

@@ -128,10 +128,11 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 def map_checkpoint_name(name: str) -> tuple[str, str | int | tuple[int, str] | None]:
     """Checkpoint tensor name -> (our parameter name, shard id within it or None)."""
     parts = [RENAMED_MODULES.get(part, part) for part in name.split(".")]
+    renamed = ".".join(parts)
     for theirs, ours in RENAMED_TENSORS.items():
-        if ".".join(parts).endswith(f".{theirs}"):
-            return ".".join(parts)[: -len(theirs)] + ours, None
-    expert = EXPERT_TENSOR.fullmatch(".".join(parts))
+        if renamed.endswith(f".{theirs}"):
+            return renamed[: -len(theirs)] + ours, None
+    expert = EXPERT_TENSOR.fullmatch(renamed)
     if expert and expert["projection"] in EXPERT_PROJECTIONS:
         param, piece = EXPERT_PROJECTIONS[expert["projection"]]
         return f"{expert['experts']}.{param}", (int(expert["expert"]), piece)
@@ -139,7 +140,7 @@ def map_checkpoint_name(name: str) -> tuple[str, str | int | tuple[int, str] | N
         if part in PACKED_MODULES:
             parts[i], shard_id = PACKED_MODULES[part]
             return ".".join(parts), shard_id
-    return ".".join(parts), None
+    return renamed, None
 
 
 def checkpoint_name(param_name: str, shard_id: str | int | None) -> str:
