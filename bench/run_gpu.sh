@@ -47,6 +47,9 @@ if want bench; then
   run python3 bench/offline.py --out "$parts/offline.json"
   run python3 bench/offline.py --kv-cache-dtype fp8 --skip-latency --out "$parts/offline_fp8.json"
   run python3 bench/offline.py --model bench/configs/qwen3-30b-a3b --out "$parts/offline_moe.json"
+  if [[ -f .carry/smollm2-tokenizer/tokenizer.json ]]; then  # the grammars read SmolLM2's tokenizer.json
+    run python3 bench/structured.py --dtype bfloat16 --out "$parts/structured.json"
+  fi
   if (( $(python3 -c 'import torch; print(torch.cuda.device_count())') >= 2 )); then
     run python3 bench/offline.py --tensor-parallel-size 2 --out "$parts/offline_tp2.json"
   fi

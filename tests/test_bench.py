@@ -66,3 +66,13 @@ def test_offline_and_step_profile_benchmarks(tmp_path, model):
     assert sum(s["steps"] for s in by_batch.values()) == steps["decode"]["steps"] and "4" in by_batch
     assert set(by_batch) <= {"1", "2", "4"}
     assert all(steps["decode"][phase] > 0 for phase in ("schedule", "prepare", "forward", "wait", "step"))
+
+
+def test_structured_output_benchmark(tmp_path, model, smollm2_dir):
+    out = tmp_path / "structured.json"
+    run_bench("structured.py", "--model", str(model), "--tokenizer", str(smollm2_dir), "--load-format", "auto",
+              "--device", "cpu", "--num-seqs", "2", "--prompt-len", "8", "--max-tokens", "12", "--out", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"free text", "regex", "regex (warm)", "json_schema", "json_schema (warm)", "json_object",
+                         "json_object (warm)"}
+    assert 0 < runs["free text"]["output_tokens"] <= 24 and all(r["output_tokens_per_s"] > 0 for r in runs.values())

@@ -289,6 +289,38 @@ def test_cli_logit_bias_and_allowed_token_ids(target, monkeypatch, capsys):
     assert code == 0 and answer["text"] + "\n" == expected and answer["finish_reason"] == "length"
 
 
+def test_structured_output_options(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "population"]}
+    stream = client.chat(FRANCE, max_tokens=60, temperature=0.0, json_schema=schema)
+    answer = json.loads(stream.read())
+    assert set(answer) == {"city", "population"} and isinstance(answer["population"], int)
+    assert stream.finish_reason == "stop"
+    phone = client.generate("Call me at", max_tokens=20, temperature=0.7, seed=5, regex=r" \d{3}-\d{4}").read()
+    assert re.fullmatch(r" \d{3}-\d{4}", phone), phone
+    assert client.chat(FRANCE, max_tokens=5, temperature=0.0, choice=["Rome", "Paris"]).read() == "Paris"
+    with pytest.raises(InvalidArgumentError, match="regex"):
+        client.generate("hi", max_tokens=5, regex="(unclosed").read()
+    with pytest.raises(ValueError, match="at most one"):
+        client.generate("hi", regex="a", json_object=True)
+
+
+def test_cli_structured_output(target, monkeypatch, capsys, tmp_path):
+    code, out, _ = run_cli(target, "chat", "--once", "What is the capital of France?", "--temperature", "0",
+                           "--choice", "Paris", "--choice", "Rome", "--json", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and json.loads(out)["text"] == "Paris"
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    code, out, _ = run_cli(target, "generate", "Status:", "--max-tokens", "20", "--json-schema", f"@{schema}",
+                           "--json", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and isinstance(json.loads(json.loads(out)["text"])["ok"], bool)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(target, "generate", "hi", "--json-schema", f"@{tmp_path / 'missing.json'}",
+                monkeypatch=monkeypatch, capsys=capsys)
+    assert exit_.value.code == 2 and "cannot read" in capsys.readouterr().err
+
+
 def assert_logprob_entries(entries: list[dict], token_ids: list[int], k: int) -> None:
     """The CLI's JSON logprobs: one entry per token of ``token_ids``, each a logprob <= 0 with k alternatives,
     most likely first, and a rank that points at the token among them (or None when it is not there)."""

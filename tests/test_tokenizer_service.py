@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -433,6 +434,14 @@ def test_abort_of_one_sample(front):
     ("Chat", tpb.ChatRequest(messages=[tpb.ChatMessage(role="user", content="hi")],
                              sampling_params=epb.SamplingParams(prompt_logprobs=21)),
      "prompt_logprobs must be in [0, 20]"),
+    ("Generate", tpb.TextGenerateRequest(prompt="hi", sampling_params=epb.SamplingParams(
+        structured_output=epb.StructuredOutput(regex="[a-"))), "regex"),
+    ("Generate", tpb.TextGenerateRequest(prompt="hi", sampling_params=epb.SamplingParams(
+        structured_output=epb.StructuredOutput())), "names no kind"),
+    ("Generate", tpb.TextGenerateRequest(prompt="hi", sampling_params=epb.SamplingParams(
+        structured_output=epb.StructuredOutput(json_object=False))), "must be true"),
+    ("Generate", tpb.TextGenerateRequest(prompt="hi", sampling_params=epb.SamplingParams(
+        structured_output=epb.StructuredOutput(json_schema='{"$ref": "#"}'))), "recursive"),
     ("Tokenize", tpb.TokenizeRequest(), "text or chat"),
     ("Detokenize", tpb.DetokenizeRequest(token_ids=[5, TINY_VOCAB]), "not in the vocabulary"),
 ])
@@ -442,6 +451,21 @@ def test_invalid_requests(front, method, request_, match):
         if method in ("Generate", "Chat"):
             list(response)
     assert error.value.code() == INVALID and match in error.value.details()
+
+
+def test_structured_output_on_the_engine_and_through_the_front(front, engines):
+    """A random model over a small byte-level vocabulary, held to a regex: the engine's token ids spell a match
+    (split into tokens any way), and the front's text is that match, ended without a stop token."""
+    pattern = "[a-z]{2,6}( [a-z]{2,6}){2}[.!]"
+    params = greedy(60, structured_output=epb.StructuredOutput(regex=pattern))
+    prompt_ids = list(front.stub.Tokenize(tpb.TokenizeRequest(text="Hello, world!")).token_ids)
+    direct = list(engines[0].stub.Generate(epb.GenerateRequest(prompt_token_ids=prompt_ids, sampling_params=params)))
+    token_ids = [token for response in direct for token in response.token_ids]
+    text = front.stub.Detokenize(tpb.DetokenizeRequest(token_ids=token_ids)).text
+    assert re.fullmatch(pattern, text), text
+    assert direct[-1].finish_reason == epb.FINISH_REASON_STOP and not direct[-1].HasField("stop_token_id")
+    served = collect(front.stub.Generate(tpb.TextGenerateRequest(prompt="Hello, world!", sampling_params=params)))[0]
+    assert served["text"] == text and served["last"].WhichOneof("stop_reason") is None
 
 
 def test_an_answer_past_the_message_limit_is_refused_clearly(front):

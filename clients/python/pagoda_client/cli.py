@@ -114,6 +114,13 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help="the same for every prompt token from the second on (for chat, of the rendered "
                              "conversation; the prompt then skips the prefix cache): a table on stderr, or a "
                              "\"prompt_logprobs\" list with --json")
+    structured = parser.add_mutually_exclusive_group()
+    structured.add_argument("--regex", help="the answer fully matches this regular expression (structured output)")
+    structured.add_argument("--json-schema", metavar="SCHEMA", type=_schema_text,
+                            help="the answer is a JSON instance of this JSON Schema: its JSON text, or @FILE")
+    structured.add_argument("--choice", action="append", metavar="TEXT",
+                            help="the answer is exactly one of these strings (repeatable)")
+    structured.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true",
                         help="no streaming: print each answer as one JSON line (text, finish_reason, usage; "
@@ -144,6 +151,19 @@ def _bias_entry(text: str) -> tuple[int, float]:
 _bias_entry.__name__ = "ID=BIAS"  # how argparse names the type in its errors
 
 
+def _schema_text(text: str) -> str:
+    """A --json-schema value: the schema's JSON text, or @FILE for a file holding it."""
+    if not text.startswith("@"):
+        return text
+    try:
+        return Path(text[1:]).read_text(encoding="utf-8")
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {error.strerror}") from None
+
+
+_schema_text.__name__ = "JSON schema"
+
+
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.target, token=args.token, credentials=_credentials(args), timeout=args.timeout)
 
@@ -168,6 +188,11 @@ def _options(args: argparse.Namespace) -> GenerateOptions:
             options[name] = getattr(args, name)  # type: ignore[literal-required]
     if args.logit_bias is not None:
         options["logit_bias"] = dict(args.logit_bias)
+    for name in ("regex", "choice", "json_object"):
+        if getattr(args, name):
+            options[name] = getattr(args, name)  # type: ignore[literal-required]
+    if args.json_schema is not None:
+        options["json_schema"] = args.json_schema
     return options
 
 

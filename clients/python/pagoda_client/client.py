@@ -15,6 +15,7 @@ penalties, min_p, stop-string options) is one ``sampling=`` argument or a direct
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import struct
 import time
@@ -51,6 +52,12 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: int
     # The same for every prompt token from the second on (vLLM's prompt_logprobs), in stream.prompt_logprobs.
     prompt_logprobs: int
+    # Structured output (set at most one): the answer fully matches this regex; is an instance of this JSON
+    # Schema (a dict or its JSON text); is exactly one of these strings; is a JSON object (True).
+    regex: str
+    json_schema: Mapping[str, Any] | str
+    choice: Sequence[str]
+    json_object: bool
     # Strings that end the answer (one string, or several); the text is cut before the match.
     stop: str | Sequence[str]
     # Every other SamplingParams field (penalties, min_p, ...); the options above override it.
@@ -386,10 +393,30 @@ def sampling_params(options: GenerateOptions) -> engine_pb2.SamplingParams:
     if options.get("allowed_token_ids") is not None:
         params.ClearField("allowed_token_ids")
         params.allowed_token_ids.extend(options["allowed_token_ids"])
+    _set_structured_output(params, options)
     if params.n > 1:
         # A text stream interleaves samples; keeping it to one keeps deltas simple to consume.
         raise ValueError("generate() and chat() stream one sample; for n > 1 call the pagoda.v1 stubs")
     return params
+
+
+def _set_structured_output(params: engine_pb2.SamplingParams, options: GenerateOptions) -> None:
+    """The structured-output option, if any, replaces the sampling message's."""
+    kinds = [name for name in ("regex", "json_schema", "choice", "json_object") if options.get(name)]
+    if len(kinds) > 1:
+        raise ValueError(f"set at most one of regex, json_schema, choice and json_object, got {kinds}")
+    if not kinds:
+        return
+    spec = params.structured_output
+    if kinds == ["regex"]:
+        spec.regex = options["regex"]
+    elif kinds == ["json_schema"]:
+        schema = options["json_schema"]
+        spec.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+    elif kinds == ["choice"]:
+        spec.choice.choices.extend(options["choice"])
+    else:
+        spec.json_object = True
 
 
 def _common_fields(options: GenerateOptions) -> dict[str, Any]:

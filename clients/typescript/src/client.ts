@@ -40,10 +40,24 @@ export interface GenerateOptions {
   logprobs?: number;
   // The same for every prompt token from the second on (vLLM's prompt_logprobs), in TextStream.promptLogprobs.
   promptLogprobs?: number;
+  // Hold the answer to a regular language (engine.proto's StructuredOutput): set one of its fields.
+  structuredOutput?: StructuredOutput;
   // Strings that end the answer; the text is cut before the match.
   stop?: string[];
   // Deadline of the whole stream, in milliseconds.
   timeoutMs?: number;
+}
+
+// What the answer must be: exactly one field.
+export interface StructuredOutput {
+  // A whole match of this regex (Python `re` syntax without backreferences, lookarounds or flags).
+  regex?: string;
+  // A JSON instance of this JSON Schema (an object, or its JSON text).
+  jsonSchema?: object | string;
+  // Exactly one of these strings.
+  choice?: string[];
+  // Any JSON object.
+  jsonObject?: boolean;
 }
 
 export interface Usage {
@@ -241,7 +255,20 @@ function samplingParams(options: GenerateOptions): Record<string, unknown> {
     const value = options[key];
     if (value !== undefined) params[key] = value;
   }
+  if (options.structuredOutput !== undefined) params.structuredOutput = structuredOutput(options.structuredOutput);
   return params;
+}
+
+function structuredOutput(spec: StructuredOutput): Record<string, unknown> {
+  const kinds = Object.entries(spec).filter(([, value]) => value !== undefined && value !== false);
+  if (kinds.length !== 1) throw new Error(`structuredOutput needs exactly one field, got ${kinds.length}`);
+  const { regex, jsonSchema, choice } = spec;
+  if (regex !== undefined) return { regex };
+  if (jsonSchema !== undefined) {
+    return { jsonSchema: typeof jsonSchema === "string" ? jsonSchema : JSON.stringify(jsonSchema) };
+  }
+  if (choice !== undefined) return { choice: { choices: choice } };
+  return { jsonObject: true };
 }
 
 // The service fills `sampled` in every entry; the fallback only keeps the type honest.

@@ -55,6 +55,21 @@ describe("PagodaClient", { skip: target ? false : "PAGODA_TARGET is not set" }, 
     });
   });
 
+  test("structuredOutput holds the answer to a regex, a JSON schema or a choice", async () => {
+    const regex = { regex: " \\d{3}-\\d{4}" };
+    const phone = await client.generate("Call me at", { maxTokens: 20, seed: 5, structuredOutput: regex }).read();
+    assert.match(phone, /^ \d{3}-\d{4}$/);
+    const schema = { type: "object", properties: { ok: { type: "boolean" } }, required: ["ok"] };
+    const options = { maxTokens: 20, temperature: 0, structuredOutput: { jsonSchema: schema } };
+    const stream = client.generate("Status:", options);
+    assert.equal(typeof JSON.parse(await stream.read()).ok, "boolean");
+    assert.equal(stream.finishReason, "stop");
+    const yesNo = { choice: ["yes", "no"] };
+    const choice = await client.generate("Yes or no?", { maxTokens: 5, structuredOutput: yesNo }).read();
+    assert.ok(["yes", "no"].includes(choice), choice);
+    assert.throws(() => client.generate("hi", { structuredOutput: { regex: "a", jsonObject: true } }), /exactly one/);
+  });
+
   test("logprobs and promptLogprobs come with the tokens", async () => {
     const prompt = "The sky is";
     const promptIds = (await client.tokenize(prompt)).tokenIds;

@@ -27,6 +27,7 @@ from pagoda_engine.config import EngineConfig
 from pagoda_engine.engine import EngineLoad, RequestLimits, SequenceOutput
 from pagoda_engine.engine_core import Abort, Add, Failed, Outputs, Ready, Stop, run_engine_core
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
+from pagoda_engine.structured_output.compiler import compile_dfa
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +126,17 @@ class AsyncEngine:
         the iterator early (client cancel, deadline) aborts the request and frees its blocks.
         """
         self._admit(request_id, prompt_token_ids, params)
+        # Compiled here, off the event loop, so that the engine core's steps never wait on it.
+        spec = params.structured_output
+        dfa = None if spec is None else await asyncio.to_thread(compile_dfa, spec)
+        if request_id in self._keys:  # taken while this request's grammar compiled
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not self._unfinished:  # the core may have idled for long: its next step is due from now
             self._last_progress = self._loop.time()
         key = f"{request_id}#{next(self._admissions)}"
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[key], self._keys[request_id], self._unfinished[key] = stream, key, params.n
-        self._send(Add(key, prompt_token_ids, params))
+        self._send(Add(key, prompt_token_ids, params, dfa))
         unfinished = params.n
         try:
             while unfinished:

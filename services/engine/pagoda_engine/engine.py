@@ -21,6 +21,9 @@ from pagoda_engine.model_runner import LaunchedStep, ModelRunner, resolve_device
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
 from pagoda_engine.scheduler import Scheduler
 from pagoda_engine.sequence import FinishReason, Sequence, TokenLogprobs
+from pagoda_engine.structured_output.compiler import GrammarCompiler
+from pagoda_engine.structured_output.dfa import Dfa
+from pagoda_engine.structured_output.grammar import GrammarMatcher
 from pagoda_engine.tp_workers import TPWorkers
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class SequenceOutput:
     # 0's first token, or, if sample 0 was aborted before it, the first token of a sample left (the first by
     # index, which took over the scoring).
     prompt_logprobs: list[TokenLogprobs] | None = None
+    # With finish reason stop: the EOS or stop token id that ended the sample (None when its grammar ended it).
+    stop_token_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class RequestLimits:
             raise InvalidRequestError(f"min_tokens {params.min_tokens} would ban every token: the stop token ids "
                                       f"and EOS cover the whole vocabulary of {self.vocab_size}")
         allowed = params.allowed_token_ids
+        if allowed and params.structured_output is not None:
+            raise InvalidRequestError("allowed_token_ids and structured_output cannot be combined: the grammar "
+                                      "says which tokens may come next")
         if params.min_tokens and allowed and self.stop_ids(params).issuperset(allowed):
             raise InvalidRequestError(f"min_tokens {params.min_tokens} would ban every token: each of the "
                                       "allowed_token_ids is EOS or a stop token id")
@@ -157,22 +165,30 @@ class LLMEngine:
         self.limits = RequestLimits(self.model_config.vocab_size, self.max_model_len, max_logprobs, config.max_n,
                                     frozenset(self.model_config.eos_token_ids))
         self.requests: dict[str, list[Sequence]] = {}
+        self.grammars = GrammarCompiler(config.model, self.model_config.vocab_size, self.limits.eos_token_ids)
         self._seeds = random.Random(config.seed)
         self._in_flight: LaunchedStep | None = None
 
     # ---- requests ----
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None,
+        dfa: Dfa | None = None,
     ) -> None:
-        """Queue a request; raises InvalidRequestError with a message a user can act on."""
-        self.validate(request_id, prompt_token_ids, params)
+        """Queue a request; raises InvalidRequestError with a message a user can act on.
+
+        ``dfa``: the request's structured output already compiled (by the gRPC service), or None to compile it.
+        """
+        self.validate(request_id, prompt_token_ids, params, dfa)
+        spec = params.structured_output
+        grammar = None if spec is None else self.grammars.grammar(spec, dfa)
         stop_ids = self.limits.stop_ids(params)
         base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         seqs = []
         for index in range(params.n):
             seed = base_seed if index == 0 else hash((base_seed, index)) & (2**63 - 1)
             seq = Sequence(request_id, prompt_token_ids, params, seed, stop_ids, index, arrival_time)
+            seq.grammar = None if grammar is None else GrammarMatcher(grammar)
             # Later samples wait for sample 0 to compute the prompt: to find its blocks in the cache, and, when it
             # scores the prompt, so that one of them can take that over if sample 0 is aborted first.
             if index > 0 and (self.config.enable_prefix_caching or params.prompt_logprobs is not None):
@@ -181,10 +197,13 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
 
-    def validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 dfa: Dfa | None = None) -> None:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.limits.check(prompt_token_ids, params)
+        if params.structured_output is not None:  # compiled now, and cached for add_request
+            self.grammars.grammar(params.structured_output, dfa)
 
     def abort_request(self, request_id: str, indices: Collection[int] = ()) -> list[SequenceOutput]:
         """Stop a request's samples (those of ``indices``; none given: all) at once and free their blocks;
@@ -226,7 +245,8 @@ class LLMEngine:
 
         The host's bookkeeping for step N (its tokens, stop checks, outputs) runs while the device
         computes step N+1, whose decodes read their input tokens from step N's output on the device.
-        Only a row with penalties makes the engine finish step N before it schedules step N+1.
+        Only a row with penalties or structured output makes the engine finish step N before it schedules
+        step N+1.
         """
         if self.workers is not None:
             self.workers.check()
@@ -306,6 +326,7 @@ class LLMEngine:
             arrival_time=seq.arrival_time,
             first_token_time=seq.first_token_time,
             finish_time=seq.finish_time,
+            stop_token_id=seq.stop_token_id,
         )
 
     def _forget_if_done(self, request_id: str) -> None:

@@ -28,6 +28,7 @@ from pagoda.v1 import engine_pb2
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.engine import EngineLoad, LLMEngine, RequestLimits, SequenceOutput
 from pagoda_engine.sampling_params import InvalidRequestError, SamplingParams
+from pagoda_engine.structured_output.dfa import Dfa
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # The request's structured output, compiled by the server (None: none, or let the engine compile it).
+    dfa: Dfa | None = None
 
 
 @dataclass
@@ -128,8 +131,8 @@ def _apply_commands(engine: LLMEngine, conn: Connection) -> tuple[list, bool]:
             return items, False
         if isinstance(command, Add):
             try:
-                engine.add_request(command.request_id, command.prompt_token_ids, command.params)
-            except InvalidRequestError as error:  # raced with another request since AsyncEngine admitted it
+                engine.add_request(command.request_id, command.prompt_token_ids, command.params, dfa=command.dfa)
+            except InvalidRequestError as error:  # raced with another request, or no vocabulary to mask with
                 items.append((command.request_id, error))
         elif isinstance(command, Abort):
             items += engine.abort_request(command.request_id, command.indices)

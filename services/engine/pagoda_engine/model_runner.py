@@ -142,8 +142,8 @@ class LaunchedStep:
 
     @property
     def needs_tokens_before_next_step(self) -> bool:
-        """A row with penalties reads every token drawn so far, so its next step must wait for these."""
-        return any(seq.params.has_penalties for seq in self.sample_seqs)
+        """A row with penalties or a grammar reads every token drawn so far: its next step waits for these."""
+        return any(seq.params.reads_drawn_tokens for seq in self.sample_seqs)
 
 
 @dataclass
@@ -389,7 +389,8 @@ class ModelRunner:
             # The scheduler already counts this step's token as pending: the draw is one position before.
             requests = [
                 SamplerRequest(seq.params, seq.seed, seq.token_array, seq.num_prompt_tokens, seq.stop_ids,
-                               seq.num_pending_tokens - 1)
+                               seq.num_pending_tokens - 1,
+                               None if seq.grammar is None else seq.grammar.allowed_words())
                 for seq in seqs
             ]
             out = self.sampler(logits, SamplingMetadata.build(requests, logits.shape[-1], self.device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,48 @@ def check_entries(counts: Mapping[str, int]) -> None:
     for name, count in counts.items():
         if count > MAX_ENTRIES[name]:
             raise InvalidRequestError(f"at most {MAX_ENTRIES[name]} {name} entries are accepted, got {count}")
+
+
+# Longest regex or JSON schema text, and most choices, a request may bring: compiling is the host's work.
+MAX_GRAMMAR_CHARS = 65536
+MAX_CHOICES = 1024
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Constrain a sample's text to a regular language (vLLM's structured outputs): set exactly one field.
+
+    ``regex``: the whole output fully matches it (Python ``re`` syntax, the subset structured_output/regex.py
+    names). ``json_schema``: a JSON Schema, as JSON text or a dict; the output is an instance of it
+    (structured_output/json_schema.py says which keywords are honoured). ``choice``: exactly one of these
+    strings. ``json_object``: any JSON object. Frozen and hashable: compiled grammars are cached by it.
+    """
+
+    regex: str | None = None
+    json_schema: str | None = None
+    choice: tuple[str, ...] | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if self.choice is not None and not isinstance(self.choice, tuple):
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    def validate(self) -> None:
+        kinds = [name for name, value in (("regex", self.regex), ("json_schema", self.json_schema),
+                                          ("choice", self.choice)) if value is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise InvalidRequestError("structured output needs exactly one of regex, json_schema, choice and "
+                                      f"json_object, got {kinds or 'none'}")
+        text = self.regex if self.regex is not None else self.json_schema
+        if text is not None and len(text) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(f"structured output: at most {MAX_GRAMMAR_CHARS} characters of "
+                                      f"{kinds[0]} are accepted, got {len(text)}")
+        if self.choice is not None and not 1 <= len(self.choice) <= MAX_CHOICES:
+            raise InvalidRequestError(f"structured output: choice needs 1 to {MAX_CHOICES} strings, "
+                                      f"got {len(self.choice)}")
 
 
 @dataclass
@@ -69,6 +112,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     # Not empty: only these ids may be drawn (vLLM's allowed_token_ids); EOS and stop ids are not implied.
     allowed_token_ids: list[int] = field(default_factory=list)
+    # Not None: every sample's text is constrained to this language (the sampler masks other tokens).
+    structured_output: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -88,8 +133,13 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        """Whether sampling reads the tokens drawn so far (so the next draw must wait for the last one)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def reads_drawn_tokens(self) -> bool:
+        """Whether a draw depends on the tokens drawn so far (penalties count them, a grammar walks them),
+        so that it must wait for the previous draw to reach the host."""
+        return self.has_penalties or self.structured_output is not None
 
     def validate(self, max_logprobs: int = 20, max_n: int = 16) -> None:
         """Raise InvalidRequestError naming the first field out of range."""
@@ -128,3 +178,5 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message)
+        if self.structured_output is not None:
+            self.structured_output.validate()

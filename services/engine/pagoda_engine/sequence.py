@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pagoda_engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda_engine.structured_output.grammar import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -18,7 +22,7 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS or a stop token id
+    STOP = "stop"  # EOS, a stop token id, or the end of the structured output's grammar
     LENGTH = "length"  # max_tokens or the max model length
     ABORT = "abort"  # cancelled by the client or the server
 
@@ -84,6 +88,8 @@ class Sequence:
         self.num_preemptions = 0
         # n > 1: later samples wait until the first has cached the prompt, then share its blocks.
         self.wait_for: Sequence | None = None
+        # Structured output: where the sample's tokens so far leave its grammar (LLMEngine.add_request sets it).
+        self.grammar: GrammarMatcher | None = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -138,6 +144,8 @@ class Sequence:
             self._token_buffer = grown
         self._token_buffer[n - 1] = token_id
         self.num_pending_tokens -= 1
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     @property
     def token_array(self) -> np.ndarray:
@@ -145,12 +153,21 @@ class Sequence:
         tokens of every penalised row each step, and converting 256 rows of 1,500 Python ints took 23 ms."""
         return self._token_buffer[: len(self.token_ids)]
 
+    @property
+    def stop_token_id(self) -> int | None:
+        """The EOS or stop token id that ended the sample, if one did (a grammar's end may need none)."""
+        last = self.token_ids[-1]
+        stopped = self.finish_reason is FinishReason.STOP and self.num_output_tokens > 0
+        return last if stopped and last in self.stop_ids else None
+
     def check_stop(self, max_model_len: int) -> FinishReason | None:
         """Why the sequence ends after its newest token in ``token_ids``, if it does.
 
         Pending tokens do not count: the step drawing them started before this token was known.
         """
         if self.token_ids[-1] in self.stop_ids and self.num_output_tokens >= self.params.min_tokens:
+            return FinishReason.STOP
+        if self.grammar is not None and self.grammar.is_complete:  # whatever min_tokens says: nothing may follow
             return FinishReason.STOP
         if self.num_output_tokens >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
             return FinishReason.LENGTH

@@ -38,7 +38,13 @@ from pagoda_engine.async_engine import AsyncEngine, EngineDeadError, QueueFullEr
 from pagoda_engine.config import EngineConfig
 from pagoda_engine.engine import EngineLoad, SequenceOutput
 from pagoda_engine.metrics import EngineMetrics, StreamTimer
-from pagoda_engine.sampling_params import MAX_ENTRIES, InvalidRequestError, SamplingParams, check_entries
+from pagoda_engine.sampling_params import (
+    MAX_ENTRIES,
+    InvalidRequestError,
+    SamplingParams,
+    StructuredOutput,
+    check_entries,
+)
 from pagoda_engine.sequence import FinishReason, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -97,7 +103,23 @@ def to_sampling_params(proto: engine_pb2.SamplingParams, prompt_len: int, max_mo
         n=proto.n or 1,
         logit_bias=dict(proto.logit_bias),
         allowed_token_ids=list(proto.allowed_token_ids),
+        structured_output=to_structured_output(proto.structured_output) if proto.HasField("structured_output")
+        else None,
     )
+
+
+def to_structured_output(proto: engine_pb2.StructuredOutput) -> StructuredOutput:
+    kind = proto.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError("structured_output is set but names no kind: set regex, json_schema, choice "
+                                  "or json_object")
+    if kind == "choice":
+        return StructuredOutput(choice=tuple(proto.choice.choices))
+    if kind == "json_object":
+        if not proto.json_object:
+            raise InvalidRequestError("structured_output.json_object must be true when set")
+        return StructuredOutput(json_object=True)
+    return StructuredOutput(**{kind: getattr(proto, kind)})
 
 
 # Prompt logprobs per message: a 32k-token prompt at 20 alternatives is about 7 MiB of entries once the
@@ -146,9 +168,8 @@ def _add_token_logprobs(entries: Any, token_ids: list[int], logprobs: list[Token
 
 def _set_finish(message: engine_pb2.GenerateResponse, out: SequenceOutput) -> None:
     message.finish_reason = _FINISH_REASONS[out.finish_reason]
-    # The engine ends a sample on a stop or EOS id right after sampling it, so it is the last token.
-    if out.finish_reason is FinishReason.STOP and message.token_ids:
-        message.stop_token_id = message.token_ids[-1]
+    if out.stop_token_id is not None:
+        message.stop_token_id = out.stop_token_id
     message.usage.prompt_tokens = out.num_prompt_tokens
     message.usage.completion_tokens = out.num_output_tokens
     message.usage.cached_prompt_tokens = out.num_cached_tokens

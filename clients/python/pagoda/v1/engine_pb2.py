@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pagoda/v1/engine.proto\x12\tpagoda.v1\"\xd3\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\rH\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x05\x88\x01\x01\x12\t\n\x01n\x18\x0e \x01(\r\x12<\n\nlogit_bias\x18\x0f \x03(\x0b\x32(.pagoda.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x10 \x03(\r\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x06\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\";\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"U\n\rTokenLogprobs\x12#\n\x07sampled\x18\x01 \x01(\x0b\x32\x12.pagoda.v1.Logprob\x12\x1f\n\x03top\x18\x02 \x03(\x0b\x32\x12.pagoda.v1.Logprob\"3\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc7\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\t \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\n \x01(\x04\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\r \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0e \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x0f \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x10 \x01(\r\x12\r\n\x05max_n\x18\x11 \x01(\r\x12\x1e\n\x16prefix_caching_enabled\x18\x12 \x01(\x08\x12\x0f\n\x07version\x18\x13 \x01(\tB\x0f\n\r_bos_token_id\"s\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.pagoda.v1.SamplingParams\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pagoda.v1.TokenLogprobs\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.pagoda.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.pagoda.v1.Usage\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.pagoda.v1.TokenLogprobsB\x10\n\x0e_stop_token_id\"\x10\n\x0eGetLoadRequest\"\x9d\x02\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1a\n\x12num_waiting_tokens\x18\x03 \x01(\x04\x12\x13\n\x0bmax_waiting\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\r\x12#\n\x1bprefix_cache_queried_tokens\x18\x08 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\t \x01(\x04\x12\x13\n\x0binstance_id\x18\n \x01(\t\x12\x16\n\x0euptime_seconds\x18\x0b \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x88\x02\n\x06\x45ngine\x12\x45\n\x08Generate\x12\x1a.pagoda.v1.GenerateRequest\x1a\x1b.pagoda.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.pagoda.v1.AbortRequest\x1a\x18.pagoda.v1.AbortResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.pagoda.v1.GetModelInfoRequest\x1a\x14.pagoda.v1.ModelInfo\x12\x35\n\x07GetLoad\x12\x19.pagoda.v1.GetLoadRequest\x1a\x0f.pagoda.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pagoda/v1/engine.proto\x12\tpagoda.v1\"\x8b\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\rH\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x05\x88\x01\x01\x12\t\n\x01n\x18\x0e \x01(\r\x12<\n\nlogit_bias\x18\x0f \x03(\x0b\x32(.pagoda.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x10 \x03(\r\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x06\x88\x01\x01\x12\x36\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1b.pagoda.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"~\n\x10StructuredOutput\x12\x0f\n\x05regex\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12#\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x11.pagoda.v1.ChoiceH\x00\x12\x15\n\x0bjson_object\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\";\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"U\n\rTokenLogprobs\x12#\n\x07sampled\x18\x01 \x01(\x0b\x32\x12.pagoda.v1.Logprob\x12\x1f\n\x03top\x18\x02 \x03(\x0b\x32\x12.pagoda.v1.Logprob\"3\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc7\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\t \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\n \x01(\x04\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\r \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0e \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x0f \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x10 \x01(\r\x12\r\n\x05max_n\x18\x11 \x01(\r\x12\x1e\n\x16prefix_caching_enabled\x18\x12 \x01(\x08\x12\x0f\n\x07version\x18\x13 \x01(\tB\x0f\n\r_bos_token_id\"s\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.pagoda.v1.SamplingParams\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pagoda.v1.TokenLogprobs\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.pagoda.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.pagoda.v1.Usage\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.pagoda.v1.TokenLogprobsB\x10\n\x0e_stop_token_id\"\x10\n\x0eGetLoadRequest\"\x9d\x02\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1a\n\x12num_waiting_tokens\x18\x03 \x01(\x04\x12\x13\n\x0bmax_waiting\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\r\x12#\n\x1bprefix_cache_queried_tokens\x18\x08 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\t \x01(\x04\x12\x13\n\x0binstance_id\x18\n \x01(\t\x12\x16\n\x0euptime_seconds\x18\x0b \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x88\x02\n\x06\x45ngine\x12\x45\n\x08Generate\x12\x1a.pagoda.v1.GenerateRequest\x1a\x1b.pagoda.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.pagoda.v1.AbortRequest\x1a\x18.pagoda.v1.AbortResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.pagoda.v1.GetModelInfoRequest\x1a\x14.pagoda.v1.ModelInfo\x12\x35\n\x07GetLoad\x12\x19.pagoda.v1.GetLoadRequest\x1a\x0f.pagoda.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2158
-  _globals['_FINISHREASON']._serialized_end=2278
+  _globals['_FINISHREASON']._serialized_start=2369
+  _globals['_FINISHREASON']._serialized_end=2489
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=633
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=479
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=527
-  _globals['_USAGE']._serialized_start=635
-  _globals['_USAGE']._serialized_end=722
-  _globals['_LOGPROB']._serialized_start=724
-  _globals['_LOGPROB']._serialized_end=783
-  _globals['_TOKENLOGPROBS']._serialized_start=785
-  _globals['_TOKENLOGPROBS']._serialized_end=870
-  _globals['_ABORTREQUEST']._serialized_start=872
-  _globals['_ABORTREQUEST']._serialized_end=923
-  _globals['_ABORTRESPONSE']._serialized_start=925
-  _globals['_ABORTRESPONSE']._serialized_end=955
-  _globals['_GETMODELINFOREQUEST']._serialized_start=957
-  _globals['_GETMODELINFOREQUEST']._serialized_end=978
-  _globals['_MODELINFO']._serialized_start=981
-  _globals['_MODELINFO']._serialized_end=1436
-  _globals['_GENERATEREQUEST']._serialized_start=1438
-  _globals['_GENERATEREQUEST']._serialized_end=1553
-  _globals['_GENERATERESPONSE']._serialized_start=1556
-  _globals['_GENERATERESPONSE']._serialized_end=1850
-  _globals['_GETLOADREQUEST']._serialized_start=1852
-  _globals['_GETLOADREQUEST']._serialized_end=1868
-  _globals['_LOAD']._serialized_start=1871
-  _globals['_LOAD']._serialized_end=2156
-  _globals['_ENGINE']._serialized_start=2281
-  _globals['_ENGINE']._serialized_end=2545
+  _globals['_SAMPLINGPARAMS']._serialized_end=689
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=535
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=583
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=691
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=817
+  _globals['_CHOICE']._serialized_start=819
+  _globals['_CHOICE']._serialized_end=844
+  _globals['_USAGE']._serialized_start=846
+  _globals['_USAGE']._serialized_end=933
+  _globals['_LOGPROB']._serialized_start=935
+  _globals['_LOGPROB']._serialized_end=994
+  _globals['_TOKENLOGPROBS']._serialized_start=996
+  _globals['_TOKENLOGPROBS']._serialized_end=1081
+  _globals['_ABORTREQUEST']._serialized_start=1083
+  _globals['_ABORTREQUEST']._serialized_end=1134
+  _globals['_ABORTRESPONSE']._serialized_start=1136
+  _globals['_ABORTRESPONSE']._serialized_end=1166
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1168
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1189
+  _globals['_MODELINFO']._serialized_start=1192
+  _globals['_MODELINFO']._serialized_end=1647
+  _globals['_GENERATEREQUEST']._serialized_start=1649
+  _globals['_GENERATEREQUEST']._serialized_end=1764
+  _globals['_GENERATERESPONSE']._serialized_start=1767
+  _globals['_GENERATERESPONSE']._serialized_end=2061
+  _globals['_GETLOADREQUEST']._serialized_start=2063
+  _globals['_GETLOADREQUEST']._serialized_end=2079
+  _globals['_LOAD']._serialized_start=2082
+  _globals['_LOAD']._serialized_end=2367
+  _globals['_ENGINE']._serialized_start=2492
+  _globals['_ENGINE']._serialized_end=2756
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,8 @@ Per row, in this order (vLLM v1's, but for the bias; see below):
 2. Repetition penalty (Hugging Face semantics) over tokens seen in the prompt or the output.
 3. Presence and frequency penalties (OpenAI semantics) over output tokens only.
 4. logit_bias (OpenAI semantics): each listed token's bias is added to its logit.
-5. allowed_token_ids (vLLM semantics): on rows that list some, every other token gets -inf.
+5. allowed_token_ids (vLLM semantics): on rows that list some, every other token gets -inf; so does every
+   token a row's grammar does not allow next (structured output: a packed bit mask per row).
 6. Greedy rows (temperature 0, or below 1e-5) take the argmax here.
 7. Temperature, then min_p, top_k and top_p filters, then a seeded draw (see ``random_noise``).
 
@@ -60,6 +61,9 @@ class SamplerRequest(NamedTuple):
     # Tokens drawn by a step still running on the device, not in token_ids yet. Rows with penalties
     # never have any: the engine waits for a step's tokens before it schedules such a row again.
     num_pending_tokens: int = 0
+    # Structured output: the tokens the row's grammar allows next, packed bits in int64 words
+    # (structured_output/grammar.py). Such rows never have pending tokens either.
+    grammar_words: np.ndarray | None = None
 
     @property
     def prompt_token_ids(self) -> np.ndarray | list[int]:
@@ -96,6 +100,8 @@ class SamplingMetadata:
     bias: torch.Tensor | None  # float32, the bias of each bias_index entry
     allowed_rows: torch.Tensor | None  # int64, the rows with allowed_token_ids
     allowed_index: torch.Tensor | None  # flat row * V + token of every allowed token of those rows
+    grammar_rows: torch.Tensor | None  # int64, the rows with a grammar
+    grammar_words: torch.Tensor | None  # int64 [len(grammar_rows), words]: their masks' packed bits
     all_greedy: bool
     any_top_k: bool
     any_top_p: bool
@@ -120,6 +126,7 @@ class SamplingMetadata:
         suppress_rows = [i for i, r in enumerate(requests) if r.num_output_tokens < r.params.min_tokens]
         bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
         allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
+        grammar_rows = [i for i, r in enumerate(requests) if r.grammar_words is not None]
         logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
 
         host = _HostArrays()
@@ -155,6 +162,9 @@ class SamplingMetadata:
             host.add_int("allowed_rows", allowed_rows)
             allowed = [params[i].allowed_token_array for i in allowed_rows]
             host.add_int("allowed_index", _flat_index(allowed_rows, allowed, vocab_size))
+        if grammar_rows:
+            host.add_int("grammar_rows", grammar_rows)
+            host.add_int("grammar_words", np.concatenate([requests[i].grammar_words for i in grammar_rows]))
         t = host.to(device)
         f32 = {name: t[name].float() for name, is_float in host.floats.items() if is_float}
         return cls(
@@ -175,6 +185,8 @@ class SamplingMetadata:
             bias=f32.get("bias"),
             allowed_rows=t.get("allowed_rows"),
             allowed_index=t.get("allowed_index"),
+            grammar_rows=t.get("grammar_rows"),
+            grammar_words=t["grammar_words"].view(len(grammar_rows), -1) if grammar_rows else None,
             all_greedy=not sampled,
             any_top_k=any_top_k,
             any_top_p=any_top_p,
@@ -253,6 +265,8 @@ class Sampler(nn.Module):
             logits = logits.float().flatten().index_add(0, meta.bias_index, meta.bias).view_as(raw)
         if meta.allowed_index is not None:
             logits = apply_allowed_token_ids(logits, meta.allowed_rows, meta.allowed_index)
+        if meta.grammar_words is not None:
+            logits = apply_token_bitmask(logits, meta.grammar_rows, meta.grammar_words)
 
         if meta.all_greedy:
             token_ids = logits.argmax(dim=-1)
@@ -295,6 +309,17 @@ def apply_allowed_token_ids(logits: torch.Tensor, rows: torch.Tensor, allowed_in
     restricted = logits.index_fill(0, rows, float("-inf"))  # a copy: the model's logits stay as they are
     restricted.view(-1).index_copy_(0, allowed_index, kept)  # a repeated id copies the same value twice
     return restricted
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """``rows`` keep the logits of the tokens their packed masks allow (bit t % 8 of byte t // 8 of a row's
+    words allows token t); every other token gets -inf."""
+    vocab = logits.shape[1]
+    packed = words.view(torch.uint8)  # the host packed bytes, little end first: the same bytes here
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    allowed = (packed.unsqueeze(-1) >> shifts).bitwise_and_(1).view(len(rows), -1)[:, :vocab].bool()
+    masked = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    return logits.index_copy(0, rows, masked)
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""From a request's StructuredOutput to a TokenGrammar over the model's vocabulary, with caches on the way.
+
+Compiling is the slow part (a JSON schema's DFA may take a good part of a second), so each process keeps
+the DFAs it compiled by spec, and the engine its TokenGrammars (whose per-state masks are cached too).
+The gRPC service compiles a request's DFA off its event loop and sends it with the request, so that the
+engine core, which runs every stream's steps, only builds the token masks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from pathlib import Path
+
+from pagoda_engine.sampling_params import StructuredOutput
+from pagoda_engine.structured_output.dfa import Dfa
+from pagoda_engine.structured_output.grammar import TokenGrammar
+from pagoda_engine.structured_output.json_schema import choice_regex, json_object_regex, schema_to_regex
+from pagoda_engine.structured_output.regex import compile_regex
+from pagoda_engine.structured_output.vocabulary import TokenVocabulary
+
+# Grammars kept by the engine: each holds its DFA and up to 1,024 cached masks.
+_MAX_GRAMMARS = 16
+
+
+def to_regex(spec: StructuredOutput) -> str:
+    if spec.regex is not None:
+        return spec.regex
+    if spec.json_schema is not None:
+        return schema_to_regex(spec.json_schema)
+    if spec.choice is not None:
+        return choice_regex(list(spec.choice))
+    return json_object_regex()
+
+
+@functools.lru_cache(maxsize=64)
+def compile_dfa(spec: StructuredOutput) -> Dfa:
+    """The spec's DFA; raises InvalidRequestError for a spec that cannot be compiled."""
+    return compile_regex(to_regex(spec))
+
+
+class GrammarCompiler:
+    """TokenGrammars over one model's vocabulary, read from its tokenizer.json on first use."""
+
+    def __init__(self, model_dir: Path | str, vocab_size: int, eos_token_ids: frozenset[int]):
+        self._model_dir = model_dir
+        self._vocab_size = vocab_size
+        self._eos_token_ids = eos_token_ids
+        self._grammars: OrderedDict[StructuredOutput, TokenGrammar] = OrderedDict()
+
+    @functools.cached_property
+    def vocabulary(self) -> TokenVocabulary:
+        return TokenVocabulary.from_model_dir(self._model_dir, self._vocab_size, self._eos_token_ids)
+
+    def grammar(self, spec: StructuredOutput, dfa: Dfa | None = None) -> TokenGrammar:
+        """The spec's grammar; ``dfa``, when given, is the spec's already compiled DFA."""
+        grammar = self._grammars.get(spec)
+        if grammar is None:
+            grammar = self._grammars[spec] = TokenGrammar(dfa or compile_dfa(spec), self.vocabulary)
+            if len(self._grammars) > _MAX_GRAMMARS:
+                self._grammars.popitem(last=False)
+        else:
+            self._grammars.move_to_end(spec)
+        return grammar

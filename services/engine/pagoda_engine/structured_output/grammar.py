@@ -1,0 +1,111 @@
+"""TokenGrammar: a byte DFA seen through a vocabulary, i.e. which tokens may come next in each state.
+
+A token may come next when walking its bytes keeps the DFA alive: the DFA is trimmed (regex.py), so a
+state that is not dead can still complete a match. The walk runs over the whole vocabulary at once with
+numpy, one byte column per step (TokenVocabulary), and its result is cached per state as the packed bit
+mask the sampler applies: bit ``t % 8`` of byte ``t // 8`` allows token ``t``.
+
+EOS may come where the DFA accepts. A state that accepts and that no token extends is complete: the
+sample ends there (finish reason stop) without spending a step on the EOS it could only draw.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import numpy as np
+
+from pagoda_engine.structured_output.dfa import Dfa
+from pagoda_engine.structured_output.vocabulary import TokenVocabulary
+
+logger = logging.getLogger(__name__)
+
+# The state after EOS: the grammar is done.
+ENDED = -2
+# Masks kept per grammar: one costs vocab_size / 8 bytes (19 KB for a 152K vocabulary).
+_MAX_CACHED_MASKS = 1024
+
+
+class TokenGrammar:
+    def __init__(self, dfa: Dfa, vocabulary: TokenVocabulary):
+        self.dfa = dfa
+        self.vocabulary = vocabulary
+        num_states = dfa.num_states
+        # Dead (-1) becomes a row of its own that stays dead on every byte, so the walk needs no branch.
+        table = np.vstack([dfa.transitions, np.full((1, 256), num_states, dtype=np.int32)])
+        table[table < 0] = num_states
+        self._dead = num_states
+        self._table = table.reshape(-1).astype(np.int64)
+        self._masks: OrderedDict[int, tuple[np.ndarray, bool]] = OrderedDict()
+        self.num_words = -(-vocabulary.vocab_size // 64)
+
+    def allowed_words(self, state: int) -> np.ndarray:
+        """The tokens allowed in ``state`` as packed bits in int64 words [num_words] (see the module doc)."""
+        return self._mask(state)[0]
+
+    def is_complete(self, state: int) -> bool:
+        """Whether the output is a whole match that no token extends (or has ended with EOS)."""
+        return state == ENDED or self._mask(state)[1]
+
+    def next_state(self, state: int, token_id: int) -> int:
+        """The state after ``token_id``: ENDED after EOS; -1 for a token the mask did not allow."""
+        if token_id in self.vocabulary.eos_ids:
+            return ENDED if self.dfa.accepting[state] else -1
+        data = self.vocabulary.token_bytes[token_id] if token_id < self.vocabulary.vocab_size else None
+        return -1 if not data else self.dfa.walk(state, data)
+
+    def _mask(self, state: int) -> tuple[np.ndarray, bool]:
+        cached = self._masks.get(state)
+        if cached is None:
+            cached = self._masks[state] = self._build_mask(state)
+            if len(self._masks) > _MAX_CACHED_MASKS:
+                self._masks.popitem(last=False)
+        else:
+            self._masks.move_to_end(state)
+        return cached
+
+    def _build_mask(self, state: int) -> tuple[np.ndarray, bool]:
+        vocab = self.vocabulary
+        allowed = np.zeros(self.num_words * 64, dtype=bool)
+        allowed[vocab.token_ids[self._live_rows(state)]] = True
+        extendable = bool(allowed.any())
+        accepting = bool(self.dfa.accepting[state])
+        if accepting or not extendable:
+            if not accepting:  # the vocabulary cannot spell what the grammar needs: let the sample end
+                logger.warning("structured output: no token continues DFA state %d; only EOS is allowed", state)
+            allowed[vocab.eos_token_ids] = True
+        words = np.packbits(allowed, bitorder="little").view(np.int64)
+        return words, accepting and not extendable
+
+    def _live_rows(self, state: int) -> np.ndarray:
+        """Rows of the vocabulary (longest token first) whose bytes keep the DFA alive from ``state``."""
+        vocab = self.vocabulary
+        states = np.full(len(vocab.token_ids), state, dtype=np.int64)
+        for column in vocab.byte_columns:
+            head = states[: len(column)]
+            np.take(self._table, head * 256 + column, out=head)
+        return states != self._dead
+
+
+class GrammarMatcher:
+    """One sample's place in a TokenGrammar: its state after the tokens drawn so far."""
+
+    def __init__(self, grammar: TokenGrammar):
+        self.grammar = grammar
+        self.state = 0
+
+    def allowed_words(self) -> np.ndarray:
+        return self.grammar.allowed_words(self.state)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.grammar.is_complete(self.state)
+
+    def accept(self, token_id: int) -> None:
+        state = self.grammar.next_state(self.state, token_id)
+        if state == -1:  # the mask allowed it, so this is a bug: end the sample rather than break the step
+            logger.error("structured output: token %d is not allowed in DFA state %d; ending the sample",
+                         token_id, self.state)
+            state = ENDED
+        self.state = state
