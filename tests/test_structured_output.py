@@ -20,7 +20,7 @@ from pagoda_engine import LLM, SamplingParams
 from pagoda_engine.layers.sampler import apply_token_bitmask
 from pagoda_engine.sampling_params import InvalidRequestError, StructuredOutput
 from pagoda_engine.sequence import FinishReason
-from pagoda_engine.structured_output.compiler import compile_dfa
+from pagoda_engine.structured_output.compiler import GrammarCompiler, compile_dfa
 from pagoda_engine.structured_output.grammar import TokenGrammar
 from pagoda_engine.structured_output.vocabulary import TokenVocabulary, read_token_bytes
 from tests.tokenizer_helpers import HARD_TEXTS, byte_level_tokenizer_json, sentencepiece_tokenizer_json
@@ -93,6 +93,29 @@ def test_a_model_without_tokenizer_json_refuses_structured_output(tiny_model_dir
     with pytest.raises(InvalidRequestError, match="tokenizer.json"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, structured_output=StructuredOutput(regex="a+")))
     assert not llm.engine.requests and llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_a_broken_tokenizer_json_is_an_invalid_request(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"vocab": {"a": "zero"}}, "decoder": {"type": "ByteLevel"}}')
+    with pytest.raises(InvalidRequestError, match="cannot read the token bytes"):
+        read_token_bytes(tmp_path / "tokenizer.json", 10)
+
+
+def test_a_tokenizer_without_byte_spellings_refuses_structured_output_only(tiny_model_dirs, tmp_path, caplog):
+    """A WordPiece tokenizer (BERT's) does not say which bytes its tokens add: the engine still serves."""
+    from tokenizers import Tokenizer, decoders, models
+
+    for file in tiny_model_dirs["llama"].iterdir():
+        (tmp_path / file.name).symlink_to(file)
+    wordpiece = Tokenizer(models.WordPiece({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.save(str(tmp_path / "tokenizer.json"))
+    GrammarCompiler(tmp_path, 256, frozenset({2})).preload()  # what the served engine does before serving
+    assert "structured output is unavailable" in caplog.text
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", cpu_kv_cache_gib=0.05)
+    with pytest.raises(InvalidRequestError, match="not byte-level or SentencePiece"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, structured_output=StructuredOutput(regex="a+")))
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))[0].outputs[0].token_ids) > 0
 
 
 # ---- masks ----

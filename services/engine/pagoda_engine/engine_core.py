@@ -91,6 +91,7 @@ def run_engine_core(config: EngineConfig, conn: Connection) -> None:
     broken = threading.Event()
     engine.call_on_failure(broken.set)
     try:
+        engine.grammars.preload()  # the first structured request must not stall every stream's steps
         conn.send(Ready(model_info(engine).SerializeToString(), engine.limits, engine.get_load()))
         _serve(engine, conn, broken)
     except Exception as error:  # noqa: BLE001 - reported to every waiting stream by the parent

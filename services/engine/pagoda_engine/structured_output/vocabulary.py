@@ -66,7 +66,14 @@ def _sentencepiece_bytes(token: str) -> bytes:
 
 def read_token_bytes(tokenizer_json: Path | str, vocab_size: int) -> list[bytes | None]:
     """The bytes of token ids 0..vocab_size-1 (None: a special token, or an id the tokenizer lacks)."""
-    spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    try:
+        return _token_bytes(json.loads(Path(tokenizer_json).read_text(encoding="utf-8")), vocab_size)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InvalidRequestError(f"structured output: cannot read the token bytes of {tokenizer_json}: "
+                                  f"{type(error).__name__}: {error}") from None
+
+
+def _token_bytes(spec: dict, vocab_size: int) -> list[bytes | None]:
     model = spec.get("model", {})
     vocab = model.get("vocab")
     if isinstance(vocab, list):  # Unigram: [piece, score] pairs, by id
