@@ -10,6 +10,7 @@ must match what was asked for, with greedy, seeded, n > 1, preempted and served 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 
 import numpy as np
@@ -135,6 +136,17 @@ def test_masks_agree_with_walking_each_token(smollm2_dir):
         expected[2] = bool(dfa.accepting[state])
         np.testing.assert_array_equal(bits, expected)
         assert grammar.is_complete(state) == (cut == len(instance))
+
+
+def test_a_compiled_dfa_travels_to_the_engine_core_compactly():
+    """The server ships each request's DFA to the engine core: its byte table, once expanded, stays behind."""
+    dfa = compile_dfa(StructuredOutput(json_schema=json.dumps(PERSON)))
+    instance = b'{"name": "Ada", "age": 36, "city": "Paris"}'
+    end = dfa.walk(0, instance)  # expands the table
+    shipped = pickle.dumps(dfa, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(shipped) < dfa.transitions.nbytes / 4
+    arrived = pickle.loads(shipped)
+    assert "transitions" not in arrived.__dict__ and arrived.walk(0, instance) == end and arrived.accepting[end]
 
 
 def test_token_bitmask_matches_a_dense_mask():
