@@ -15,6 +15,7 @@ from pagoda_engine.sampling_params import InvalidRequestError
 from pagoda_engine.structured_output.dfa import Dfa
 from pagoda_engine.structured_output.json_schema import (
     MAX_DIGITS,
+    MAX_RECURSION,
     choice_regex,
     integer_range,
     json_object_regex,
@@ -206,6 +207,25 @@ def test_refs_anyof_const_and_tuples():
     assert matches(legacy, '["a",null,null]') and not matches(legacy, '["a"]') and not matches(legacy, '[null]')
 
 
+def test_recursive_refs_unroll_until_only_their_ways_out_remain():
+    linked = {"$defs": {"node": {"type": "object", "properties": {"value": {"type": "integer"},
+                                                                   "next": {"$ref": "#/$defs/node"}},
+                                 "required": ["value"]}},
+              "$ref": "#/$defs/node"}
+    dfa = compile_schema(linked)
+    chain = '{"value":1}'
+    for depth in range(2, MAX_RECURSION + 2):
+        chain = f'{{"value":{depth},"next":{chain}}}'
+        assert matches(dfa, chain) == (depth <= MAX_RECURSION), depth
+    tree = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 3},
+                                             "children": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}}}
+    check_walks(tree, lambda v: isinstance(v, dict) and depth_of(v) <= MAX_RECURSION + 1, walks=30)
+
+
+def depth_of(node: dict) -> int:
+    return 1 + max((depth_of(child) for child in node.get("children", [])), default=0)
+
+
 def test_arrays_honour_item_counts():
     dfa = compile_schema({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3})
     assert [n for n in range(5) if matches(dfa, json.dumps(list(range(n))))] == [2, 3]
@@ -233,8 +253,7 @@ def test_choice_escapes_its_strings():
     ("{not json", "not valid JSON"),
     ({"type": "frobnicate"}, "unknown type"),
     ({"$ref": "#/$defs/missing"}, "names nothing"),
-    ({"$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}}}},
-      "$ref": "#/$defs/node"}, "recursive"),
+    ({"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]}, "matches no string"),
     ({"$ref": "https://example.com/schema.json"}, "only references"),
     ({"type": "string", "maxLength": 5000}, "more than 1000"),
     ({"type": "string", "minLength": 4, "maxLength": 2}, "less than minLength"),

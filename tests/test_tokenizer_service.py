@@ -441,7 +441,7 @@ def test_abort_of_one_sample(front):
     ("Generate", tpb.TextGenerateRequest(prompt="hi", sampling_params=epb.SamplingParams(
         structured_output=epb.StructuredOutput(json_object=False))), "must be true"),
     ("Generate", tpb.TextGenerateRequest(prompt="hi", sampling_params=epb.SamplingParams(
-        structured_output=epb.StructuredOutput(json_schema='{"$ref": "#"}'))), "recursive"),
+        structured_output=epb.StructuredOutput(json_schema='{"$ref": "#"}'))), "matches no string"),
     ("Tokenize", tpb.TokenizeRequest(), "text or chat"),
     ("Detokenize", tpb.DetokenizeRequest(token_ids=[5, TINY_VOCAB]), "not in the vocabulary"),
 ])

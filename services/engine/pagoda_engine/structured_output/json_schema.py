@@ -8,7 +8,8 @@ says otherwise, and values nested no deeper than ``ANY_VALUE_DEPTH`` where a sch
 a regular language cannot balance brackets without a bound. Keywords honoured:
 
 - ``type`` (one or a list), ``enum``, ``const``, ``anyOf``/``oneOf`` (as alternatives), ``allOf`` of one
-  schema, ``$ref`` to a JSON pointer into the root (``#/$defs/...``); a recursive ``$ref`` is refused.
+  schema, ``$ref`` to a JSON pointer into the root (``#/$defs/...``), a recursive one unrolled
+  ``MAX_RECURSION`` levels deep.
 - objects: ``properties``, ``required``; ``additionalProperties`` as the value schema of an object that
   lists no properties.
 - arrays: ``items``, ``prefixItems`` (or ``items`` as a list, with ``additionalItems``), ``minItems``,
@@ -34,6 +35,12 @@ from pagoda_engine.structured_output.regex import MAX_REPEAT, restrict_pattern
 
 # Nesting below a value whose schema leaves it open (``{}``, an object without properties, ...).
 ANY_VALUE_DEPTH = 2
+# How many times a recursive $ref (a tree, a list of lists) may open inside itself. Past that it matches
+# nothing, which leaves only the ways out that the schema has there: an optional property, a null
+# alternative, an empty array. A schema with none matches nothing and is refused.
+MAX_RECURSION = 3
+# The empty set of characters: the complement of them all.
+NOTHING = r"[^\x00-\U0010FFFF]"
 WHITESPACE = "[ ]?"
 # Where whitespace may go: after an opening bracket, a colon or a comma, and before a closing bracket.
 COLON = f":{WHITESPACE}"
@@ -180,8 +187,8 @@ class _SchemaTranslator:
     def reference(self, ref: Any, path: str) -> str:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise self.error(f"{path}/$ref", f"only references into this schema (#/...) are supported, got {ref!r}")
-        if ref in self.resolving:
-            raise self.error(f"{path}/$ref", f"{ref} refers to itself: recursive schemas are not supported")
+        if self.resolving.count(ref) >= MAX_RECURSION:
+            return NOTHING
         target = self.root
         for token in ref[1:].split("/")[1:]:
             token = token.replace("~1", "/").replace("~0", "~")
