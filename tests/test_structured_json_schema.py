@@ -4,7 +4,9 @@ string a random walk of the compiled DFA accepts parses as JSON and satisfies th
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -146,6 +148,36 @@ def test_integer_bound_keywords():
     assert [n for n in range(-5, 6) if matches(dfa, str(n))] == [2, 3]
 
 
+NUMBER_TEXTS = [f"{sign}{whole}{fraction}" for sign in ("", "-") for whole in range(0, 13)
+                for fraction in ("", ".0", ".00", ".5", ".05", ".999")] + ["1e2", "-0e1", "01", "1.", "+1"]
+
+
+@pytest.mark.parametrize("bounds", [
+    {"minimum": 0, "maximum": 1}, {"exclusiveMinimum": 0}, {"maximum": 10, "exclusiveMaximum": True},
+    {"minimum": -5, "exclusiveMaximum": 3}, {"exclusiveMinimum": -2, "maximum": -1}, {"maximum": 0},
+    {"exclusiveMaximum": 0}, {"minimum": 2, "maximum": 2}, {"minimum": -12, "exclusiveMinimum": -7},
+])
+def test_number_bounds_are_exact_at_integers(bounds):
+    dfa = compile_schema({"type": "number", **bounds})
+    low = max([bounds[k] for k in ("minimum", "exclusiveMinimum") if k in bounds], default=-math.inf)
+    high = min([bounds[k] for k in ("maximum", "exclusiveMaximum") if type(bounds.get(k)) is int], default=math.inf)
+    low_open = "exclusiveMinimum" in bounds and bounds["exclusiveMinimum"] == low
+    high_open = bounds.get("exclusiveMaximum") is True or ("exclusiveMaximum" in bounds and
+                                                          bounds["exclusiveMaximum"] == high)
+    for text in NUMBER_TEXTS:
+        plain = re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", text) is not None  # bounded: no exponent
+        value = float(text) if plain else math.nan
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        assert matches(dfa, text) == (plain and inside and not (text.startswith("-") and value == 0)), text
+
+
+def test_number_bounds_between_integers_move_inward():
+    dfa = compile_schema({"type": "number", "minimum": 0.5, "maximum": 2.5})
+    assert matches(dfa, "1") and matches(dfa, "2.0") and not matches(dfa, "0.75") and not matches(dfa, "2.25")
+    with pytest.raises(InvalidRequestError, match="no number"):
+        compile_schema({"type": "number", "minimum": 0.2, "maximum": 0.8})
+
+
 def test_numbers_and_scalars():
     number = compile_schema({"type": "number"})
     for text in ("0", "-1.5", "3e10", "2.50E-3", "-0.0"):
@@ -153,6 +185,7 @@ def test_numbers_and_scalars():
     for text in ("01", "1.", ".5", "+1", "1e", "NaN"):
         assert not matches(number, text), text
     assert not matches(compile_schema({"type": "number", "minimum": 0}), "-1")
+    assert matches(compile_schema({"type": "number", "minimum": 0}), "0.25")
     # Unbounded numbers stop at MAX_DIGITS digits: a small model cannot repeat one until max_tokens.
     assert matches(number, "9" * MAX_DIGITS) and not matches(number, "9" * (MAX_DIGITS + 1))
     assert not matches(compile_schema({"type": "integer", "minimum": 5}), "9" * (MAX_DIGITS + 1))

@@ -17,8 +17,9 @@ a regular language cannot balance brackets without a bound. Keywords honoured:
 - strings: ``minLength``, ``maxLength``, ``pattern`` (matched whole, as if anchored, and limited to the
   characters JSON holds unescaped), ``format`` date, time, date-time, uuid, email (other formats are
   annotations, as JSON Schema allows).
-- integers: ``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum``, exactly; numbers: only
-  a lower bound of 0 or more is enforced (no minus sign), other number bounds are not.
+- integers and numbers: ``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum`` (also draft
+  4's flags); a bounded number is written without an exponent, and a bound between two integers moves
+  inward to one (``minimum: 0.5`` writes numbers from 1), so that every number written satisfies it.
 
 Anything a schema asks for that cannot be honoured raises InvalidRequestError naming where it is.
 """
@@ -56,7 +57,10 @@ _STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
 STRING = f'"{_STRING_CHAR}*"'
 _NATURAL = f"(?:0|[1-9][0-9]{{0,{MAX_DIGITS - 1}}})"
 INTEGER = f"-?{_NATURAL}"
-_FRACTION_EXPONENT = f"(?:\\.[0-9]{{1,{MAX_DIGITS}}})?(?:[eE][+-]?[0-9]{{1,3}})?"
+_FRACTION = f"(?:\\.[0-9]{{1,{MAX_DIGITS}}})"
+_ZERO_FRACTION = f"(?:\\.0{{1,{MAX_DIGITS}}})"
+_NONZERO_FRACTION = f"(?:\\.0{{0,{MAX_DIGITS - 1}}}[1-9][0-9]{{0,{MAX_DIGITS - 1}}})"
+_FRACTION_EXPONENT = f"{_FRACTION}?(?:[eE][+-]?[0-9]{{1,3}})?"
 NUMBER = INTEGER + _FRACTION_EXPONENT
 BOOLEAN = "(?:true|false)"
 NULL = "null"
@@ -256,25 +260,27 @@ class _SchemaTranslator:
         return integer_range(low, high)
 
     def integer_bounds(self, schema: dict, path: str) -> tuple[int | None, int | None]:
-        low = high = None
+        """The least and the greatest integer the bounds allow (None: unbounded)."""
+        lower, upper = self.bounds(schema, path)
+        low = None if lower is None else math.floor(lower[0]) + 1 if lower[1] else math.ceil(lower[0])
+        high = None if upper is None else math.ceil(upper[0]) - 1 if upper[1] else math.floor(upper[0])
+        return low, high
+
+    def bounds(self, schema: dict, path: str) -> tuple[tuple[float, bool] | None, tuple[float, bool] | None]:
+        """The lower and upper bound as (value, exclusive), the tighter where a schema gives two."""
+        found = []
         for keyword, exclusive, lower in (("minimum", "exclusiveMinimum", True),
                                           ("maximum", "exclusiveMaximum", False)):
+            candidates = []
             bound = self.bound(schema, keyword, path)
-            if bound is not None:
-                # Draft 4 writes an exclusive bound as a flag beside the bound itself.
-                if schema.get(exclusive) is True:
-                    bound = math.floor(bound) + 1 if lower else math.ceil(bound) - 1
-                else:
-                    bound = math.ceil(bound) if lower else math.floor(bound)
+            if bound is not None:  # draft 4 writes an exclusive bound as a flag beside the bound itself
+                candidates.append((bound, schema.get(exclusive) is True))
             strict = self.bound(schema, exclusive, path)
             if strict is not None:
-                strict = math.floor(strict) + 1 if lower else math.ceil(strict) - 1
-                bound = strict if bound is None else (max if lower else min)(bound, strict)
-            if lower:
-                low = bound
-            else:
-                high = bound
-        return low, high
+                candidates.append((strict, True))
+            # The tighter: the greater lower bound (the smaller upper one), exclusive on a tie.
+            found.append(max(candidates, key=lambda c: (c[0] if lower else -c[0], c[1])) if candidates else None)
+        return found[0], found[1]
 
     def bound(self, schema: dict, keyword: str, path: str) -> float | None:
         value = schema.get(keyword)
@@ -285,11 +291,19 @@ class _SchemaTranslator:
         return value
 
     def number(self, schema: dict, path: str) -> str:
-        low = self.bound(schema, "minimum", path)
-        strict_low = self.bound(schema, "exclusiveMinimum", path)
-        if (low is not None and low >= 0) or (strict_low is not None and strict_low >= 0):
-            return _NATURAL + _FRACTION_EXPONENT
-        return NUMBER
+        lower, upper = self.bounds(schema, path)
+        if lower is None and upper is None:
+            return NUMBER
+        # A bound between integers moves inward to one, so that every number written satisfies it.
+        if lower is not None and lower[0] != math.floor(lower[0]):
+            lower = (math.ceil(lower[0]), False)
+        if upper is not None and upper[0] != math.floor(upper[0]):
+            upper = (math.floor(upper[0]), False)
+        low = None if lower is None else (int(lower[0]), lower[1])
+        high = None if upper is None else (int(upper[0]), upper[1])
+        if low is not None and high is not None and (low[0] > high[0] or (low[0] == high[0] and (low[1] or high[1]))):
+            raise self.error(path, "no number lies between the bounds (as rounded to integers)")
+        return number_range(low, high)
 
     def object(self, schema: dict, path: str) -> str:
         properties = schema.get("properties")
@@ -362,6 +376,34 @@ def _members(members: list[tuple[str, bool]]) -> str:
         return before + members[first_required][0] + following(members[first_required + 1:])
     starts = [member + following(members[i + 1:]) for i, (member, _) in enumerate(members)]
     return "(?:" + "|".join(starts) + ")?"
+
+
+def number_range(low: tuple[int, bool] | None, high: tuple[int, bool] | None) -> str:
+    """The regex of the decimal numbers (no exponent) between integer bounds given as (value, exclusive),
+    None: unbounded on that side. Sign and magnitude: a negative number's magnitude lies between
+    max(-high, 0) (never 0 itself: no "-0") and -low, a non-negative one's between max(low, 0) and high."""
+    branches = []
+    if low is None or low[0] < 0:
+        floor = (0, True) if high is None or high[0] >= 0 else (-high[0], high[1])
+        branches.append("-" + _magnitude_between(floor, None if low is None else (-low[0], low[1])))
+    if high is None or high[0] > 0 or (high[0] == 0 and not high[1]):
+        floor = (0, False) if low is None or low[0] < 0 else low
+        branches.append(_magnitude_between(floor, high))
+    return "(?:" + "|".join(branches) + ")"
+
+
+def _magnitude_between(low: tuple[int, bool], high: tuple[int, bool] | None) -> str:
+    """Non-negative decimals m (an integer part, then maybe a fraction) with low <= m <= high, either end
+    exclusive where its flag says so; the integer ends themselves need a zero fraction or a nonzero one."""
+    (a, a_open), (b, b_open) = low, high if high is not None else (None, True)
+    if b == a:  # only a itself, closed at both ends (number_range refuses an empty interval)
+        return f"(?:{a}{_ZERO_FRACTION}?)"
+    branches = [f"{a}{_NONZERO_FRACTION}" if a_open else f"{a}{_FRACTION}?"]
+    if b is None or b - 1 > a:
+        branches.append(_magnitudes(a + 1, None if b is None else b - 1) + f"{_FRACTION}?")
+    if b is not None and not b_open:
+        branches.append(f"{b}{_ZERO_FRACTION}?")
+    return "(?:" + "|".join(branches) + ")"
 
 
 def integer_range(low: int | None, high: int | None) -> str:
