@@ -1,7 +1,8 @@
 """From a request's StructuredOutput to a TokenGrammar over the model's vocabulary, with caches on the way.
 
-Compiling is the slow part (a JSON schema's DFA may take a good part of a second), so each process keeps
-the DFAs it compiled by spec, and the engine its TokenGrammars (whose per-state masks are cached too).
+Compiling is the slow part (30-110 ms for a JSON schema's DFA, up to 0.4 s before the caps refuse one), so
+each process keeps the DFAs it compiled by spec, and the engine its TokenGrammars (whose per-state masks
+are cached too).
 The gRPC service compiles a request's DFA off its event loop and sends it with the request, so that the
 engine core, which runs every stream's steps, only builds the token masks.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pagoda_engine.sampling_params import InvalidRequestError, StructuredOutput
 from pagoda_engine.structured_output.dfa import Dfa
-from pagoda_engine.structured_output.grammar import TokenGrammar
+from pagoda_engine.structured_output.grammar import TokenGrammar, lru_get
 from pagoda_engine.structured_output.json_schema import choice_regex, json_object_regex, schema_to_regex
 from pagoda_engine.structured_output.regex import compile_regex
 from pagoda_engine.structured_output.vocabulary import TokenVocabulary
@@ -67,11 +68,5 @@ class GrammarCompiler:
 
     def grammar(self, spec: StructuredOutput, dfa: Dfa | None = None) -> TokenGrammar:
         """The spec's grammar; ``dfa``, when given, is the spec's already compiled DFA."""
-        grammar = self._grammars.get(spec)
-        if grammar is None:
-            grammar = self._grammars[spec] = TokenGrammar(dfa or compile_dfa(spec), self.vocabulary)
-            if len(self._grammars) > _MAX_GRAMMARS:
-                self._grammars.popitem(last=False)
-        else:
-            self._grammars.move_to_end(spec)
-        return grammar
+        return lru_get(self._grammars, spec, lambda: TokenGrammar(dfa or compile_dfa(spec), self.vocabulary),
+                       _MAX_GRAMMARS)

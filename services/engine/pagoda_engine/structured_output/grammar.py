@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,11 +22,25 @@ from pagoda_engine.structured_output.dfa import Dfa
 from pagoda_engine.structured_output.vocabulary import TokenVocabulary
 
 logger = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 # The state after EOS: the grammar is done.
 ENDED = -2
 # Masks kept per grammar: one costs vocab_size / 8 bytes (19 KB for a 152K vocabulary).
 _MAX_CACHED_MASKS = 1024
+
+
+def lru_get(cache: OrderedDict[K, V], key: K, build: Callable[[], V], capacity: int) -> V:
+    """``cache[key]``, built on a miss; the least recently used entry goes past ``capacity``."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
 
 
 class TokenGrammar:
@@ -56,14 +72,7 @@ class TokenGrammar:
         return -1 if not data else self.dfa.walk(state, data)
 
     def _mask(self, state: int) -> tuple[np.ndarray, bool]:
-        cached = self._masks.get(state)
-        if cached is None:
-            cached = self._masks[state] = self._build_mask(state)
-            if len(self._masks) > _MAX_CACHED_MASKS:
-                self._masks.popitem(last=False)
-        else:
-            self._masks.move_to_end(state)
-        return cached
+        return lru_get(self._masks, state, lambda: self._build_mask(state), _MAX_CACHED_MASKS)
 
     def _build_mask(self, state: int) -> tuple[np.ndarray, bool]:
         vocab = self.vocabulary
